@@ -1,0 +1,201 @@
+"""Compress: prune a fine-tune against its base into a sharded sparse diff, streaming.
+
+This is the engine: the one module that joins checkpoint I/O and the selection kernels.
+Memory holds one tensor's mask and kept values at a time; inputs are memory-mapped and
+their pages released after each tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, dtypes, format as fmt
+from ._jit import set_threads
+from .align import align
+from .errors import DiffError, KenstreamError, OutputError
+from .io.checkpoint import Checkpoint
+from .io.writer import ShardWriter, sha256_of
+from .outputs import prepare_output, copy_extra_files, write_json_atomic
+from .plan import assign_shards, header_reserve, make_items, shard_metadata, shard_names
+from .progress import bar, say
+from .settings import Settings, parse_size
+
+DEFAULT_SHARD_SIZE = "2GB"
+
+
+def _select(item, ft2d, base2d, settings):
+    """Bool mask [rows, cols] of kept positions for one tensor."""
+    if settings.method == "ken":
+        from .select import select_mask
+
+        return select_mask(ft2d, item.k, ties=settings.ties)
+    from .methods import select_mask_method
+
+    salt = zlib.crc32(item.name.encode("utf-8"))
+    return select_mask_method(settings.method, ft2d, base2d, item.k, seed=settings.seed,
+                              salt=salt)
+
+
+def _as_dtype(array, src: str, dst: str):
+    """``array`` (storage of dtype ``src``) converted to dtype ``dst``'s storage."""
+    if src == dst:
+        return array
+    return dtypes.convert(array, src, dst)
+
+
+def _identical(a, b) -> bool:
+    """Bitwise equality of two same-shape arrays, in blocks so no big temporary is made."""
+    a = a.reshape(-1).view(np.uint8) if a.size else a.reshape(-1)
+    b = b.reshape(-1).view(np.uint8) if b.size else b.reshape(-1)
+    if a.size != b.size:
+        return False
+    step = 1 << 24
+    for start in range(0, a.size, step):
+        if not np.array_equal(a[start:start + step], b[start:start + step]):
+            return False
+    return True
+
+
+def encode_item(item, ft, base, settings):
+    """Selection + encoding of one plan item; returns (Encoded, reason)."""
+    ft_arr = ft.array(item.name)
+    if item.base_name is None:
+        return fmt.dense(ft_arr, item.dtype, item.shape), item.reason
+    binfo = base.info(item.base_name)
+    base_arr = _as_dtype(base.array(item.base_name), binfo.dtype, item.dtype)
+    if _identical(ft_arr, base_arr):
+        return fmt.unchanged(), "identical"
+    if item.action == "store":
+        return fmt.dense(ft_arr, item.dtype, item.shape), item.reason
+    ft2d = ft_arr.reshape(item.rows, item.cols)
+    base2d = base_arr.reshape(item.rows, item.cols)
+    try:
+        mask = _select(item, ft2d, base2d, settings)
+    except KenstreamError as exc:
+        raise exc.located(file=ft.info(item.name).file, tensor=item.name)
+    return fmt.encode(mask, ft2d, item.dtype), item.reason
+
+
+def _record(item, enc, reason, shard) -> dict:
+    return {"base_name": item.base_name, "encoding": enc.encoding, "reason": reason,
+            "dtype": item.dtype, "shape": list(item.shape), "rows": item.rows, "cols": item.cols,
+            "k": item.k if enc.encoding in ("bitmask", "indices") else None,
+            "kept": enc.kept, "row_kept": enc.row_kept, "shard": shard if enc.entries else None,
+            "nbytes": enc.nbytes}
+
+
+def write_shard(path: Path, items, ft, base, settings, progress) -> dict:
+    """Write one diff shard; returns the records of its items."""
+    records = {}
+    writer = ShardWriter(path, header_reserve(items, path.name))
+    with writer:
+        for item in items:
+            enc, reason = encode_item(item, ft, base, settings)
+            for e in enc.entries:
+                writer.append(f"{item.name}::{e.role}", e.dtype, e.shape, e.data)
+            records[item.name] = _record(item, enc, reason, path.name)
+            del enc
+            ft.release(item.name)
+            if item.base_name is not None:
+                base.release(item.base_name)
+            progress.update(item.rows * item.cols)
+        writer.finish(shard_metadata(records))
+    return records
+
+
+def read_shard_records(path: Path) -> dict:
+    """Records stored in a finished shard's metadata (used by --resume)."""
+    from .io.safetensors_file import SafetensorsFile
+
+    with SafetensorsFile(path) as sf:
+        meta = sf.metadata or {}
+    if meta.get("format") != "kenstream-diff" or "records" not in meta:
+        raise DiffError("not a kenstream diff shard", file=path)
+    return json.loads(meta["records"])
+
+
+def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", method="ken",
+             include=None, exclude=None, seed=0, threads=None, shard_size=DEFAULT_SHARD_SIZE,
+             resume=False, overwrite=False, quiet=False, command=None) -> dict:
+    """Prune ``finetuned`` against ``base`` and write the diff directory ``out``.
+
+    Returns the index (also written as ``out/kenstream-diff.json``). Peak memory is about
+    one tensor's mask (1 byte a parameter) plus its kept values, independent of model size.
+    """
+    settings = Settings(method=method, k=k, keep=keep, ties=ties, include=include,
+                        exclude=exclude, seed=seed)
+    limit = parse_size(shard_size)
+    set_threads(threads)
+    out = Path(out)
+    with Checkpoint.open(str(base)) as b, Checkpoint.open(str(finetuned)) as f:
+        state = prepare_output(out, inputs=[b, f], resume=resume, overwrite=overwrite,
+                               marker=fmt.PARTIAL_NAME, index=fmt.INDEX_NAME)
+        if state == "complete":
+            say(f"{out} is already a complete diff; nothing to resume", quiet)
+            return json.loads((out / fmt.INDEX_NAME).read_text())
+        resume = state == "resume"
+        alignment = align(f.names(), b.names())
+        items = make_items(f, b, alignment, settings)
+        groups = assign_shards(items, limit)
+        names = shard_names(len(groups))
+        plan = {
+            "format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION,
+            "settings": settings.to_json(), "shard_size": limit,
+            "base": b.identity(), "finetuned": f.identity(),
+            "shards": {n: [i.name for i in g] for n, g in zip(names, groups)},
+            "command": list(command) if command is not None else None,
+        }
+        partial = out / fmt.PARTIAL_NAME
+        if resume and partial.exists():
+            previous = json.loads(partial.read_text())
+            for key in ("settings", "shard_size", "base", "finetuned", "shards"):
+                if previous.get(key) != plan[key]:
+                    raise OutputError(f"--resume: the {key} differ from the interrupted run's",
+                                      file=partial, hint="repeat the original command with --resume")
+            plan["command"] = previous.get("command")
+        else:
+            write_json_atomic(partial, plan)
+        say(f"aligned {len(alignment.pairs)} tensors ({alignment.exact} by exact name"
+            + (f", prefix {alignment.finetuned_prefix or alignment.base_prefix!r}"
+               if alignment.finetuned_prefix or alignment.base_prefix else "")
+            + f"); {len(alignment.new)} new, {len(alignment.dropped)} only in the base", quiet)
+
+        records = {}
+        total = sum(i.rows * i.cols for i in items)
+        with bar(total, "compress", quiet) as progress:
+            for shard, group in zip(names, groups):
+                path = out / shard
+                if resume and path.exists():
+                    records.update(read_shard_records(path))
+                    progress.update(sum(i.rows * i.cols for i in group))
+                    continue
+                records.update(write_shard(path, group, f, b, settings, progress))
+        copy_extra_files(f, out, base_model=b.identity(), command=plan["command"])
+        index = build_index(plan, alignment, items, records, out, names)
+        write_json_atomic(out / fmt.INDEX_NAME, index)
+        partial.unlink(missing_ok=True)
+    return index
+
+
+def build_index(plan, alignment, items, records, out: Path, names) -> dict:
+    shards = {n: {"size": (out / n).stat().st_size, "sha256": sha256_of(out / n)} for n in names}
+    tensors = {i.name: records[i.name] for i in items}
+    params = sum(i.rows * i.cols for i in items)
+    kept = sum(r["kept"] for r in tensors.values() if r["encoding"] in ("bitmask", "indices"))
+    selected = sum(r["rows"] * r["cols"] for r in tensors.values()
+                   if r["encoding"] in ("bitmask", "indices"))
+    ft_bytes = sum(i.rows * i.cols * dtypes.itemsize(i.dtype) for i in items)
+    return {
+        "format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION, "complete": True,
+        "kenstream_version": __version__, "command": plan["command"],
+        "selection": plan["settings"], "shard_size": plan["shard_size"],
+        "base": plan["base"], "finetuned": plan["finetuned"],
+        "alignment": alignment.summary(), "shards": shards, "tensors": tensors,
+        "totals": {"params": params, "selected": selected, "kept": kept,
+                   "reset": selected - kept, "finetuned_bytes": ft_bytes,
+                   "diff_bytes": sum(s["size"] for s in shards.values())},
+    }

@@ -1,0 +1,107 @@
+"""Every error a user can cause, in one place.
+
+Each class subclasses a built-in so callers can catch it generically, carries the
+file, tensor and row it is about as attributes, and renders as one line that says
+what went wrong and what to do next. The CLI prints ``error: <str(exc)>`` and exits
+with ``exc.exit_code``; a traceback only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+
+class KenstreamError(Exception):
+    """Base class: a failure kenstream understands and can explain in one line."""
+
+    exit_code = 2
+    hint = ""
+
+    def __init__(self, message: str, *, file=None, tensor=None, row=None, hint=None):
+        self.message = message
+        self.file = None if file is None else str(file)
+        self.tensor = tensor
+        self.row = row
+        if hint is not None:
+            self.hint = hint
+        super().__init__(self.__str__())
+
+    def where(self) -> str:
+        parts = []
+        if self.file is not None:
+            parts.append(self.file)
+        if self.tensor is not None:
+            parts.append(f"tensor {self.tensor!r}")
+        if self.row is not None:
+            parts.append(f"row {self.row}")
+        return ", ".join(parts)
+
+    def __str__(self) -> str:
+        where = self.where()
+        text = f"{where}: {self.message}" if where else self.message
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+    def located(self, *, file=None, tensor=None):
+        """Return this error with file / tensor filled in where still unknown."""
+        if self.file is None and file is not None:
+            self.file = str(file)
+        if self.tensor is None and tensor is not None:
+            self.tensor = tensor
+        self.args = (self.__str__(),)
+        return self
+
+
+class SelectionError(KenstreamError, ValueError):
+    """Bad selection input: k < 1, keep fraction out of range, unknown method or dtype."""
+
+
+class NonFiniteError(SelectionError):
+    """A NaN or Inf in a row that is to be selected."""
+
+    hint = "KEN needs finite values; check the checkpoint for overflow"
+
+
+class CheckpointError(KenstreamError, ValueError):
+    """A checkpoint (base or fine-tune) cannot be read as what it claims to be."""
+
+
+class CorruptFileError(CheckpointError):
+    """A safetensors / .bin file whose bytes contradict its own header or index."""
+
+    hint = "the file is damaged or truncated; download it again"
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle checkpoint that is not weights-only."""
+
+    hint = "only weights-only .bin files are loaded; convert it to safetensors"
+
+
+class SourceNotFoundError(CheckpointError, FileNotFoundError):
+    """Neither a local path nor a hub reference that the cache (or network) can supply."""
+
+
+class MismatchError(KenstreamError, ValueError):
+    """Base and fine-tune are not the same model."""
+
+    hint = "pass the base model this checkpoint was fine-tuned from"
+
+
+class DiffError(KenstreamError, ValueError):
+    """A diff directory that is missing, unfinished, from a newer version, or tampered."""
+
+
+class IdentityError(DiffError):
+    """The base given to rebuild/verify is not the base the diff was made from."""
+
+    hint = "pass the base used at compress time, or --force to rebuild anyway"
+
+
+class VerifyError(DiffError):
+    """Verification found a mismatch (exit code 1)."""
+
+    exit_code = 1
+
+
+class OutputError(KenstreamError, OSError):
+    """The output path is unusable: inside an input, non-empty, or the disk is full."""

@@ -1,0 +1,196 @@
+"""Rebuild: base + diff -> the KEN-optimised model, as a standard model directory or in memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import dtypes, format as fmt
+from .diff import DiffReader
+from .errors import DiffError
+from .io.checkpoint import Checkpoint
+from .io.writer import ShardWriter, header_bytes
+from .outputs import copy_files, prepare_output, write_json_atomic, EXTRA_NAMES
+from .progress import bar, say
+from .settings import parse_size
+
+PARTIAL_NAME = "kenstream-rebuild.partial.json"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _check_entries(name: str, rec: dict, entries: dict, where) -> None:
+    """Refuse entries whose sizes contradict the record, before any array is indexed."""
+    rows, cols = int(rec["rows"]), int(rec["cols"])
+    enc = rec["encoding"]
+    expected = {"unchanged": {}, "dense": {"values": rows * cols}}.get(enc)
+    if enc == "bitmask":
+        expected = {"mask": rows * ((cols + 7) // 8), "values": rec["kept"]}
+    elif enc == "indices":
+        expected = {"index": rec["kept"], "values": rec["kept"]}
+        if "counts" in entries:
+            expected["counts"] = rows
+    for role, size in expected.items():
+        got = entries.get(role)
+        if got is None or got.size != size:
+            raise DiffError(f"entry {role!r} has {None if got is None else got.size} elements, "
+                            f"record says {size}", file=where, tensor=name)
+    if enc == "indices":
+        if entries["index"].size and int(entries["index"].max()) >= cols:
+            raise DiffError("a column index is out of range", file=where, tensor=name)
+        if "counts" in entries:
+            if int(entries["counts"].astype(np.int64).sum()) != rec["kept"]:
+                raise DiffError("row counts do not add up to the kept count", file=where,
+                                tensor=name)
+        elif rec.get("row_kept") is None or rec["row_kept"] * rows != rec["kept"]:
+            raise DiffError("row_kept does not match the kept count", file=where, tensor=name)
+    if enc == "bitmask":
+        packed = entries["mask"].reshape(rows, -1) if rows else entries["mask"]
+        ones = int(np.unpackbits(packed, axis=-1, count=cols).sum()) if rows else 0
+        if ones != rec["kept"]:
+            raise DiffError("mask bit count does not match the kept count", file=where,
+                            tensor=name)
+
+
+def rebuilt_tensor(name: str, rec: dict, diff: DiffReader, base) -> np.ndarray:
+    """The rebuilt tensor ``name`` as a new array in storage dtype with the record's shape."""
+    entries = diff.entries(name)
+    _check_entries(name, rec, entries, diff.path)
+    dtype = rec["dtype"]
+    rows, cols = int(rec["rows"]), int(rec["cols"])
+    if rec["encoding"] == "dense":
+        return np.array(entries["values"]).reshape(rec["shape"])
+    if rec.get("base_name") is None:
+        raise DiffError("record has no base tensor", file=diff.path, tensor=name)
+    binfo = base.info(rec["base_name"])
+    if list(binfo.shape) != list(rec["shape"]):
+        raise DiffError(f"base tensor {rec['base_name']!r} has shape {list(binfo.shape)}, "
+                        f"diff expects {rec['shape']}", file=diff.path, tensor=name)
+    src = base.array(rec["base_name"])
+    if binfo.dtype == dtype:
+        out = np.array(src, copy=True)
+    else:
+        out = np.ascontiguousarray(dtypes.convert(src, binfo.dtype, dtype))
+    out2d = out.reshape(rows, cols)
+    if rec["encoding"] in ("bitmask", "indices"):
+        packed = dict(entries)
+        if "mask" in packed:
+            packed["mask"] = packed["mask"].reshape(rows, -1)
+        fmt.apply_rows(out2d, rec, packed)
+    return out.reshape(rec["shape"])
+
+
+def load(base, diff, *, force: bool = False, verify_hashes: bool = True):
+    """Yield ``(name, torch.Tensor)`` for every tensor of the rebuilt model, one at a time.
+
+    Each tensor is a fresh CPU tensor in the fine-tune's dtype, ready for
+    ``model.load_state_dict(dict(kenstream.load(base, diff)))`` or per-tensor copies.
+    """
+    import torch
+
+    with DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
+        if verify_hashes:
+            d.check_hashes()
+        d.check_base(b, force=force)
+        for name, rec in d.records.items():
+            arr = rebuilt_tensor(name, rec, d, b)
+            yield name, dtypes.to_torch(arr, rec["dtype"])
+            d.release(name)
+            if rec.get("base_name"):
+                b.release(rec["base_name"])
+
+
+def _plan_output(records: dict, limit: int) -> list:
+    """Group tensors into output shards of at most ``limit`` bytes, in diff order."""
+    groups, current, filled = [], [], 0
+    for name, rec in records.items():
+        size = int(np.prod(rec["shape"], dtype=np.int64)) * dtypes.itemsize(rec["dtype"])
+        if current and filled + size > limit:
+            groups.append(current)
+            current, filled = [], 0
+        current.append(name)
+        filled += size
+    if current or not groups:
+        groups.append(current)
+    return groups
+
+
+def _shard_file(i: int, n: int) -> str:
+    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def rebuild(base, diff, out, *, shard_size="5GB", force=False, overwrite=False, resume=False,
+            quiet=False) -> dict:
+    """Write the rebuilt model to ``out`` (safetensors shards + standard index + config files).
+
+    Returns the written ``model.safetensors.index.json`` content.
+    """
+    limit = parse_size(shard_size)
+    out = Path(out)
+    with DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
+        state = prepare_output(out, inputs=[b, _DiffInput(d.path)], resume=resume,
+                               overwrite=overwrite, marker=PARTIAL_NAME, index=INDEX_NAME)
+        if state == "complete":
+            say(f"{out} is already rebuilt; nothing to resume", quiet)
+            return json.loads((out / INDEX_NAME).read_text())
+        say("checking diff shard hashes", quiet)
+        d.check_hashes()
+        diffs = d.check_base(b, force=force)
+        if diffs:
+            say(f"warning: --force: base differs from the recorded one in {len(diffs)} file(s)",
+                False)
+        groups = _plan_output(d.records, limit)
+        files = [_shard_file(i, len(groups)) for i in range(len(groups))]
+        plan = {"diff": d.index["shards"], "shard_size": limit, "files": files}
+        partial = out / PARTIAL_NAME
+        if state == "resume":
+            previous = json.loads(partial.read_text())
+            if previous != plan:
+                raise DiffError("--resume: the diff or --shard-size differ from the interrupted run",
+                                file=partial)
+        else:
+            write_json_atomic(partial, plan)
+        weight_map = {}
+        total = sum(int(np.prod(r["shape"], dtype=np.int64)) for r in d.records.values())
+        with bar(total, "rebuild", quiet) as progress:
+            for file, group in zip(files, groups):
+                for name in group:
+                    weight_map[name] = file
+                path = out / file
+                if state == "resume" and path.exists():
+                    progress.update(sum(int(np.prod(d.records[n]["shape"])) for n in group))
+                    continue
+                entries, offset = {}, 0
+                for name in group:
+                    rec = d.records[name]
+                    size = int(np.prod(rec["shape"], dtype=np.int64)) * dtypes.itemsize(rec["dtype"])
+                    entries[name] = (rec["dtype"], rec["shape"], offset, offset + size)
+                    offset += size
+                reserve = len(header_bytes(entries, {"format": "pt"}))
+                with ShardWriter(path, reserve) as writer:
+                    for name in group:
+                        rec = d.records[name]
+                        arr = rebuilt_tensor(name, rec, d, b)
+                        writer.append(name, rec["dtype"], rec["shape"], arr)
+                        del arr
+                        d.release(name)
+                        if rec.get("base_name"):
+                            b.release(rec["base_name"])
+                        progress.update(int(np.prod(rec["shape"], dtype=np.int64)))
+                    writer.finish({"format": "pt"})
+        copy_files([d.path / n for n in EXTRA_NAMES if (d.path / n).exists()], out)
+        total_size = sum(int(np.prod(r["shape"], dtype=np.int64)) * dtypes.itemsize(r["dtype"])
+                         for r in d.records.values())
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        write_json_atomic(out / INDEX_NAME, index)
+        partial.unlink(missing_ok=True)
+    return index
+
+
+class _DiffInput:
+    """Lets prepare_output treat the diff directory as an input that must not be touched."""
+
+    def __init__(self, path):
+        self.root = Path(path)
+        self.files = []

@@ -1,0 +1,5 @@
+"""Placeholder until the viz command lands: registers no subcommand."""
+
+
+def add_parser(sub, common):
+    return None
