@@ -1,0 +1,260 @@
+"""Read one ``.safetensors`` file: a validated header and zero-copy views of its tensors.
+
+Layout (https://huggingface.co/docs/safetensors): 8 bytes little-endian u64 ``N``,
+``N`` bytes of UTF-8 JSON mapping tensor name -> {"dtype", "shape", "data_offsets":
+[begin, end]} (offsets relative to the data section, which starts at ``8 + N``), an
+optional ``"__metadata__"`` str -> str map, then the data section.
+
+The header is parsed and checked in full before any tensor byte is touched, so a
+damaged or truncated download fails at open with a one-line ``CorruptFileError``
+instead of as garbage weights later. Tensor data is never read eagerly: the file is
+memory-mapped read-only and :meth:`SafetensorsFile.array` returns a view of the map.
+
+Leniency, on purpose: unused bytes between tensors or after the last one are accepted
+(the reference reader rejects them, but they change no tensor value), as are unknown
+keys inside an entry. Overlaps and out-of-range offsets are not.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kenstream import dtypes
+from kenstream.errors import CheckpointError, CorruptFileError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+"""Headers above this are treated as corrupt: real ones are a few MB at most."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, without its data.
+
+    ``dtype`` is a safetensors code (see :mod:`kenstream.dtypes`); ``shape`` a tuple of
+    ints; ``nbytes`` = prod(shape) * itemsize; ``offset`` the absolute byte offset of
+    the first element in ``file``, or None where the container does not expose one
+    (zip ``.bin``); ``file`` the Path of the file holding it.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    offset: int | None
+    file: Path
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key):
+        self.key = key
+
+
+def _no_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _is_int(value) -> bool:
+    # JSON true/false arrive as bool, which is an int subclass; they are not offsets.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class SafetensorsFile:
+    """A validated, memory-mapped safetensors file.
+
+    Opening reads ``8 + N`` header bytes and maps the file; cost O(header). Arrays
+    from :meth:`array` are read-only views (no copy) and stay valid after
+    :meth:`close` until they are dropped.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._map = None
+        self._closed = False
+        try:
+            self._file = open(self.path, "rb")
+        except FileNotFoundError:
+            raise CheckpointError("file not found", file=self.path) from None
+        except IsADirectoryError:
+            raise CheckpointError("is a directory, not a .safetensors file", file=self.path) from None
+        try:
+            self._size = os.fstat(self._file.fileno()).st_size
+            self._infos, self.metadata = self._read_header()
+            # One read-only map of the whole file; pages load only when a view is read.
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            self._file.close()
+            raise
+
+    # -- header -------------------------------------------------------------------
+
+    def _corrupt(self, message, tensor=None):
+        return CorruptFileError(message, file=self.path, tensor=tensor)
+
+    def _read_header(self):
+        if self._size < 8:
+            raise self._corrupt(f"only {self._size} bytes; a safetensors file starts with an 8-byte header length")
+        n = int.from_bytes(self._file.read(8), "little")
+        if n > MAX_HEADER_BYTES:
+            raise self._corrupt(f"header length {n} is absurd (limit {MAX_HEADER_BYTES} bytes)")
+        if n > self._size - 8:
+            raise self._corrupt(f"header length {n} exceeds the {self._size - 8} bytes after the length field")
+        raw = self._file.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        except _DuplicateKey as dup:
+            # The hook also sees entry objects; a repeated field name is not a tensor name.
+            tensor = None if dup.key in ("dtype", "shape", "data_offsets") else dup.key
+            raise self._corrupt(f"header has the key {dup.key!r} twice", tensor=tensor) from None
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise self._corrupt(f"header is not valid UTF-8 JSON ({exc})") from None
+        if not isinstance(header, dict):
+            raise self._corrupt(f"header is a JSON {type(header).__name__}, not an object")
+
+        metadata = header.pop("__metadata__", None)
+        if metadata is None:
+            metadata = {}
+        elif not (isinstance(metadata, dict)
+                  and all(isinstance(v, str) for v in metadata.values())):
+            raise self._corrupt("__metadata__ is not a map of strings to strings")
+
+        data_start = 8 + n
+        data_size = self._size - data_start
+        spans = []
+        infos = {}
+        for name, entry in header.items():
+            dtype, shape, begin, end = self._check_entry(name, entry)
+            nbytes = dtypes.itemsize(dtype)
+            for dim in shape:
+                nbytes *= dim
+            if end - begin != nbytes:
+                raise self._corrupt(
+                    f"data_offsets span {end - begin} bytes but {dtype} {list(shape)} needs {nbytes}",
+                    tensor=name)
+            if end > data_size:
+                raise self._corrupt(
+                    f"data ends at byte {end} of a {data_size}-byte data section (file truncated?)",
+                    tensor=name)
+            spans.append((begin, end, name))
+            infos[name] = TensorInfo(name, dtype, shape, nbytes, data_start + begin, self.path)
+
+        # Sorting by begin is stable, so equal offsets keep header order: file order.
+        spans.sort(key=lambda s: (s[0], s[1]))
+        prev_end, prev_name = 0, None
+        for begin, end, name in spans:
+            if begin == end:
+                continue  # an empty tensor owns no bytes and cannot overlap anything
+            if begin < prev_end:
+                raise self._corrupt(f"data [{begin}, {end}) overlaps tensor {prev_name!r}", tensor=name)
+            prev_end, prev_name = end, name
+        return {name: infos[name] for _, _, name in spans}, metadata
+
+    def _check_entry(self, name, entry):
+        if not isinstance(entry, dict):
+            raise self._corrupt("entry is not a JSON object", tensor=name)
+        for key in ("dtype", "shape", "data_offsets"):
+            if key not in entry:
+                raise self._corrupt(f"entry has no {key!r}", tensor=name)
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str):
+            raise self._corrupt(f"dtype {dtype!r} is not a string", tensor=name)
+        try:
+            dtypes.lookup(dtype)
+        except CheckpointError as exc:
+            raise CorruptFileError(exc.message, file=self.path, tensor=name, hint=exc.hint) from None
+        if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+            raise self._corrupt(f"shape {shape!r} is not a list of integers", tensor=name)
+        if any(d < 0 for d in shape):
+            raise self._corrupt(f"shape {shape} has a negative dimension", tensor=name)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise self._corrupt(f"data_offsets {offsets!r} is not a pair of integers", tensor=name)
+        begin, end = offsets
+        if begin < 0 or begin > end:
+            raise self._corrupt(f"data_offsets [{begin}, {end}] are not 0 <= begin <= end", tensor=name)
+        return dtype, tuple(shape), begin, end
+
+    # -- access -------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Tensor names in the order their data appears in the file."""
+        return list(self._infos)
+
+    def __contains__(self, name) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        """The :class:`TensorInfo` of ``name``; an unknown name raises ``CheckpointError``."""
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise CheckpointError("no such tensor in this file", file=self.path, tensor=name) from None
+
+    def array(self, name: str) -> np.ndarray:
+        """Read-only C-contiguous view of ``name`` in its storage dtype and shape.
+
+        No bytes are copied or read here; pages are faulted in when the view is used.
+        BF16 comes back as uint16 bits, F8_* as uint8 (see :mod:`kenstream.dtypes`).
+        """
+        info = self.info(name)
+        if self._closed:
+            raise CheckpointError("file is closed", file=self.path, tensor=name)
+        storage = dtypes.storage_dtype(info.dtype)
+        if info.nbytes == 0:
+            out = np.empty(info.shape, dtype=storage)
+            out.flags.writeable = False
+            return out
+        count = info.nbytes // storage.itemsize
+        flat = np.frombuffer(self._map, dtype=storage, count=count, offset=info.offset)
+        return flat.reshape(info.shape)
+
+    def release(self, name: str) -> None:
+        """Drop the pages of ``name`` from this process's resident memory.
+
+        Called after a tensor is done so that streaming a checkpoint larger than RAM
+        keeps the resident set near one tensor. The mapping is read-only and backed by
+        the file, so views still alive simply fault the pages in again when read (from
+        the page cache if still there). Pages shared with neighbouring tensors are
+        dropped too, harmlessly. Cost: one ``madvise`` call; a no-op where the platform
+        has no ``MADV_DONTNEED`` or the file is closed.
+        """
+        info = self.info(name)
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if self._map is None or advice is None or info.nbytes == 0:
+            return
+        start = info.offset - info.offset % mmap.PAGESIZE
+        self._map.madvise(advice, start, info.offset + info.nbytes - start)
+
+    def close(self) -> None:
+        """Release the file. Views still alive keep the mapping until they are dropped."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # views still export the buffer; the map is freed with the last one
+            self._map = None
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SafetensorsFile({str(self.path)!r}, {len(self._infos)} tensors)"
