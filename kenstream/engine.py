@@ -91,7 +91,7 @@ def _record(item, enc, reason, shard) -> dict:
 def write_shard(path: Path, items, ft, base, settings, progress) -> dict:
     """Write one diff shard; returns the records of its items."""
     records = {}
-    writer = ShardWriter(path, header_reserve(items, path.name))
+    writer = ShardWriter(path, header_reserve(items, path.name, settings.ties))
     with writer:
         for item in items:
             enc, reason = encode_item(item, ft, base, settings)
@@ -153,7 +153,10 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", metho
         if resume and partial.exists():
             previous = json.loads(partial.read_text())
             for key in ("settings", "shard_size", "base", "finetuned", "shards"):
-                if previous.get(key) != plan[key]:
+                was, now = previous.get(key), plan[key]
+                if key in ("base", "finetuned"):  # the same files, however the path is spelled
+                    was, now = (was or {}).get("files"), now.get("files")
+                if was != now:
                     raise OutputError(f"--resume: the {key} differ from the interrupted run's",
                                       file=partial, hint="repeat the original command with --resume")
             plan["command"] = previous.get("command")

@@ -13,11 +13,9 @@ from dataclasses import asdict, dataclass
 from . import dtypes
 from .errors import MismatchError
 from .format import encoded_sizes, rows_cols, shard_name
-from .io.writer import header_bytes
 
 # Float dtypes the selection kernels read; F8 tensors are compared and stored whole.
 SELECTABLE = ("F64", "F32", "F16", "BF16")
-_BIG = 10**19  # wider than any byte count or shape, for header room bounds
 
 
 @dataclass
@@ -96,24 +94,52 @@ def assign_shards(items, shard_size: int) -> list:
     return shards
 
 
-def worst_record(item, shard: str) -> dict:
+def _fragment(name: str, dtype: str, shape, offset_bound: int) -> int:
+    """Serialised length of one header entry plus its separating comma."""
+    entry = {"dtype": dtype, "shape": [int(d) for d in shape],
+             "data_offsets": [offset_bound, offset_bound]}
+    return len(json.dumps({name: entry}, separators=(",", ":"))) - 1
+
+
+def _max_bytes(item, ties: str) -> int:
+    """Most bytes this item's entries can take in a shard."""
+    if item.action == "store":
+        return item.estimate
+    itemsize = dtypes.itemsize(item.dtype)
+    kept = item.rows * (item.cols if ties == "values" else min(item.k, item.cols))
+    return max(encoded_sizes(item.rows, item.cols, kept, itemsize, ties == "values"))
+
+
+def _entry_options(item, ties: str, bound: int) -> list:
+    """Header fragment lengths of each entry set this item may write (the max is reserved)."""
+    name, rows, cols = item.name, item.rows, item.cols
+    if item.action == "store":
+        return [_fragment(f"{name}::values", item.dtype, item.shape, bound)]
+    lo = rows * min(item.k, cols)
+    hi = rows * cols if ties == "values" else lo
+    mask = _fragment(f"{name}::mask", "U8", [rows, (cols + 7) // 8], bound)
+    index = _fragment(f"{name}::index", "U32", [hi], bound)
+    counts = _fragment(f"{name}::counts", "U32", [rows], bound) if hi != lo else 0
+    values = _fragment(f"{name}::values", item.dtype, [hi], bound)
+    return [mask + values, index + counts + values]
+
+
+def worst_record(item, shard: str, bound: int) -> dict:
     """A record at least as long, once serialised, as any this item can produce."""
+    big = max(bound, item.rows * item.cols, 1000)
     return {"base_name": item.base_name, "encoding": "unchanged", "reason": "non-float",
-            "dtype": item.dtype, "shape": item.shape, "rows": _BIG, "cols": _BIG, "k": _BIG,
-            "kept": _BIG, "row_kept": _BIG, "shard": shard, "nbytes": _BIG}
+            "dtype": item.dtype, "shape": item.shape, "rows": item.rows, "cols": item.cols,
+            "k": max(item.k or 0, 1000), "kept": big, "row_kept": max(item.cols, 1000),
+            "shard": shard, "nbytes": big}
 
 
-def header_reserve(items, shard: str) -> int:
-    """Upper bound on the shard header's length for ``items``."""
-    entries, records = {}, {}
-    for item in items:
-        for role, dtype in (("mask", "U8"), ("index", "U32"), ("counts", "U32"),
-                            ("values", item.dtype)):
-            shape = item.shape if role == "values" else [_BIG, _BIG]
-            entries[f"{item.name}::{role}"] = (dtype, shape + [_BIG], _BIG, _BIG)
-        records[item.name] = worst_record(item, shard)
-    meta = shard_metadata(records)
-    return len(header_bytes(entries, meta))
+def header_reserve(items, shard: str, ties: str = "positions") -> int:
+    """Upper bound on the shard header's length for ``items`` (tight: slack is padding)."""
+    bound = max(sum(_max_bytes(i, ties) for i in items), 1)
+    total = 2 + sum(max(_entry_options(i, ties, bound)) for i in items)
+    records = {i.name: worst_record(i, shard, bound) for i in items}
+    meta = {"__metadata__": shard_metadata(records)}
+    return total + len(json.dumps(meta, separators=(",", ":"))) - 1
 
 
 def shard_metadata(records: dict) -> dict:

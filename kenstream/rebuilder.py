@@ -47,7 +47,7 @@ def _check_entries(name: str, rec: dict, entries: dict, where) -> None:
             raise DiffError("row_kept does not match the kept count", file=where, tensor=name)
     if enc == "bitmask":
         packed = entries["mask"].reshape(rows, -1) if rows else entries["mask"]
-        ones = int(np.unpackbits(packed, axis=-1, count=cols).sum()) if rows else 0
+        ones = int(np.unpackbits(packed, axis=-1, count=cols, bitorder="little").sum()) if rows else 0
         if ones != rec["kept"]:
             raise DiffError("mask bit count does not match the kept count", file=where,
                             tensor=name)
