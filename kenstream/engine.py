@@ -93,7 +93,9 @@ def write_shard(path: Path, items, ft, base, settings, progress) -> dict:
     records = {}
     writer = ShardWriter(path, header_reserve(items, path.name, settings.ties))
     with writer:
-        for item in items:
+        for pos, item in enumerate(items):
+            if pos + 1 < len(items):  # the disk reads the next tensor while this one computes
+                ft.prefetch(items[pos + 1].name)
             enc, reason = encode_item(item, ft, base, settings)
             for e in enc.entries:
                 writer.append(f"{item.name}::{e.role}", e.dtype, e.shape, e.data)

@@ -152,6 +152,10 @@ class TorchBinFile:
         out.flags.writeable = False
         return out
 
+    def prefetch(self, name: str) -> None:
+        """Accepted for interface parity; does nothing (torch owns the mapping)."""
+        self.info(name)
+
     def release(self, name: str) -> None:
         """Accepted for interface parity; does nothing.
 

@@ -1,0 +1,205 @@
+"""End-to-end benchmark: compress and rebuild a synthetic Llama-shaped pair, side by side with
+the floors they are judged against.
+
+Prints, in one run: parameters per second and wall time of `kenstream compress` and
+`kenstream rebuild` (each a child process, peak resident memory measured by the OS), the time to
+read both inputs once (the I/O floor), the kernel-only time on the same tensors held in RAM, the
+time to copy the base checkpoint, and the slow reference implementation's rate on a sample of
+rows. Page caches of the files involved are dropped (posix_fadvise DONTNEED) before every timed
+step, so each starts from disk. Usage:
+
+    python tools/bench_e2e.py --params 1B --dir /tmp/kbench
+    python tools/bench_e2e.py --params 7B --dir /tmp/kbench7 --keep 0.25 -j 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+_CHILD = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+          "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+          "sys.exit(rc)")
+
+
+def files_under(path: Path) -> list:
+    return sorted(p for p in Path(path).rglob("*") if p.is_file())
+
+
+def drop_cache(paths) -> None:
+    """Ask the kernel to forget cached pages of these files (no root needed)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd) if os.access(p, os.W_OK) else None
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def timed_child(cmd) -> tuple:
+    """(seconds, peak RSS in bytes) of ``cmd`` run as a grandchild with its own rusage."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _CHILD, *cmd], stderr=subprocess.PIPE, text=True)
+    dt = time.perf_counter() - t0
+    lines = proc.stderr.strip().splitlines()
+    if proc.returncode != 0:
+        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n" + "\n".join(lines[-5:]))
+    return dt, int(lines[-1]) * 1024
+
+
+def read_floor(paths) -> float:
+    drop_cache(paths)
+    t0 = time.perf_counter()
+    buf = bytearray(1 << 24)
+    for p in paths:
+        with open(p, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+    return time.perf_counter() - t0
+
+
+def copy_floor(src: Path, dst: Path) -> float:
+    drop_cache(files_under(src))
+    if dst.exists():
+        shutil.rmtree(dst)
+    t0 = time.perf_counter()
+    shutil.copytree(src, dst)
+    for p in files_under(dst):
+        fd = os.open(p, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    dt = time.perf_counter() - t0
+    shutil.rmtree(dst)
+    return dt
+
+
+def kernel_only(ft_dir: Path, index: dict, threads: int) -> tuple:
+    """Seconds the selection kernel alone spends on the selected tensors (held in RAM)."""
+    import numba
+
+    from kenstream import select_mask
+    from kenstream.io.checkpoint import Checkpoint
+
+    numba.set_num_threads(threads)
+    total_t, params = 0.0, 0
+    with Checkpoint.open(str(ft_dir)) as ft:
+        for name, rec in index["tensors"].items():
+            if rec["encoding"] not in ("bitmask", "indices"):
+                continue
+            arr = np.array(ft.array(name)).reshape(rec["rows"], rec["cols"])
+            ft.release(name)
+            t0 = time.perf_counter()
+            select_mask(arr, rec["k"], ties=index["selection"]["ties"])
+            total_t += time.perf_counter() - t0
+            params += arr.size
+            del arr
+    return total_t, params
+
+
+def slow_rate(ft_dir: Path, rows: int = 3) -> float:
+    """Parameters per second of the slow reference on a few rows of an MLP matrix."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from slow_ken import ken_mask, widen_bf16_bits
+
+    from kenstream.io.checkpoint import Checkpoint
+
+    with Checkpoint.open(str(ft_dir)) as ft:
+        name = next(n for n in ft.names() if n.endswith("mlp.up_proj.weight"))
+        info = ft.info(name)
+        arr = np.array(ft.array(name)[:rows])
+    data = widen_bf16_bits(arr) if info.dtype == "BF16" else arr.astype(np.float32)
+    k = max(1, data.shape[1] // 4)
+    t0 = time.perf_counter()
+    for r in range(rows):
+        ken_mask(data[r], k)
+    return rows * data.shape[1] / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="1B")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--dir", default="/tmp/kenstream-bench")
+    ap.add_argument("--keep", type=float, default=0.25)
+    ap.add_argument("-j", "--threads", type=int, default=2)
+    ap.add_argument("--keep-files", action="store_true", help="leave pair, diff and rebuild")
+    args = ap.parse_args(argv)
+
+    work = Path(args.dir)
+    pair, diff, out = work / "pair", work / "diff", work / "rebuilt"
+    if not (pair / "finetuned" / "model.safetensors.index.json").exists():
+        print(f"making a {args.params} {args.dtype} pair in {pair} ...", flush=True)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_checkpoint.py"), str(pair),
+                        "--params", args.params, "--dtype", args.dtype, "--quiet",
+                        "--overwrite"], check=True)
+        print(f"  made in {time.perf_counter() - t0:.0f} s", flush=True)
+    base, ft = pair / "base", pair / "finetuned"
+    inputs = files_under(base) + files_under(ft)
+    input_bytes = sum(p.stat().st_size for p in inputs)
+    ks = [sys.executable, "-m", "kenstream"]
+
+    # Warm the numba cache so neither child pays JIT compilation inside its timing.
+    subprocess.run(ks + ["demo", str(work / "warm"), "-q"], check=True, stdout=subprocess.DEVNULL)
+
+    floor = read_floor(inputs)
+    drop_cache(inputs)
+    t_c, rss_c = timed_child(ks + ["compress", str(base), str(ft), "-o", str(diff), "--keep",
+                                   str(args.keep), "-j", str(args.threads), "-q", "--overwrite"])
+    index = json.loads((diff / "kenstream-diff.json").read_text())
+    params = index["totals"]["params"]
+    largest = max(r["rows"] * r["cols"] for r in index["tensors"].values())
+    t_copy = copy_floor(base, work / "copy")
+    drop_cache(files_under(base) + files_under(diff))
+    t_r, rss_r = timed_child(ks + ["rebuild", str(base), str(diff), "-o", str(out), "-q",
+                                   "--overwrite"])
+    drop_cache(inputs)
+    t_k, k_params = kernel_only(ft, index, args.threads)
+    slow = slow_rate(ft)
+
+    limit = 3 * largest * 4 + 300e6
+    e2e_rate, kernel_rate = params / t_c, k_params / t_k
+    print()
+    print(f"pair: {args.params} {args.dtype}, {params / 1e9:.2f} B params, inputs "
+          f"{input_bytes / 1e9:.1f} GB; keep={args.keep}, -j {args.threads}; "
+          f"diff {index['totals']['diff_bytes'] / 1e9:.2f} GB")
+    rows = [
+        ("compress (e2e)", t_c, e2e_rate, rss_c),
+        ("kernel only", t_k, kernel_rate, None),
+        ("read both inputs once", floor, params / floor, None),
+        ("rebuild", t_r, params / t_r, rss_r),
+        ("copy base", t_copy, params / t_copy, None),
+        ("slow reference (sample)", None, slow, None),
+    ]
+    print(f"{'step':<26}{'seconds':>10}{'Mparam/s':>12}{'peak RSS':>12}")
+    for label, secs, rate, rss in rows:
+        s = f"{secs:10.1f}" if secs is not None else f"{'':>10}"
+        r = f"{rss / 1e9:10.2f}GB" if rss is not None else f"{'':>12}"
+        print(f"{label:<26}{s}{rate / 1e6:12.3f}{r}")
+    print()
+    print(f"compress rate / kernel-only rate : {e2e_rate / kernel_rate:.2f}   (target >= 0.80)")
+    print(f"compress time / read floor       : {t_c / floor:.2f}")
+    print(f"rebuild time / copy base         : {t_r / t_copy:.2f}   (target <= 2)")
+    print(f"kernel speed-up over slow ref    : {kernel_rate / slow:,.0f}x")
+    print(f"peak RSS compress / rebuild      : {rss_c / 1e9:.2f} / {rss_r / 1e9:.2f} GB; "
+          f"bound 3 x largest tensor (f32) + 300 MB = {limit / 1e9:.2f} GB")
+    if not args.keep_files:
+        for p in (diff, out, work / "warm"):
+            shutil.rmtree(p, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
