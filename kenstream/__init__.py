@@ -12,6 +12,7 @@ _LAZY = {
     "load": "kenstream.rebuilder",
     "verify": "kenstream.verifier",
     "info": "kenstream.verifier",
+    "render": "kenstream.viz",
 }
 
 
