@@ -4,25 +4,16 @@ hand-built Hugging Face cache with HF_HUB_OFFLINE=1 and every socket refused."""
 from __future__ import annotations
 
 import json
-import socket
 
 import torch
 
 from kenstream.cli import main
 from tests.ckpt import toy_pair
-from tests.io.test_hub import COMMIT, _safetensors_bytes, add_to_cache
+from tests.io.test_hub import COMMIT, _safetensors_bytes, add_to_cache, no_network  # noqa: F401
 from tests.test_engine import assert_same_model, expected_model
 
 
-def test_compress_and_rebuild_from_an_offline_cache(tmp_path, monkeypatch):
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network access attempted in a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+def test_compress_and_rebuild_from_an_offline_cache(tmp_path, monkeypatch, no_network):
     cache = tmp_path / "hf" / "hub"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -43,4 +34,4 @@ def test_compress_and_rebuild_from_an_offline_cache(tmp_path, monkeypatch):
     assert main(["rebuild", "org/base@main", str(diff), "-o", str(out), "-q"]) == 0
     assert_same_model(out, expected_model(base, ft, "bert.", keep=0.4))
     assert json.loads((out / "config.json").read_text())["labels"] == 3
-    assert attempts == []
+    assert no_network == []
