@@ -7,13 +7,12 @@ input, 1 for a failed verification); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import sys
 import warnings
 
 from . import __version__
-from .errors import KenstreamError
+from .errors import KenstreamError, OutputError
 
 
 def _common(p):
@@ -109,6 +108,12 @@ def print_info(report: dict) -> None:
         print(f"{layer:>8} {row['params']:>14,} {pct:>8.1f} {_human(row['bytes']):>12}")
 
 
+def _recorded(argv) -> list:
+    """The command line to record in a diff: how to make it, so without --resume (which
+    changes no byte of the result, and keeps a resumed diff identical to a whole run's)."""
+    return [a for a in argv if a != "--resume"]
+
+
 def _run(args, argv) -> int:
     import kenstream as ks
 
@@ -118,7 +123,7 @@ def _run(args, argv) -> int:
                             exclude=args.exclude, seed=args.seed, threads=args.threads,
                             shard_size=args.shard_size, resume=args.resume,
                             overwrite=args.overwrite, quiet=args.quiet,
-                            command=["kenstream"] + list(argv))
+                            command=["kenstream"] + _recorded(argv))
         t = index["totals"]
         if not args.quiet:
             print(f"wrote {args.output}: kept {t['kept']:,} of {t['selected']:,} selected "
@@ -169,6 +174,11 @@ def _run(args, argv) -> int:
     raise AssertionError(args.command)  # argparse guarantees a known command
 
 
+def _one_line(text: str) -> str:
+    # Names and paths come from files; a newline in one must not split the error line.
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -186,14 +196,14 @@ def main(argv=None) -> int:
         except KenstreamError as exc:
             if debug:
                 raise
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {_one_line(str(exc))}", file=sys.stderr)
             return exc.exit_code
         except OSError as exc:
             if debug:
                 raise
-            what = "disk full" if exc.errno in (errno.ENOSPC, errno.EFBIG) else exc.strerror
-            where = f"{exc.filename}: " if exc.filename else ""
-            print(f"error: {where}{what or exc}", file=sys.stderr)
+            # An OSError that no layer turned into a KenstreamError: still one line.
+            err = OutputError.from_os(exc, "I/O", file=exc.filename)
+            print(f"error: {_one_line(str(err))}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("error: interrupted; rerun with --resume to continue", file=sys.stderr)

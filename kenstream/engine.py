@@ -19,7 +19,7 @@ from .align import align
 from .errors import DiffError, KenstreamError, OutputError
 from .io.checkpoint import Checkpoint
 from .io.writer import ShardWriter, sha256_of
-from .outputs import prepare_output, copy_extra_files, write_json_atomic
+from .outputs import prepare_output, copy_extra_files, read_json, write_json_atomic
 from .plan import assign_shards, header_reserve, make_items, shard_metadata, shard_names
 from .progress import bar, say
 from .settings import Settings, parse_size
@@ -109,15 +109,55 @@ def write_shard(path: Path, items, ft, base, settings, progress) -> dict:
     return records
 
 
-def read_shard_records(path: Path) -> dict:
-    """Records stored in a finished shard's metadata (used by --resume)."""
+def read_shard_records(path: Path, expected=None) -> dict:
+    """Records stored in a finished shard's metadata (used by --resume).
+
+    With ``expected`` (the planned tensor names), a shard holding other tensors, or entries
+    its records do not account for, is refused: it is not this run's.
+    """
     from .io.safetensors_file import SafetensorsFile
 
+    redo = "delete it and rerun with --resume"
     with SafetensorsFile(path) as sf:
         meta = sf.metadata or {}
+        entries = set(sf.names())
     if meta.get("format") != "kenstream-diff" or "records" not in meta:
-        raise DiffError("not a kenstream diff shard", file=path)
-    return json.loads(meta["records"])
+        raise DiffError("not a kenstream diff shard", file=path, hint=redo)
+    try:
+        records = json.loads(meta["records"])
+    except ValueError:
+        raise DiffError("shard metadata records are not valid JSON", file=path, hint=redo) from None
+    if expected is not None:
+        if not isinstance(records, dict) or set(records) != set(expected):
+            raise DiffError("shard does not hold the tensors the plan puts in it", file=path,
+                            hint=redo)
+        owners = {e.split("::", 1)[0] for e in entries}
+        if not owners <= set(expected):
+            raise DiffError("shard holds entries of tensors the plan does not put in it",
+                            file=path, hint=redo)
+    return records
+
+
+def _resumed_plan(plan: dict, partial: Path) -> dict:
+    """The interrupted run's plan, after checking that this run would make the same one.
+
+    The identities and command line are taken from the interrupted run, so that the
+    finished diff is byte-identical to an uninterrupted one however the paths are spelled.
+    """
+    previous = read_json(partial)
+    if not isinstance(previous, dict):
+        previous = {}
+    for key, what in (("settings", "selection settings"), ("shard_size", "--shard-size values"),
+                      ("base", "base files"), ("finetuned", "fine-tune files"),
+                      ("shards", "shard plans")):
+        was, now = previous.get(key), plan[key]
+        if key in ("base", "finetuned"):  # the same files, however the path is spelled
+            was, now = (was if isinstance(was, dict) else {}).get("files"), now.get("files")
+        if was != now:
+            raise OutputError(f"--resume: the {what} differ from the interrupted run's",
+                              file=partial, hint="repeat the original command with --resume")
+    return dict(plan, base=previous["base"], finetuned=previous["finetuned"],
+                command=previous.get("command"))
 
 
 def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", method="ken",
@@ -134,12 +174,8 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", metho
     set_threads(threads)
     out = Path(out)
     with Checkpoint.open(str(base)) as b, Checkpoint.open(str(finetuned)) as f:
-        state = prepare_output(out, inputs=[b, f], resume=resume, overwrite=overwrite,
-                               marker=fmt.PARTIAL_NAME, index=fmt.INDEX_NAME)
-        if state == "complete":
-            say(f"{out} is already a complete diff; nothing to resume", quiet)
-            return json.loads((out / fmt.INDEX_NAME).read_text())
-        resume = state == "resume"
+        # Planned before the output is touched, so unrelated models leave nothing behind and
+        # the plan file follows the directory's creation at once.
         alignment = align(f.names(), b.names())
         items = make_items(f, b, alignment, settings)
         groups = assign_shards(items, limit)
@@ -151,17 +187,15 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", metho
             "shards": {n: [i.name for i in g] for n, g in zip(names, groups)},
             "command": list(command) if command is not None else None,
         }
+        state = prepare_output(out, inputs=[b, f], resume=resume, overwrite=overwrite,
+                               marker=fmt.PARTIAL_NAME, index=fmt.INDEX_NAME)
+        if state == "complete":
+            say(f"{out} is already a complete diff; nothing to resume", quiet)
+            return read_json(out / fmt.INDEX_NAME)
+        resume = state == "resume"
         partial = out / fmt.PARTIAL_NAME
-        if resume and partial.exists():
-            previous = json.loads(partial.read_text())
-            for key in ("settings", "shard_size", "base", "finetuned", "shards"):
-                was, now = previous.get(key), plan[key]
-                if key in ("base", "finetuned"):  # the same files, however the path is spelled
-                    was, now = (was or {}).get("files"), now.get("files")
-                if was != now:
-                    raise OutputError(f"--resume: the {key} differ from the interrupted run's",
-                                      file=partial, hint="repeat the original command with --resume")
-            plan["command"] = previous.get("command")
+        if resume:
+            plan = _resumed_plan(plan, partial)
         else:
             write_json_atomic(partial, plan)
         say(f"aligned {len(alignment.pairs)} tensors ({alignment.exact} by exact name"
@@ -175,11 +209,11 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", metho
             for shard, group in zip(names, groups):
                 path = out / shard
                 if resume and path.exists():
-                    records.update(read_shard_records(path))
+                    records.update(read_shard_records(path, [i.name for i in group]))
                     progress.update(sum(i.rows * i.cols for i in group))
                     continue
                 records.update(write_shard(path, group, f, b, settings, progress))
-        copy_extra_files(f, out, base_model=b.identity(), command=plan["command"])
+        copy_extra_files(f, out, base_model=plan["base"], command=plan["command"])
         index = build_index(plan, alignment, items, records, out, names)
         write_json_atomic(out / fmt.INDEX_NAME, index)
         partial.unlink(missing_ok=True)

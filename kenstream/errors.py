@@ -105,3 +105,21 @@ class VerifyError(DiffError):
 
 class OutputError(KenstreamError, OSError):
     """The output path is unusable: inside an input, non-empty, or the disk is full."""
+
+    @classmethod
+    def from_os(cls, exc: OSError, doing: str, *, file) -> "OutputError":
+        """One line for an OSError met while ``doing`` (e.g. "write") ``file``.
+
+        A full disk, a quota or a file size limit (``ulimit -f``) is named as such and
+        points at ``--resume``, since every finished shard survives; other errors keep
+        the system's own words.
+        """
+        import errno
+
+        full = {errno.ENOSPC: "no space left on the device",
+                errno.EDQUOT: "disk quota exceeded",
+                errno.EFBIG: "file too large (file size limit reached)"}
+        if exc.errno in full:
+            return cls(f"{doing} failed: {full[exc.errno]}", file=file,
+                       hint="free space or raise the limit, then rerun with --resume")
+        return cls(f"{doing} failed: {exc.strerror or exc}", file=file)

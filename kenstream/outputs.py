@@ -10,17 +10,20 @@ import shutil
 from pathlib import Path
 
 from .errors import OutputError
+from .io.checkpoint import EXTRA_PATTERNS
 
-# Everything kenstream itself may write into an output directory (diff or rebuilt model).
-OWN_PATTERNS = ("kendiff-*.kdiff", "kendiff-*.kdiff.partial", "kenstream-diff*.json",
-                "kenstream-diff*.json.partial", "model.safetensors", "model-*.safetensors",
-                "*.safetensors.partial", "model.safetensors.index.json",
+TEMP_SUFFIX = ".partial"
+
+# Everything kenstream itself may write into an output directory (diff or rebuilt model);
+# each is first written as NAME + TEMP_SUFFIX and then renamed.
+OWN_PATTERNS = ("kendiff-*.kdiff", "kenstream-diff*.json", "model.safetensors",
+                "model-*.safetensors", "model.safetensors.index.json",
                 "kenstream-rebuild.partial.json", "README.md")
 
-EXTRA_NAMES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "tokenizer.model", "special_tokens_map.json", "vocab.txt", "vocab.json",
-               "merges.txt", "added_tokens.json", "preprocessor_config.json",
-               "chat_template.json", "chat_template.jinja")
+
+def is_extra(name: str) -> bool:
+    """Whether ``name`` is a config / tokenizer file copied beside the weights."""
+    return any(fnmatch.fnmatchcase(name, p) for p in EXTRA_PATTERNS)
 
 
 def _is_within(child: Path, parent: Path) -> bool:
@@ -40,6 +43,15 @@ def _input_paths(inputs):
             yield Path(f).resolve()
 
 
+def _is_own(name: str) -> bool:
+    """A name kenstream writes (a temporary one included; copied config files only as temps)."""
+    if name.endswith(TEMP_SUFFIX):
+        name = name[: -len(TEMP_SUFFIX)]
+        if is_extra(name):
+            return True
+    return any(fnmatch.fnmatchcase(name, p) for p in OWN_PATTERNS)
+
+
 def prepare_output(out: Path, *, inputs, resume: bool, overwrite: bool, marker: str,
                    index: str) -> str:
     """Make ``out`` ready; returns ``'fresh'``, ``'resume'`` or ``'complete'``.
@@ -55,19 +67,22 @@ def prepare_output(out: Path, *, inputs, resume: bool, overwrite: bool, marker: 
     if out.exists() and not out.is_dir():
         raise OutputError("exists and is not a directory", file=out)
     entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if entries and resume:
+        if (out / marker).exists():
+            return "resume"
+        if (out / index).exists():
+            return "complete"
+        if all(n.endswith(TEMP_SUFFIX) and _is_own(n) for n in entries):
+            # Killed while its very first file was being written: nothing to keep.
+            _remove(out, entries)
+            return "fresh"
+        raise OutputError("nothing to resume here (no unfinished kenstream run)", file=out,
+                          hint="drop --resume, or pass --overwrite to replace it")
     if entries:
-        if resume:
-            if (out / marker).exists():
-                return "resume"
-            if (out / index).exists():
-                return "complete"
-            raise OutputError("nothing to resume here (no unfinished kenstream run)", file=out)
         if not overwrite:
             raise OutputError("exists and is not empty",
                               file=out, hint="pass --overwrite to replace it, or --resume")
-        for name in entries:
-            if any(fnmatch.fnmatch(name, p) for p in OWN_PATTERNS) or name in EXTRA_NAMES:
-                (out / name).unlink()
+        _clear_own_files(out, entries)
         return "fresh"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -76,9 +91,50 @@ def prepare_output(out: Path, *, inputs, resume: bool, overwrite: bool, marker: 
     return "fresh"
 
 
+# Files whose presence makes a directory look finished; removed first on --overwrite so
+# that a run killed while clearing leaves something that is plainly unfinished.
+_COMPLETION_FILES = ("kenstream-diff.json", "model.safetensors.index.json", "model.safetensors")
+
+
+def _clear_own_files(out: Path, entries) -> None:
+    """Delete what kenstream wrote into ``out`` for --overwrite, and nothing else.
+
+    README.md and config/tokenizer names are shared with hand-made folders, so they are
+    deleted only beside weights or markers of kenstream's own; a folder holding such a
+    file but none of those is refused rather than clobbered.
+    """
+    files = [n for n in entries if (out / n).is_file()]
+    own = [n for n in files if _is_own(n) and n != "README.md"]
+    shared = [n for n in files if n == "README.md" or is_extra(n)]
+    if shared and not own:
+        raise OutputError(f"holds {shared[0]} but was not written by kenstream; "
+                          "--overwrite replaces only kenstream's own output",
+                          file=out, hint="choose a new or empty -o directory")
+    doomed = sorted(own + shared, key=lambda n: (n not in _COMPLETION_FILES, n))
+    _remove(out, doomed)
+
+
+def _remove(out: Path, names) -> None:
+    for name in names:
+        try:
+            (out / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot delete: {exc.strerror}", file=out / name,
+                              hint="remove it by hand") from exc
+
+
+def read_json(path: Path):
+    """A small JSON file kenstream wrote (a plan or an index), or a one-line OutputError."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise OutputError(f"cannot be read as JSON ({exc})", file=path,
+                          hint="delete the output directory and start again") from None
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON to ``path`` through a temporary name, fsynced, then renamed."""
-    temp = path.with_name(path.name + ".partial")
+    temp = path.with_name(path.name + TEMP_SUFFIX)
     try:
         with open(temp, "w", encoding="utf-8") as fh:
             json.dump(obj, fh, indent=2, sort_keys=True)
@@ -88,20 +144,20 @@ def write_json_atomic(path: Path, obj) -> None:
         os.replace(temp, path)
     except OSError as exc:
         temp.unlink(missing_ok=True)
-        raise OutputError(f"write failed: {exc.strerror}", file=path) from exc
+        raise OutputError.from_os(exc, "write", file=path) from exc
 
 
 def copy_files(paths, out: Path) -> None:
     """Copy files into ``out`` through temporary names (skipping ones already there)."""
     for src in paths:
         dst = out / Path(src).name
-        temp = dst.with_name(dst.name + ".partial")
+        temp = dst.with_name(dst.name + TEMP_SUFFIX)
         try:
             shutil.copyfile(src, temp)
             os.replace(temp, dst)
         except OSError as exc:
             temp.unlink(missing_ok=True)
-            raise OutputError(f"copy failed: {exc.strerror}", file=dst) from exc
+            raise OutputError.from_os(exc, "copy", file=dst) from exc
 
 
 def model_card(base_identity: dict, command) -> str:
@@ -124,7 +180,15 @@ def model_card(base_identity: dict, command) -> str:
 def copy_extra_files(ckpt, out: Path, *, base_model: dict, command) -> None:
     """Copy the fine-tune's config/tokenizer files and write the diff's README.md."""
     copy_files(ckpt.extra_files(), out)
-    card = out / "README.md"
-    temp = card.with_name("README.md.partial")
-    temp.write_text(model_card(base_model, command), encoding="utf-8")
-    os.replace(temp, card)
+    write_text_atomic(out / "README.md", model_card(base_model, command))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary name that is removed on failure."""
+    temp = path.with_name(path.name + TEMP_SUFFIX)
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, path)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise OutputError.from_os(exc, "write", file=path) from exc

@@ -40,7 +40,7 @@ class Item:
 def make_items(ft, base, alignment, settings) -> list:
     """Decide every fine-tune tensor's fate; raises MismatchError for unrelated models."""
     items = []
-    reshaped = 0
+    reshaped = []  # warned about only once the pair is known to be one model
     for name in ft.names():
         info = ft.info(name)
         shape = [int(d) for d in info.shape]
@@ -52,9 +52,8 @@ def make_items(ft, base, alignment, settings) -> list:
             continue
         binfo = base.info(base_name)
         if list(binfo.shape) != shape:
-            reshaped += 1
-            warnings.warn(f"{name}: shape {shape} differs from the base's {list(binfo.shape)}; "
-                          "stored whole", stacklevel=2)
+            reshaped.append(f"{name}: shape {shape} differs from the base's "
+                            f"{list(binfo.shape)}; stored whole")
             items.append(Item(name, None, "store", "reshaped", info.dtype, shape, rows, cols,
                               None, nbytes))
             continue
@@ -74,9 +73,11 @@ def make_items(ft, base, alignment, settings) -> list:
     matched = len(alignment.pairs)
     if matched == 0:
         raise MismatchError("no tensor name of the fine-tune matches the base", file=ft.root)
-    if reshaped * 2 > matched:
-        raise MismatchError(f"{reshaped} of {matched} matching tensors differ in shape",
+    if len(reshaped) * 2 > matched:
+        raise MismatchError(f"{len(reshaped)} of {matched} matching tensors differ in shape",
                             file=ft.root)
+    for message in reshaped:
+        warnings.warn(message, stacklevel=2)
     return items
 
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from . import dtypes, format as fmt
 from .diff import DiffReader
-from .errors import DiffError
+from .errors import DiffError, OutputError
 from .io.checkpoint import Checkpoint
+from .io.safetensors_file import SafetensorsFile
 from .io.writer import ShardWriter, header_bytes
-from .outputs import copy_files, prepare_output, write_json_atomic, EXTRA_NAMES
+from .outputs import copy_files, is_extra, prepare_output, read_json, write_json_atomic
 from .progress import bar, say
 from .settings import parse_size
 
@@ -120,6 +120,15 @@ def _shard_file(i: int, n: int) -> str:
     return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
+def _check_reused(path: Path, names) -> None:
+    """A finished output shard kept by --resume must hold exactly the planned tensors."""
+    with SafetensorsFile(path) as sf:
+        found = set(sf.names())
+    if found != set(names):
+        raise OutputError("holds other tensors than the plan puts in it", file=path,
+                          hint="delete it and rerun with --resume")
+
+
 def rebuild(base, diff, out, *, shard_size="5GB", force=False, overwrite=False, resume=False,
             quiet=False) -> dict:
     """Write the rebuilt model to ``out`` (safetensors shards + standard index + config files).
@@ -133,7 +142,7 @@ def rebuild(base, diff, out, *, shard_size="5GB", force=False, overwrite=False, 
                                overwrite=overwrite, marker=PARTIAL_NAME, index=INDEX_NAME)
         if state == "complete":
             say(f"{out} is already rebuilt; nothing to resume", quiet)
-            return json.loads((out / INDEX_NAME).read_text())
+            return read_json(out / INDEX_NAME)
         say("checking diff shard hashes", quiet)
         d.check_hashes()
         diffs = d.check_base(b, force=force)
@@ -145,12 +154,15 @@ def rebuild(base, diff, out, *, shard_size="5GB", force=False, overwrite=False, 
         plan = {"diff": d.index["shards"], "shard_size": limit, "files": files}
         partial = out / PARTIAL_NAME
         if state == "resume":
-            previous = json.loads(partial.read_text())
+            previous = read_json(partial)
             if previous != plan:
                 raise DiffError("--resume: the diff or --shard-size differ from the interrupted run",
                                 file=partial)
         else:
             write_json_atomic(partial, plan)
+        # Config and tokenizer first: a run killed after the last shard's rename still
+        # leaves a loadable, complete model directory.
+        copy_files(sorted(p for p in d.path.iterdir() if p.is_file() and is_extra(p.name)), out)
         weight_map = {}
         total = sum(int(np.prod(r["shape"], dtype=np.int64)) for r in d.records.values())
         with bar(total, "rebuild", quiet) as progress:
@@ -159,6 +171,7 @@ def rebuild(base, diff, out, *, shard_size="5GB", force=False, overwrite=False, 
                     weight_map[name] = file
                 path = out / file
                 if state == "resume" and path.exists():
+                    _check_reused(path, group)
                     progress.update(sum(int(np.prod(d.records[n]["shape"])) for n in group))
                     continue
                 entries, offset = {}, 0
@@ -179,7 +192,6 @@ def rebuild(base, diff, out, *, shard_size="5GB", force=False, overwrite=False, 
                             b.release(rec["base_name"])
                         progress.update(int(np.prod(rec["shape"], dtype=np.int64)))
                     writer.finish({"format": "pt"})
-        copy_files([d.path / n for n in EXTRA_NAMES if (d.path / n).exists()], out)
         total_size = sum(int(np.prod(r["shape"], dtype=np.int64)) * dtypes.itemsize(r["dtype"])
                          for r in d.records.values())
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}

@@ -144,6 +144,6 @@ def info(diff) -> dict:
         ftb = totals.get("finetuned_bytes", 0)
         totals["diff_to_finetuned"] = totals.get("diff_bytes", 0) / ftb if ftb else 0.0
         return {"path": str(d.path), "selection": idx["selection"],
-                "base": idx["base"].get("source"), "finetuned": idx.get("finetuned", {}).get("source"),
+                "base": idx["base"].get("source"), "finetuned": (idx.get("finetuned") or {}).get("source"),
                 "alignment": idx.get("alignment"), "totals": totals, "layers": layers,
                 "tensors": rows}

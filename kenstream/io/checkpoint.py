@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from kenstream.errors import CheckpointError, CorruptFileError, SourceNotFoundError
 from kenstream.io.fingerprint import fingerprint
-from kenstream.io.safetensors_file import SafetensorsFile, TensorInfo
+from kenstream.io.safetensors_file import SafetensorsFile, TensorInfo, _DuplicateKey, _no_duplicates
 
 EXTRA_PATTERNS = (
     "config.json", "generation_config.json", "tokenizer*.json", "tokenizer.model",
@@ -67,8 +67,12 @@ def read_weight_map(index_path) -> dict[str, str]:
     """
     index_path = Path(index_path)
     try:
-        data = json.loads(index_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        data = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as dup:
+        # Plain JSON keeps the last of two equal keys; a tensor mapped twice is ambiguous.
+        raise CorruptFileError("index lists this name twice", file=index_path,
+                               tensor=dup.key) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CorruptFileError(f"index is not valid UTF-8 JSON ({exc})", file=index_path) from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -167,7 +171,11 @@ class Checkpoint:
         for name, shard in weight_map.items():
             by_shard.setdefault(shard, []).append(name)
         for shard, names in by_shard.items():
-            if not (root / shard).is_file():
+            try:
+                found = (root / shard).is_file()
+            except OSError:  # e.g. a name longer than the file system allows
+                found = False
+            if not found:
                 raise CorruptFileError(f"weight_map names shard {shard!r}, which is missing",
                                        file=index_path, tensor=names[0])
         readers = []

@@ -18,6 +18,7 @@ keys inside an entry. Overlaps and out-of-range offsets are not.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ from kenstream.errors import CheckpointError, CorruptFileError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 """Headers above this are treated as corrupt: real ones are a few MB at most."""
+
+MAX_DIMS = 32
+MAX_ELEMENTS = 1 << 58
+"""Shape limits (rank; product of the non-zero sizes); NumPy's own are 64 and ~2**63 bytes."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,8 @@ class SafetensorsFile:
             raise CheckpointError("file not found", file=self.path) from None
         except IsADirectoryError:
             raise CheckpointError("is a directory, not a .safetensors file", file=self.path) from None
+        except OSError as exc:
+            raise CheckpointError(f"cannot open: {exc.strerror or exc}", file=self.path) from None
         try:
             self._size = os.fstat(self._file.fileno()).st_size
             self._infos, self.metadata = self._read_header()
@@ -116,7 +123,7 @@ class SafetensorsFile:
             # The hook also sees entry objects; a repeated field name is not a tensor name.
             tensor = None if dup.key in ("dtype", "shape", "data_offsets") else dup.key
             raise self._corrupt(f"header has the key {dup.key!r} twice", tensor=tensor) from None
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise self._corrupt(f"header is not valid UTF-8 JSON ({exc})") from None
         if not isinstance(header, dict):
             raise self._corrupt(f"header is a JSON {type(header).__name__}, not an object")
@@ -176,6 +183,10 @@ class SafetensorsFile:
             raise self._corrupt(f"shape {shape!r} is not a list of integers", tensor=name)
         if any(d < 0 for d in shape):
             raise self._corrupt(f"shape {shape} has a negative dimension", tensor=name)
+        # NumPy refuses more dimensions, or a shape whose non-zero sizes multiply past its
+        # address space, even for an empty tensor; no real tensor comes near either.
+        if len(shape) > MAX_DIMS or math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+            raise self._corrupt(f"shape {shape} is impossibly large", tensor=name)
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
             raise self._corrupt(f"data_offsets {offsets!r} is not a pair of integers", tensor=name)
         begin, end = offsets

@@ -55,7 +55,7 @@ class ShardWriter:
             self._fh = open(self.temp, "wb")
             self._fh.seek(8 + self.reserve)
         except OSError as exc:
-            raise OutputError(f"cannot write: {exc.strerror}", file=self.temp) from exc
+            raise OutputError.from_os(exc, "create", file=self.path) from exc
 
     @property
     def data_bytes(self) -> int:
@@ -73,7 +73,7 @@ class ShardWriter:
                 self._fh.write(memoryview(raw[start:start + _CHUNK]))
         except OSError as exc:
             self.abort()
-            raise OutputError(f"write failed: {exc.strerror}", file=self.temp) from exc
+            raise OutputError.from_os(exc, "write", file=self.path) from exc
         self._end = begin + raw.size
         self.entries[name] = (dtype, tuple(shape), begin, self._end)
 
@@ -94,7 +94,7 @@ class ShardWriter:
             os.replace(self.temp, self.path)
         except OSError as exc:
             self.abort()
-            raise OutputError(f"write failed: {exc.strerror}", file=self.temp) from exc
+            raise OutputError.from_os(exc, "write", file=self.path) from exc
         result = {"size": 8 + self.reserve + self._end}
         if digest:
             result["sha256"] = sha256_of(self.path)
