@@ -13,6 +13,7 @@ _LAZY = {
     "verify": "kenstream.verifier",
     "info": "kenstream.verifier",
     "render": "kenstream.viz",
+    "select_mask_method": "kenstream.methods",
 }
 
 
