@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "select_positions": "kenstream.select",
     "select_mask": "kenstream.select",
+    "kept_counts": "kenstream.select",
     "compress": "kenstream.engine",
     "rebuild": "kenstream.rebuilder",
     "load": "kenstream.rebuilder",
