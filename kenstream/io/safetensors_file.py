@@ -74,7 +74,29 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class SafetensorsFile:
+class TensorTable:
+    """Name lookup shared by the file readers: ``self._infos`` maps name -> TensorInfo in
+    file order, ``self.path`` names the file in errors."""
+
+    def names(self) -> list[str]:
+        """Tensor names in file order."""
+        return list(self._infos)
+
+    def __contains__(self, name) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        """The :class:`TensorInfo` of ``name``; an unknown name raises ``CheckpointError``."""
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise CheckpointError("no such tensor in this file", file=self.path, tensor=name) from None
+
+
+class SafetensorsFile(TensorTable):
     """A validated, memory-mapped safetensors file.
 
     Opening reads ``8 + N`` header bytes and maps the file; cost O(header). Arrays
@@ -196,23 +218,6 @@ class SafetensorsFile:
 
     # -- access -------------------------------------------------------------------
 
-    def names(self) -> list[str]:
-        """Tensor names in the order their data appears in the file."""
-        return list(self._infos)
-
-    def __contains__(self, name) -> bool:
-        return name in self._infos
-
-    def __len__(self) -> int:
-        return len(self._infos)
-
-    def info(self, name: str) -> TensorInfo:
-        """The :class:`TensorInfo` of ``name``; an unknown name raises ``CheckpointError``."""
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise CheckpointError("no such tensor in this file", file=self.path, tensor=name) from None
-
     def array(self, name: str) -> np.ndarray:
         """Read-only C-contiguous view of ``name`` in its storage dtype and shape.
 
@@ -241,12 +246,7 @@ class SafetensorsFile:
         dropped too, harmlessly. Cost: one ``madvise`` call; a no-op where the platform
         has no ``MADV_DONTNEED`` or the file is closed.
         """
-        info = self.info(name)
-        advice = getattr(mmap, "MADV_DONTNEED", None)
-        if self._map is None or advice is None or info.nbytes == 0:
-            return
-        start = info.offset - info.offset % mmap.PAGESIZE
-        self._map.madvise(advice, start, info.offset + info.nbytes - start)
+        self._advise(name, "MADV_DONTNEED")
 
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading ``name``'s pages in the background.
@@ -255,8 +255,12 @@ class SafetensorsFile:
         one. Cost: one ``madvise(MADV_WILLNEED)``; nothing is mapped into resident memory
         until the pages are used. A no-op where unsupported.
         """
+        self._advise(name, "MADV_WILLNEED")
+
+    def _advise(self, name: str, advice_name: str) -> None:
+        """madvise the page range of ``name`` (a no-op where unsupported or closed)."""
         info = self.info(name)
-        advice = getattr(mmap, "MADV_WILLNEED", None)
+        advice = getattr(mmap, advice_name, None)
         if self._map is None or advice is None or info.nbytes == 0:
             return
         start = info.offset - info.offset % mmap.PAGESIZE

@@ -29,7 +29,7 @@ import torch
 
 from kenstream import dtypes
 from kenstream.errors import CheckpointError, CorruptFileError, UnsafeCheckpointError
-from kenstream.io.safetensors_file import TensorInfo
+from kenstream.io.safetensors_file import TensorInfo, TensorTable
 
 _PICKLE_PROTO = 0x80  # every pickle of protocol >= 2 (all torch.save output) starts with it
 
@@ -52,7 +52,7 @@ def _unsafe_reason(message: str) -> str | None:
     return None
 
 
-class TorchBinFile:
+class TorchBinFile(TensorTable):
     """A weights-only PyTorch state dict file.
 
     Opening unpickles the file's metadata (cost: O(number of tensors) for zip files,
@@ -117,23 +117,6 @@ class TorchBinFile:
         nbytes = tensor.numel() * dtypes.itemsize(code)
         self._tensors[name] = tensor.detach()
         self._infos[name] = TensorInfo(name, code, shape, nbytes, None, self.path)
-
-    def names(self) -> list[str]:
-        """Tensor names in the order the state dict lists them."""
-        return list(self._infos)
-
-    def __contains__(self, name) -> bool:
-        return name in self._infos
-
-    def __len__(self) -> int:
-        return len(self._infos)
-
-    def info(self, name: str) -> TensorInfo:
-        """The :class:`TensorInfo` of ``name`` (``offset`` is None: zip hides it)."""
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise CheckpointError("no such tensor in this file", file=self.path, tensor=name) from None
 
     def array(self, name: str) -> np.ndarray:
         """Read-only C-contiguous NumPy array of ``name`` in its storage dtype and shape.
