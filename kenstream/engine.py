@@ -53,10 +53,14 @@ def _identical(a, b) -> bool:
     b = b.reshape(-1).view(np.uint8) if b.size else b.reshape(-1)
     if a.size != b.size:
         return False
-    step = 1 << 24
-    for start in range(0, a.size, step):
+    # Blocks grow from 64 KiB: a changed tensor almost always differs in its first rows,
+    # so only a few pages of the base are read, not megabytes per tensor.
+    start, step = 0, 1 << 16
+    while start < a.size:
         if not np.array_equal(a[start:start + step], b[start:start + step]):
             return False
+        start += step
+        step = min(step * 4, 1 << 24)
     return True
 
 

@@ -1,6 +1,6 @@
-"""The diff's per-tensor encodings (docs/format.md, section 2), as pure NumPy.
+"""The diff's per-tensor encodings (docs/format.md, section 2).
 
-No I/O here: `encode` turns a row mask and the fine-tuned rows into the entries a shard
+No I/O here (the bit packing is a numba kernel, `_pack`): `encode` turns a row mask and the fine-tuned rows into the entries a shard
 stores, `apply_rows` writes stored values back over base rows. Arrays are in storage dtype
 (BF16 travels as uint16 bits), so every value is copied bit for bit.
 """
@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from ._pack import pack_rows
 
 FORMAT = "kenstream-diff"
 FORMAT_VERSION = 1
@@ -93,10 +95,9 @@ def encode(mask: np.ndarray, ft_rows: np.ndarray, dtype: str) -> Encoded:
     kept = int(counts.sum())
     counts_vary = bool(rows > 0 and (counts != counts[0]).any())
     row_kept = None if counts_vary or rows == 0 else int(counts[0])
-    values = np.ascontiguousarray(ft_rows[mask])
     bitmask, indices = encoded_sizes(rows, cols, kept, ft_rows.itemsize, counts_vary)
     if bitmask <= indices:
-        packed = np.packbits(mask, axis=1, bitorder="little")
+        packed, values = pack_rows(mask, ft_rows, counts)
         entries = (
             Entry("mask", "U8", (rows, (cols + 7) // 8), packed),
             Entry("values", dtype, (kept,), values),
@@ -104,6 +105,7 @@ def encode(mask: np.ndarray, ft_rows: np.ndarray, dtype: str) -> Encoded:
         return Encoded("bitmask", kept, row_kept, entries)
     icode = index_code(cols)
     columns = np.nonzero(mask)[1].astype(_UINT[icode])
+    values = np.ascontiguousarray(ft_rows[mask])
     entries = [Entry("index", icode, (kept,), columns)]
     if counts_vary:
         ccode = count_code(cols)
