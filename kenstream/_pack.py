@@ -16,19 +16,30 @@ from ._jit import PARALLEL, njit, prange
 
 @njit(**PARALLEL)
 def _pack(mask, values_in, offsets, packed, values_out):
+    # mask is uint8 0/1. The value at the cursor is overwritten until a kept one lands, and
+    # the cursor advances by the mask bit: no data-dependent branch. Once the row's last
+    # kept value is placed the cursor sits on the next row's first slot, which is never
+    # written (the well-predicted `o < end` test), so rows can run in parallel.
     rows, cols = mask.shape
-    nbytes = packed.shape[1]
+    full = cols // 8
     for r in prange(rows):
         o = offsets[r]
-        for b in range(nbytes):
+        end = offsets[r + 1]
+        for j in range(cols):
+            if o < end:
+                values_out[o] = values_in[r, j]
+                o += mask[r, j]
+        for b in range(full):
+            j = b * 8
+            packed[r, b] = (mask[r, j] | (mask[r, j + 1] << 1) | (mask[r, j + 2] << 2)
+                            | (mask[r, j + 3] << 3) | (mask[r, j + 4] << 4)
+                            | (mask[r, j + 5] << 5) | (mask[r, j + 6] << 6)
+                            | (mask[r, j + 7] << 7))
+        if full * 8 < cols:
             byte = 0
-            base = b * 8
-            for t in range(min(8, cols - base)):
-                if mask[r, base + t]:
-                    byte |= 1 << t
-                    values_out[o] = values_in[r, base + t]
-                    o += 1
-            packed[r, b] = byte
+            for t in range(cols - full * 8):
+                byte |= mask[r, full * 8 + t] << t
+            packed[r, full] = byte
 
 
 def pack_rows(mask: np.ndarray, values: np.ndarray, counts: np.ndarray):
@@ -45,5 +56,5 @@ def pack_rows(mask: np.ndarray, values: np.ndarray, counts: np.ndarray):
     packed = np.empty((rows, (cols + 7) // 8), dtype=np.uint8)
     out = np.empty(int(offsets[-1]), dtype=width)
     if rows and cols:
-        _pack(np.ascontiguousarray(mask), bits, offsets, packed, out)
+        _pack(np.ascontiguousarray(mask).view(np.uint8), bits, offsets, packed, out)
     return packed, out.view(values.dtype)

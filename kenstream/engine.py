@@ -99,7 +99,10 @@ def write_shard(path: Path, items, ft, base, settings, progress) -> dict:
     with writer:
         for pos, item in enumerate(items):
             if pos + 1 < len(items):  # the disk reads the next tensor while this one computes
-                ft.prefetch(items[pos + 1].name)
+                following = items[pos + 1]
+                ft.prefetch(following.name)
+                if following.base_name is not None:  # enough for the identical-tensor check
+                    base.prefetch(following.base_name, limit=1 << 18)
             enc, reason = encode_item(item, ft, base, settings)
             for e in enc.entries:
                 writer.append(f"{item.name}::{e.role}", e.dtype, e.shape, e.data)

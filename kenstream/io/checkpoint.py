@@ -234,9 +234,10 @@ class Checkpoint:
         :meth:`SafetensorsFile.release`); arrays already handed out stay valid."""
         self._reader(name).release(name)
 
-    def prefetch(self, name: str) -> None:
-        """Start reading ``name`` ahead of use, where the reader can (safetensors)."""
-        self._reader(name).prefetch(name)
+    def prefetch(self, name: str, limit: int | None = None) -> None:
+        """Start reading ``name`` (or its first ``limit`` bytes) ahead of use, where the
+        reader can (safetensors)."""
+        self._reader(name).prefetch(name, limit)
 
     def extra_files(self) -> list[Path]:
         """Config, tokenizer and generation files beside the weights, sorted by name."""

@@ -248,23 +248,25 @@ class SafetensorsFile(TensorTable):
         """
         self._advise(name, "MADV_DONTNEED")
 
-    def prefetch(self, name: str) -> None:
+    def prefetch(self, name: str, limit: int | None = None) -> None:
         """Ask the kernel to start reading ``name``'s pages in the background.
 
         Lets the disk work on the next tensor while the selection kernel computes on this
         one. Cost: one ``madvise(MADV_WILLNEED)``; nothing is mapped into resident memory
         until the pages are used. A no-op where unsupported.
         """
-        self._advise(name, "MADV_WILLNEED")
+        self._advise(name, "MADV_WILLNEED", limit)
 
-    def _advise(self, name: str, advice_name: str) -> None:
-        """madvise the page range of ``name`` (a no-op where unsupported or closed)."""
+    def _advise(self, name: str, advice_name: str, limit: int | None = None) -> None:
+        """madvise the page range of ``name``, or its first ``limit`` bytes (a no-op where
+        unsupported or closed)."""
         info = self.info(name)
         advice = getattr(mmap, advice_name, None)
         if self._map is None or advice is None or info.nbytes == 0:
             return
+        nbytes = info.nbytes if limit is None else min(limit, info.nbytes)
         start = info.offset - info.offset % mmap.PAGESIZE
-        self._map.madvise(advice, start, info.offset + info.nbytes - start)
+        self._map.madvise(advice, start, info.offset + nbytes - start)
 
     def close(self) -> None:
         """Release the file. Views still alive keep the mapping until they are dropped."""

@@ -135,7 +135,7 @@ class TorchBinFile(TensorTable):
         out.flags.writeable = False
         return out
 
-    def prefetch(self, name: str) -> None:
+    def prefetch(self, name: str, limit: int | None = None) -> None:
         """Accepted for interface parity; does nothing (torch owns the mapping)."""
         self.info(name)
 
