@@ -8,6 +8,7 @@ their pages released after each tensor.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 import zlib
 from pathlib import Path
 
@@ -64,24 +65,36 @@ def _identical(a, b) -> bool:
     return True
 
 
-def encode_item(item, ft, base, settings):
-    """Selection + encoding of one plan item; returns (Encoded, reason)."""
+def select_item(item, ft, base, settings):
+    """The selection step of one plan item: ``(reason, Encoded or (mask, ft rows))``.
+
+    Whole-tensor outcomes (dense, unchanged) come back encoded; a selection comes back as
+    its mask, to be packed by `encode_later` while the next tensor is being selected.
+    """
     ft_arr = ft.array(item.name)
     if item.base_name is None:
-        return fmt.dense(ft_arr, item.dtype, item.shape), item.reason
+        return item.reason, fmt.dense(ft_arr, item.dtype, item.shape)
     binfo = base.info(item.base_name)
     base_arr = _as_dtype(base.array(item.base_name), binfo.dtype, item.dtype)
     if _identical(ft_arr, base_arr):
-        return fmt.unchanged(), "identical"
+        return "identical", fmt.unchanged()
     if item.action == "store":
-        return fmt.dense(ft_arr, item.dtype, item.shape), item.reason
+        return item.reason, fmt.dense(ft_arr, item.dtype, item.shape)
     ft2d = ft_arr.reshape(item.rows, item.cols)
     base2d = base_arr.reshape(item.rows, item.cols)
     try:
         mask = _select(item, ft2d, base2d, settings)
     except KenstreamError as exc:
         raise exc.located(file=ft.info(item.name).file, tensor=item.name)
-    return fmt.encode(mask, ft2d, item.dtype), item.reason
+    return item.reason, (mask, ft2d)
+
+
+def encode_later(item, selected) -> fmt.Encoded:
+    """Finish `select_item`'s result; serial packing, as it runs beside the parallel kernel."""
+    if isinstance(selected, fmt.Encoded):
+        return selected
+    mask, ft2d = selected
+    return fmt.encode(mask, ft2d, item.dtype, parallel=False)
 
 
 def _record(item, enc, reason, shard) -> dict:
@@ -96,22 +109,32 @@ def write_shard(path: Path, items, ft, base, settings, progress) -> dict:
     """Write one diff shard; returns the records of its items."""
     records = {}
     writer = ShardWriter(path, header_reserve(items, path.name, settings.ties))
-    with writer:
+    def store(item, reason, selected):
+        enc = encode_later(item, selected)
+        for e in enc.entries:
+            writer.append(f"{item.name}::{e.role}", e.dtype, e.shape, e.data)
+        records[item.name] = _record(item, enc, reason, path.name)
+        ft.release(item.name)
+        progress.update(item.rows * item.cols)
+
+    # One encoder thread packs and writes tensor i while the kernel selects tensor i + 1;
+    # waiting for it before handing over the next keeps at most two masks in memory.
+    with writer, ThreadPoolExecutor(max_workers=1) as encoder:
+        pending = None
         for pos, item in enumerate(items):
             if pos + 1 < len(items):  # the disk reads the next tensor while this one computes
                 following = items[pos + 1]
                 ft.prefetch(following.name)
                 if following.base_name is not None:  # enough for the identical-tensor check
                     base.prefetch(following.base_name, limit=1 << 18)
-            enc, reason = encode_item(item, ft, base, settings)
-            for e in enc.entries:
-                writer.append(f"{item.name}::{e.role}", e.dtype, e.shape, e.data)
-            records[item.name] = _record(item, enc, reason, path.name)
-            del enc
-            ft.release(item.name)
+            reason, selected = select_item(item, ft, base, settings)
             if item.base_name is not None:
                 base.release(item.base_name)
-            progress.update(item.rows * item.cols)
+            if pending is not None:
+                pending.result()
+            pending = encoder.submit(store, item, reason, selected)
+        if pending is not None:
+            pending.result()
         writer.finish(shard_metadata(records))
     return records
 

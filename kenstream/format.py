@@ -84,7 +84,7 @@ class Encoded:
         return sum(e.data.nbytes for e in self.entries)
 
 
-def encode(mask: np.ndarray, ft_rows: np.ndarray, dtype: str) -> Encoded:
+def encode(mask: np.ndarray, ft_rows: np.ndarray, dtype: str, *, parallel=True) -> Encoded:
     """Encode the kept values of ``ft_rows`` [rows, cols] selected by bool ``mask`` [rows, cols].
 
     Picks the smaller of bitmask and indices (bitmask on a tie). Cost O(rows * cols) and
@@ -97,7 +97,7 @@ def encode(mask: np.ndarray, ft_rows: np.ndarray, dtype: str) -> Encoded:
     row_kept = None if counts_vary or rows == 0 else int(counts[0])
     bitmask, indices = encoded_sizes(rows, cols, kept, ft_rows.itemsize, counts_vary)
     if bitmask <= indices:
-        packed, values = pack_rows(mask, ft_rows, counts)
+        packed, values = pack_rows(mask, ft_rows, counts, parallel=parallel)
         entries = (
             Entry("mask", "U8", (rows, (cols + 7) // 8), packed),
             Entry("values", dtype, (kept,), values),
