@@ -1,142 +1,28 @@
 """Compress: prune a fine-tune against its base into a sharded sparse diff, streaming.
 
-This is the engine: the one module that joins checkpoint I/O and the selection kernels.
-Memory holds one tensor's mask and kept values at a time; inputs are memory-mapped and
-their pages released after each tensor.
+This is the engine (with `stream`, its per-shard loop): the one place that joins checkpoint
+I/O and the selection kernels. Inputs are memory-mapped and worked through in row blocks
+whose pages are released as soon as they are encoded, so memory stays flat in model size.
 """
 
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
-import zlib
 from pathlib import Path
-
-import numpy as np
 
 from . import __version__, dtypes, format as fmt
 from ._jit import set_threads
 from .align import align
-from .errors import DiffError, KenstreamError, OutputError
+from .errors import DiffError, OutputError
 from .io.checkpoint import Checkpoint
-from .io.writer import ShardWriter, sha256_of
+from .io.writer import sha256_of
 from .outputs import prepare_output, copy_extra_files, read_json, write_json_atomic
-from .plan import assign_shards, header_reserve, make_items, shard_metadata, shard_names
+from .plan import assign_shards, make_items, shard_names
 from .progress import bar, say
 from .settings import Settings, parse_size
+from .stream import write_shard
 
 DEFAULT_SHARD_SIZE = "2GB"
-
-
-def _select(item, ft2d, base2d, settings):
-    """Bool mask [rows, cols] of kept positions for one tensor."""
-    if settings.method == "ken":
-        from .select import select_mask
-
-        return select_mask(ft2d, item.k, ties=settings.ties)
-    from .methods import select_mask_method
-
-    salt = zlib.crc32(item.name.encode("utf-8"))
-    return select_mask_method(settings.method, ft2d, base2d, item.k, seed=settings.seed,
-                              salt=salt)
-
-
-def _as_dtype(array, src: str, dst: str):
-    """``array`` (storage of dtype ``src``) converted to dtype ``dst``'s storage."""
-    if src == dst:
-        return array
-    return dtypes.convert(array, src, dst)
-
-
-def _identical(a, b) -> bool:
-    """Bitwise equality of two same-shape arrays, in blocks so no big temporary is made."""
-    a = a.reshape(-1).view(np.uint8) if a.size else a.reshape(-1)
-    b = b.reshape(-1).view(np.uint8) if b.size else b.reshape(-1)
-    if a.size != b.size:
-        return False
-    # Blocks grow from 64 KiB: a changed tensor almost always differs in its first rows,
-    # so only a few pages of the base are read, not megabytes per tensor.
-    start, step = 0, 1 << 16
-    while start < a.size:
-        if not np.array_equal(a[start:start + step], b[start:start + step]):
-            return False
-        start += step
-        step = min(step * 4, 1 << 24)
-    return True
-
-
-def select_item(item, ft, base, settings):
-    """The selection step of one plan item: ``(reason, Encoded or (mask, ft rows))``.
-
-    Whole-tensor outcomes (dense, unchanged) come back encoded; a selection comes back as
-    its mask, to be packed by `encode_later` while the next tensor is being selected.
-    """
-    ft_arr = ft.array(item.name)
-    if item.base_name is None:
-        return item.reason, fmt.dense(ft_arr, item.dtype, item.shape)
-    binfo = base.info(item.base_name)
-    base_arr = _as_dtype(base.array(item.base_name), binfo.dtype, item.dtype)
-    if _identical(ft_arr, base_arr):
-        return "identical", fmt.unchanged()
-    if item.action == "store":
-        return item.reason, fmt.dense(ft_arr, item.dtype, item.shape)
-    ft2d = ft_arr.reshape(item.rows, item.cols)
-    base2d = base_arr.reshape(item.rows, item.cols)
-    try:
-        mask = _select(item, ft2d, base2d, settings)
-    except KenstreamError as exc:
-        raise exc.located(file=ft.info(item.name).file, tensor=item.name)
-    return item.reason, (mask, ft2d)
-
-
-def encode_later(item, selected) -> fmt.Encoded:
-    """Finish `select_item`'s result; serial packing, as it runs beside the parallel kernel."""
-    if isinstance(selected, fmt.Encoded):
-        return selected
-    mask, ft2d = selected
-    return fmt.encode(mask, ft2d, item.dtype, parallel=False)
-
-
-def _record(item, enc, reason, shard) -> dict:
-    return {"base_name": item.base_name, "encoding": enc.encoding, "reason": reason,
-            "dtype": item.dtype, "shape": list(item.shape), "rows": item.rows, "cols": item.cols,
-            "k": item.k if enc.encoding in ("bitmask", "indices") else None,
-            "kept": enc.kept, "row_kept": enc.row_kept, "shard": shard if enc.entries else None,
-            "nbytes": enc.nbytes}
-
-
-def write_shard(path: Path, items, ft, base, settings, progress) -> dict:
-    """Write one diff shard; returns the records of its items."""
-    records = {}
-    writer = ShardWriter(path, header_reserve(items, path.name, settings.ties))
-    def store(item, reason, selected):
-        enc = encode_later(item, selected)
-        for e in enc.entries:
-            writer.append(f"{item.name}::{e.role}", e.dtype, e.shape, e.data)
-        records[item.name] = _record(item, enc, reason, path.name)
-        ft.release(item.name)
-        progress.update(item.rows * item.cols)
-
-    # One encoder thread packs and writes tensor i while the kernel selects tensor i + 1;
-    # waiting for it before handing over the next keeps at most two masks in memory.
-    with writer, ThreadPoolExecutor(max_workers=1) as encoder:
-        pending = None
-        for pos, item in enumerate(items):
-            if pos + 1 < len(items):  # the disk reads the next tensor while this one computes
-                following = items[pos + 1]
-                ft.prefetch(following.name)
-                if following.base_name is not None:  # enough for the identical-tensor check
-                    base.prefetch(following.base_name, limit=1 << 18)
-            reason, selected = select_item(item, ft, base, settings)
-            if item.base_name is not None:
-                base.release(item.base_name)
-            if pending is not None:
-                pending.result()
-            pending = encoder.submit(store, item, reason, selected)
-        if pending is not None:
-            pending.result()
-        writer.finish(shard_metadata(records))
-    return records
 
 
 def read_shard_records(path: Path, expected=None) -> dict:
@@ -195,8 +81,8 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", metho
              resume=False, overwrite=False, quiet=False, command=None) -> dict:
     """Prune ``finetuned`` against ``base`` and write the diff directory ``out``.
 
-    Returns the index (also written as ``out/kenstream-diff.json``). Peak memory is about
-    one tensor's mask (1 byte a parameter) plus its kept values, independent of model size.
+    Returns the index (also written as ``out/kenstream-diff.json``). Peak memory is a few
+    row blocks plus the packed mask of the tensor in hand (1 bit a parameter).
     """
     settings = Settings(method=method, k=k, keep=keep, ties=ties, include=include,
                         exclude=exclude, seed=seed)

@@ -23,13 +23,22 @@ TEMP_SUFFIX = ".partial"
 
 ENCODINGS = ("bitmask", "indices", "dense", "unchanged")
 
-# Rows are applied in blocks so that unpacking a mask never materialises a whole
-# embedding-sized boolean matrix at once.
-_APPLY_BLOCK_ELEMS = 1 << 24
+# Tensors are worked through in row blocks of about this many parameters, so no
+# embedding-sized temporary (a boolean mask, a rebuilt tensor) is ever made whole.
+BLOCK_ELEMS = 1 << 23
 
 
 def shard_name(number: int, total: int) -> str:
     return f"kendiff-{number:05d}-of-{total:05d}{SHARD_SUFFIX}"
+
+
+def row_blocks(rows: int, cols: int):
+    """(r0, r1) ranges of about `BLOCK_ELEMS` parameters (at least one row each)."""
+    step = max(1, BLOCK_ELEMS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+    if rows == 0:
+        yield 0, 0
 
 
 def rows_cols(shape) -> tuple[int, int]:
@@ -84,34 +93,46 @@ class Encoded:
         return sum(e.data.nbytes for e in self.entries)
 
 
-def encode(mask: np.ndarray, ft_rows: np.ndarray, dtype: str, *, parallel=True) -> Encoded:
-    """Encode the kept values of ``ft_rows`` [rows, cols] selected by bool ``mask`` [rows, cols].
+def tail_entries(packed: np.ndarray, counts: np.ndarray, cols: int, itemsize: int):
+    """Choose the encoding of a selected tensor from its packed mask; returns
+    ``(encoding, row_kept, entries)`` with the entries that follow ``values``.
 
-    Picks the smaller of bitmask and indices (bitmask on a tie). Cost O(rows * cols) and
-    memory of the kept values plus one row-count vector.
+    ``packed`` is the uint8 [rows, ceil(cols/8)] bitmask, ``counts`` the kept count of each
+    row. Bitmask unless indices are strictly smaller; cost O(rows * cols / 8), plus the
+    column list when indices win (then fewer than 1 in 16 positions are kept).
     """
-    rows, cols = mask.shape
-    counts = np.count_nonzero(mask, axis=1)
+    rows = counts.size
     kept = int(counts.sum())
     counts_vary = bool(rows > 0 and (counts != counts[0]).any())
     row_kept = None if counts_vary or rows == 0 else int(counts[0])
-    bitmask, indices = encoded_sizes(rows, cols, kept, ft_rows.itemsize, counts_vary)
+    bitmask, indices = encoded_sizes(rows, cols, kept, itemsize, counts_vary)
     if bitmask <= indices:
-        packed, values = pack_rows(mask, ft_rows, counts, parallel=parallel)
-        entries = (
-            Entry("mask", "U8", (rows, (cols + 7) // 8), packed),
-            Entry("values", dtype, (kept,), values),
-        )
-        return Encoded("bitmask", kept, row_kept, entries)
+        return "bitmask", row_kept, (Entry("mask", "U8", (rows, (cols + 7) // 8), packed),)
     icode = index_code(cols)
-    columns = np.nonzero(mask)[1].astype(_UINT[icode])
-    values = np.ascontiguousarray(ft_rows[mask])
+    block = max(1, BLOCK_ELEMS // max(cols, 1))
+    columns = np.empty(kept, dtype=_UINT[icode])
+    at = 0
+    for r0 in range(0, rows, block):
+        mask = np.unpackbits(packed[r0:r0 + block], axis=1, count=cols, bitorder="little")
+        cols_here = np.nonzero(mask)[1]
+        columns[at:at + cols_here.size] = cols_here
+        at += cols_here.size
     entries = [Entry("index", icode, (kept,), columns)]
     if counts_vary:
         ccode = count_code(cols)
         entries.append(Entry("counts", ccode, (rows,), counts.astype(_UINT[ccode])))
-    entries.append(Entry("values", dtype, (kept,), values))
-    return Encoded("indices", kept, row_kept, tuple(entries))
+    return "indices", row_kept, tuple(entries)
+
+
+def encode(mask: np.ndarray, ft_rows: np.ndarray, dtype: str, *, parallel=True) -> Encoded:
+    """Encode the kept values of ``ft_rows`` [rows, cols] selected by bool ``mask`` [rows, cols]
+    in one go (the engine streams the same steps block by block). Cost O(rows * cols)."""
+    rows, cols = mask.shape
+    counts = np.count_nonzero(mask, axis=1)
+    packed, values = pack_rows(mask, ft_rows, counts, parallel=parallel)
+    encoding, row_kept, tail = tail_entries(packed, counts, cols, ft_rows.itemsize)
+    entries = (Entry("values", dtype, (values.size,), values),) + tail
+    return Encoded(encoding, int(values.size), row_kept, entries)
 
 
 def dense(ft: np.ndarray, dtype: str, shape) -> Encoded:
@@ -128,34 +149,42 @@ def apply_rows(out: np.ndarray, record: dict, entries: dict) -> None:
     """Overwrite kept positions of ``out`` [rows, cols] (base, writable) with stored values.
 
     ``entries`` maps role -> array as read from the shard. Works through row blocks so
-    extra memory stays near ``_APPLY_BLOCK_ELEMS`` booleans.
+    extra memory stays near ``BLOCK_ELEMS`` booleans.
+    """
+    start = 0
+    for r0, r1 in row_blocks(*out.shape):
+        start = apply_block(out[r0:r1], record, entries, r0, start)
+
+
+def apply_block(out: np.ndarray, record: dict, entries: dict, r0: int, start: int) -> int:
+    """Overwrite kept positions of rows ``r0 : r0 + len(out)`` held in ``out`` [n, cols].
+
+    ``start`` is the index in ``values`` of the block's first kept value (0 for the first
+    block; pass back what the previous call returned). Returns the next block's start.
     """
     encoding = record["encoding"]
     if encoding == "unchanged":
-        return
+        return start
+    n, cols = out.shape
     values = entries["values"].reshape(-1)
     if encoding == "dense":
-        out.reshape(-1)[:] = values
-        return
-    rows, cols = out.shape
-    block = max(1, _APPLY_BLOCK_ELEMS // max(cols, 1))
+        out[:] = values[r0 * cols:(r0 + n) * cols].reshape(n, cols)
+        return start + n * cols
     if encoding == "bitmask":
-        packed = entries["mask"]
-        start = 0
-        for r0 in range(0, rows, block):
-            r1 = min(rows, r0 + block)
-            mask = np.unpackbits(packed[r0:r1], axis=1, count=cols, bitorder="little").view(bool)
-            n = int(np.count_nonzero(mask))
-            out[r0:r1][mask] = values[start:start + n]
-            start += n
-        return
-    index = entries["index"].astype(np.int64)
+        packed = entries["mask"].reshape(int(record["rows"]), -1)[r0:r0 + n]
+        mask = np.unpackbits(packed, axis=1, count=cols, bitorder="little").view(bool)
+        kept = int(np.count_nonzero(mask))
+        out[mask] = values[start:start + kept]
+        return start + kept
     if "counts" in entries:
-        counts = entries["counts"].astype(np.int64)
+        counts = entries["counts"][r0:r0 + n].astype(np.int64)
     else:
-        counts = np.full(rows, record["row_kept"] or 0, dtype=np.int64)
-    row_of = np.repeat(np.arange(rows, dtype=np.int64), counts)
-    out.reshape(-1)[row_of * cols + index] = values
+        counts = np.full(n, record["row_kept"] or 0, dtype=np.int64)
+    kept = int(counts.sum())
+    index = entries["index"][start:start + kept].astype(np.int64)
+    row_of = np.repeat(np.arange(n, dtype=np.int64), counts)
+    out.reshape(-1)[row_of * cols + index] = values[start:start + kept]
+    return start + kept
 
 
 def kept_rows(record: dict, entries: dict, r0: int, r1: int) -> np.ndarray:

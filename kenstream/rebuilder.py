@@ -53,31 +53,48 @@ def _check_entries(name: str, rec: dict, entries: dict, where) -> None:
                             tensor=name)
 
 
-def rebuilt_tensor(name: str, rec: dict, diff: DiffReader, base) -> np.ndarray:
-    """The rebuilt tensor ``name`` as a new array in storage dtype with the record's shape."""
+def rebuilt_blocks(name: str, rec: dict, diff: DiffReader, base):
+    """Yield the rebuilt tensor ``name`` as consecutive [r1 - r0, cols] row blocks (new
+    arrays in storage dtype), releasing each block's base pages once it is built."""
     entries = diff.entries(name)
     _check_entries(name, rec, entries, diff.path)
     dtype = rec["dtype"]
     rows, cols = int(rec["rows"]), int(rec["cols"])
+    if "mask" in entries:
+        entries = dict(entries, mask=entries["mask"].reshape(rows, -1))
     if rec["encoding"] == "dense":
-        return np.array(entries["values"]).reshape(rec["shape"])
+        values = entries["values"].reshape(rows, cols)
+        for r0, r1 in fmt.row_blocks(rows, cols):
+            yield np.array(values[r0:r1])
+        return
     if rec.get("base_name") is None:
         raise DiffError("record has no base tensor", file=diff.path, tensor=name)
-    binfo = base.info(rec["base_name"])
+    bname = rec["base_name"]
+    binfo = base.info(bname)
     if list(binfo.shape) != list(rec["shape"]):
-        raise DiffError(f"base tensor {rec['base_name']!r} has shape {list(binfo.shape)}, "
+        raise DiffError(f"base tensor {bname!r} has shape {list(binfo.shape)}, "
                         f"diff expects {rec['shape']}", file=diff.path, tensor=name)
-    src = base.array(rec["base_name"])
-    if binfo.dtype == dtype:
-        out = np.array(src, copy=True)
-    else:
-        out = np.ascontiguousarray(dtypes.convert(src, binfo.dtype, dtype))
-    out2d = out.reshape(rows, cols)
-    if rec["encoding"] in ("bitmask", "indices"):
-        packed = dict(entries)
-        if "mask" in packed:
-            packed["mask"] = packed["mask"].reshape(rows, -1)
-        fmt.apply_rows(out2d, rec, packed)
+    src = base.array(bname).reshape(rows, cols)
+    row_bytes = cols * dtypes.itemsize(binfo.dtype)
+    start = 0
+    for r0, r1 in fmt.row_blocks(rows, cols):
+        if binfo.dtype == dtype:
+            out = np.array(src[r0:r1])
+        else:
+            out = np.ascontiguousarray(dtypes.convert(src[r0:r1], binfo.dtype, dtype))
+        start = fmt.apply_block(out, rec, entries, r0, start)
+        base.release(bname, r0 * row_bytes, r1 * row_bytes)
+        yield out
+
+
+def rebuilt_tensor(name: str, rec: dict, diff: DiffReader, base) -> np.ndarray:
+    """The rebuilt tensor ``name`` as a new array in storage dtype with the record's shape."""
+    rows, cols = int(rec["rows"]), int(rec["cols"])
+    out = np.empty((rows, cols), dtype=dtypes.storage_dtype(rec["dtype"]))
+    r0 = 0
+    for block in rebuilt_blocks(name, rec, diff, base):
+        out[r0:r0 + len(block)] = block
+        r0 += len(block)
     return out.reshape(rec["shape"])
 
 
@@ -184,9 +201,10 @@ def rebuild(base, diff, out, *, shard_size="5GB", force=False, overwrite=False, 
                 with ShardWriter(path, reserve) as writer:
                     for name in group:
                         rec = d.records[name]
-                        arr = rebuilt_tensor(name, rec, d, b)
-                        writer.append(name, rec["dtype"], rec["shape"], arr)
-                        del arr
+                        writer.begin(name, rec["dtype"])
+                        for block in rebuilt_blocks(name, rec, d, b):
+                            writer.write(block)
+                        writer.end(rec["shape"])
                         d.release(name)
                         if rec.get("base_name"):
                             b.release(rec["base_name"])

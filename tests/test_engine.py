@@ -161,3 +161,24 @@ def test_threads_give_identical_diffs(tmp_path):
     kenstream.compress(b, f, tmp_path / "j2", keep=0.4, threads=2, quiet=True)
     for p in sorted((tmp_path / "j1").glob("*.kdiff")):
         assert p.read_bytes() == (tmp_path / "j2" / p.name).read_bytes()
+
+
+@pytest.mark.parametrize("method,ties", [("ken", "positions"), ("ken", "values"),
+                                         ("random", "positions"), ("delta", "positions")])
+def test_row_blocks_do_not_change_the_diff(tmp_path, monkeypatch, method, ties):
+    """Streaming in many small row blocks writes the same bytes as whole tensors."""
+    import kenstream.format as fmt
+
+    base, ft = toy_pair(torch.bfloat16)
+    b = save_dir(tmp_path / "base", base)
+    f = save_dir(tmp_path / "ft", ft)
+    kenstream.compress(b, f, tmp_path / "whole", keep=0.3, ties=ties, method=method, quiet=True)
+    monkeypatch.setattr(fmt, "BLOCK_ELEMS", 50)
+    kenstream.compress(b, f, tmp_path / "blocks", keep=0.3, ties=ties, method=method, quiet=True)
+    whole = sorted((tmp_path / "whole").glob("*.kdiff"))
+    assert whole
+    for p in whole:
+        assert p.read_bytes() == (tmp_path / "blocks" / p.name).read_bytes()
+    kenstream.rebuild(b, tmp_path / "blocks", tmp_path / "out", quiet=True)
+    if method == "ken":
+        assert_same_model(tmp_path / "out", expected_model(base, ft, "", keep=0.3, ties=ties))

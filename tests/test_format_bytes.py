@@ -71,8 +71,8 @@ def test_shard_bytes_match_the_document(tmp_path):
     keys = [k for k, _ in ordered]
     assert sorted(keys) == sorted(e[0] for e in expected)
     # within a tensor, entries come in the document's order
-    assert keys.index("w::mask") + 1 == keys.index("w::values")
-    assert keys.index("big::index") + 1 == keys.index("big::values")
+    assert keys.index("w::values") + 1 == keys.index("w::mask")
+    assert keys.index("big::values") + 1 == keys.index("big::index")
     by_name = {e[0]: e for e in expected}
     for key, entry in ordered:
         name, dtype, shape, payload = by_name[key]

@@ -229,15 +229,16 @@ class Checkpoint:
         """Read-only C-contiguous view of ``name`` in its storage dtype (no copy)."""
         return self._reader(name).array(name)
 
-    def release(self, name: str) -> None:
-        """Tell the file holding ``name`` that its pages are no longer needed (see
-        :meth:`SafetensorsFile.release`); arrays already handed out stay valid."""
-        self._reader(name).release(name)
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        """Tell the file holding ``name`` that its pages (bytes ``start:stop`` of the tensor)
+        are no longer needed (see :meth:`SafetensorsFile.release`); arrays already handed
+        out stay valid."""
+        self._reader(name).release(name, start, stop)
 
-    def prefetch(self, name: str, limit: int | None = None) -> None:
-        """Start reading ``name`` (or its first ``limit`` bytes) ahead of use, where the
-        reader can (safetensors)."""
-        self._reader(name).prefetch(name, limit)
+    def prefetch(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        """Start reading bytes ``start:stop`` of ``name`` ahead of use, where the reader
+        can (safetensors)."""
+        self._reader(name).prefetch(name, start, stop)
 
     def extra_files(self) -> list[Path]:
         """Config, tokenizer and generation files beside the weights, sorted by name."""

@@ -236,8 +236,8 @@ class SafetensorsFile(TensorTable):
         flat = np.frombuffer(self._map, dtype=storage, count=count, offset=info.offset)
         return flat.reshape(info.shape)
 
-    def release(self, name: str) -> None:
-        """Drop the pages of ``name`` from this process's resident memory.
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        """Drop the pages of ``name`` (bytes ``start:stop`` of it) from resident memory.
 
         Called after a tensor is done so that streaming a checkpoint larger than RAM
         keeps the resident set near one tensor. The mapping is read-only and backed by
@@ -246,27 +246,29 @@ class SafetensorsFile(TensorTable):
         dropped too, harmlessly. Cost: one ``madvise`` call; a no-op where the platform
         has no ``MADV_DONTNEED`` or the file is closed.
         """
-        self._advise(name, "MADV_DONTNEED")
+        self._advise(name, "MADV_DONTNEED", start, stop)
 
-    def prefetch(self, name: str, limit: int | None = None) -> None:
-        """Ask the kernel to start reading ``name``'s pages in the background.
+    def prefetch(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        """Ask the kernel to start reading ``name``'s pages (bytes ``start:stop``) in the
+        background.
 
         Lets the disk work on the next tensor while the selection kernel computes on this
         one. Cost: one ``madvise(MADV_WILLNEED)``; nothing is mapped into resident memory
         until the pages are used. A no-op where unsupported.
         """
-        self._advise(name, "MADV_WILLNEED", limit)
+        self._advise(name, "MADV_WILLNEED", start, stop)
 
-    def _advise(self, name: str, advice_name: str, limit: int | None = None) -> None:
-        """madvise the page range of ``name``, or its first ``limit`` bytes (a no-op where
-        unsupported or closed)."""
+    def _advise(self, name: str, advice_name: str, start: int = 0, stop: int | None = None):
+        """madvise bytes ``start:stop`` of ``name``, widened to whole pages (a no-op where
+        unsupported, closed or empty)."""
         info = self.info(name)
         advice = getattr(mmap, advice_name, None)
-        if self._map is None or advice is None or info.nbytes == 0:
+        stop = info.nbytes if stop is None else min(stop, info.nbytes)
+        if self._map is None or advice is None or stop <= start:
             return
-        nbytes = info.nbytes if limit is None else min(limit, info.nbytes)
-        start = info.offset - info.offset % mmap.PAGESIZE
-        self._map.madvise(advice, start, info.offset + nbytes - start)
+        first = info.offset + max(0, start)
+        first -= first % mmap.PAGESIZE
+        self._map.madvise(advice, first, info.offset + stop - first)
 
     def close(self) -> None:
         """Release the file. Views still alive keep the mapping until they are dropped."""

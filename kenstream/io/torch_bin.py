@@ -135,11 +135,11 @@ class TorchBinFile(TensorTable):
         out.flags.writeable = False
         return out
 
-    def prefetch(self, name: str, limit: int | None = None) -> None:
+    def prefetch(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Accepted for interface parity; does nothing (torch owns the mapping)."""
         self.info(name)
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Accepted for interface parity; does nothing.
 
         torch owns the mapping and exposes no way to advise it. Its pages are clean and

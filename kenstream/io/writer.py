@@ -50,6 +50,7 @@ class ShardWriter:
         self.temp = self.path.with_name(self.path.name + TEMP_SUFFIX)
         self.reserve = padded_length(max(int(reserve), 2))
         self.entries: dict = {}
+        self._open = None
         self._end = 0
         try:
             self._fh = open(self.temp, "wb")
@@ -63,18 +64,31 @@ class ShardWriter:
 
     def append(self, name: str, dtype: str, shape, data: np.ndarray) -> None:
         """Append one entry; ``data`` is written in its C order as raw bytes."""
-        if name in self.entries:
-            raise ValueError(f"duplicate entry {name!r}")
-        flat = np.ascontiguousarray(data).reshape(-1)
-        raw = flat.view(np.uint8)
-        begin = self._end
+        self.begin(name, dtype)
+        self.write(data)
+        self.end(shape)
+
+    def begin(self, name: str, dtype: str) -> None:
+        """Start an entry whose bytes follow through `write` calls and close with `end`."""
+        if name in self.entries or self._open is not None:
+            raise ValueError(f"entry {name!r} is a duplicate or another entry is open")
+        self._open = (name, dtype, self._end)
+
+    def write(self, data: np.ndarray) -> None:
+        """Append the raw bytes of ``data`` (C order) to the open entry."""
+        raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         try:
             for start in range(0, raw.size, _CHUNK):
                 self._fh.write(memoryview(raw[start:start + _CHUNK]))
         except OSError as exc:
             self.abort()
             raise OutputError.from_os(exc, "write", file=self.path) from exc
-        self._end = begin + raw.size
+        self._end += raw.size
+
+    def end(self, shape) -> None:
+        """Close the open entry with its final ``shape``."""
+        name, dtype, begin = self._open
+        self._open = None
         self.entries[name] = (dtype, tuple(shape), begin, self._end)
 
     def finish(self, metadata: dict | None = None, *, digest: bool = False) -> dict:
