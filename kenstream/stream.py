@@ -83,6 +83,15 @@ class _Tensor:
         self.ft.prefetch(self.item.name, r0 * self.row_bytes, r1 * self.row_bytes)
 
 
+def _prefetch_start(item, ft, base) -> None:
+    """Start reading the first block of ``item`` and enough of its base for `identical`."""
+    r0, r1 = next(row_blocks(item.rows, item.cols))
+    row_bytes = item.cols * dtypes.itemsize(item.dtype)
+    ft.prefetch(item.name, r0 * row_bytes, r1 * row_bytes)
+    if item.base_name is not None:
+        base.prefetch(item.base_name, 0, 1 << 18)
+
+
 def _record(item, encoding, reason, shard, kept, row_kept, nbytes) -> dict:
     selected = encoding in ("bitmask", "indices")
     return {"base_name": item.base_name, "encoding": encoding, "reason": reason,
@@ -149,8 +158,9 @@ def write_shard(path, items, ft, base, settings, progress) -> dict:
                 pending.result()
             pending = encoder.submit(fn, *args)
 
-        for item in items:
+        for pos, item in enumerate(items):
             t = _Tensor(item, ft, base)
+            following = items[pos + 1] if pos + 1 < len(items) else None
             if item.base_name is None:
                 hand_over(dense, t, item.reason)
                 continue
@@ -162,8 +172,12 @@ def write_shard(path, items, ft, base, settings, progress) -> dict:
                 continue
             blocks = list(row_blocks(item.rows, item.cols))
             for n, (r0, r1) in enumerate(blocks):
-                if n + 1 < len(blocks):  # the disk reads the next block while this one computes
+                # The disk reads what comes next while this block computes: the next block,
+                # or the next tensor's first block and the head of its base.
+                if n + 1 < len(blocks):
                     t.prefetch(*blocks[n + 1])
+                elif following is not None:
+                    _prefetch_start(following, ft, base)
                 # KEN reads only the fine-tune; the other rules may compare with the base.
                 base_rows = None if settings.method == "ken" else t.base_rows(r0, r1)
                 try:
