@@ -225,14 +225,17 @@ class DiffReader:
                             tensor=name)
         return out
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, role: str | None = None, start: int = 0,
+                stop: int | None = None) -> None:
+        """Drop the pages of ``name``'s entries (or bytes ``start:stop`` of one ``role``)
+        from resident memory; arrays handed out stay valid."""
         rec = self.records[name]
         if rec.get("shard") in self._shards:
             sf = self._shards[rec["shard"]]
-            for role in _ROLES:
-                key = f"{name}::{role}"
-                if key in sf.names():
-                    sf.release(key)
+            for r in _ROLES if role is None else (role,):
+                key = f"{name}::{r}"
+                if key in sf:
+                    sf.release(key, start, stop)
 
     def close(self) -> None:
         for sf in self._shards.values():

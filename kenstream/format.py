@@ -93,6 +93,20 @@ class Encoded:
         return sum(e.data.nbytes for e in self.entries)
 
 
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def count_bits(packed: np.ndarray) -> int:
+    """Number of set bits in a packed mask (padding bits included, which must be 0).
+
+    Table lookup over blocks of bytes: memory stays small for any mask size.
+    """
+    flat = packed.reshape(-1)
+    step = BLOCK_ELEMS
+    return int(sum(int(_POPCOUNT[flat[i:i + step]].sum(dtype=np.int64))
+                   for i in range(0, flat.size, step)))
+
+
 def tail_entries(packed: np.ndarray, counts: np.ndarray, cols: int, itemsize: int):
     """Choose the encoding of a selected tensor from its packed mask; returns
     ``(encoding, row_kept, entries)`` with the entries that follow ``values``.

@@ -46,9 +46,7 @@ def _check_entries(name: str, rec: dict, entries: dict, where) -> None:
         elif rec.get("row_kept") is None or rec["row_kept"] * rows != rec["kept"]:
             raise DiffError("row_kept does not match the kept count", file=where, tensor=name)
     if enc == "bitmask":
-        packed = entries["mask"].reshape(rows, -1) if rows else entries["mask"]
-        ones = int(np.unpackbits(packed, axis=-1, count=cols, bitorder="little").sum()) if rows else 0
-        if ones != rec["kept"]:
+        if fmt.count_bits(entries["mask"]) != rec["kept"]:
             raise DiffError("mask bit count does not match the kept count", file=where,
                             tensor=name)
 
@@ -76,14 +74,17 @@ def rebuilt_blocks(name: str, rec: dict, diff: DiffReader, base):
                         f"diff expects {rec['shape']}", file=diff.path, tensor=name)
     src = base.array(bname).reshape(rows, cols)
     row_bytes = cols * dtypes.itemsize(binfo.dtype)
+    value_bytes = dtypes.itemsize(dtype)
     start = 0
     for r0, r1 in fmt.row_blocks(rows, cols):
         if binfo.dtype == dtype:
             out = np.array(src[r0:r1])
         else:
             out = np.ascontiguousarray(dtypes.convert(src[r0:r1], binfo.dtype, dtype))
-        start = fmt.apply_block(out, rec, entries, r0, start)
+        done = fmt.apply_block(out, rec, entries, r0, start)
         base.release(bname, r0 * row_bytes, r1 * row_bytes)
+        diff.release(name, "values", start * value_bytes, done * value_bytes)
+        start = done
         yield out
 
 

@@ -26,3 +26,12 @@ def test_pack_keeps_nan_payloads_and_negative_zero():
     mask = np.array([[True, True, False, True]])
     _, kept = pack_rows(mask, values, np.array([3]))
     assert kept.view(np.uint32).tolist() == [0x7FC00001, 0x80000000, 0x3F800000]
+
+
+def test_count_bits_matches_unpackbits():
+    from kenstream.format import count_bits
+
+    rng = np.random.default_rng(3)
+    for shape in [(0, 3), (1, 1), (7, 13), (300, 41)]:
+        packed = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        assert count_bits(packed) == int(np.unpackbits(packed).sum())
