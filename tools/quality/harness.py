@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -76,11 +77,25 @@ def write_all_base(ft_dir: Path, base: dict, ft: dict, out: Path) -> None:
             shutil.copyfile(f, out / f.name)
 
 
+def score(model_dir: Path, split, reference=None) -> dict:
+    """Accuracy, mean cross-entropy, and agreement with ``reference`` logits (the fine-tune)."""
+    logits, labels = finetune.predict(model_dir, split)
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    pred = logits.argmax(axis=1)
+    out = {"accuracy": float((pred == labels).mean()),
+           "loss": float(-logp[np.arange(len(labels)), labels].mean()), "logits": logits}
+    if reference is not None:
+        out["agreement"] = float((pred == reference.argmax(axis=1)).mean())
+    return out
+
+
 def kenstream(*args) -> None:
     subprocess.run([sys.executable, "-m", "kenstream", *map(str, args), "-q"], check=True)
 
 
-def run_one(work: Path, method: str, keep: float, seed: int, split, ft, base) -> dict:
+def run_one(work: Path, method: str, keep: float, seed: int, split, ft, base, ref) -> dict:
     base_dir, ft_dir = work / "base", work / "finetuned"
     diff, rebuilt = work / "runs" / "diff", work / "runs" / "rebuilt"
     t0 = time.perf_counter()
@@ -88,17 +103,21 @@ def run_one(work: Path, method: str, keep: float, seed: int, split, ft, base) ->
               "--seed", seed, "--overwrite")
     kenstream("rebuild", base_dir, diff, "-o", rebuilt, "--overwrite")
     seconds = time.perf_counter() - t0
-    acc = finetune.evaluate(rebuilt, split)
+    sc = score(rebuilt, split, ref)
     err = reconstruction_error(load_model_dir(rebuilt), ft, base)
     size = sum(p.stat().st_size for p in diff.glob("*.kdiff"))
-    return {"method": method, "keep": keep, "seed": seed, "accuracy": acc, "rel_error": err,
+    return {"method": method, "keep": keep, "seed": seed, "accuracy": sc["accuracy"],
+            "loss": sc["loss"], "agreement": sc["agreement"], "rel_error": err,
             "diff_bytes": size, "seconds": seconds}
 
 
 def table(rows, ends) -> str:
-    lines = ["| method | keep | reset | test accuracy | rel. reconstruction error | diff MB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    lines.append(f"| full fine-tune | 1.00 | 0% | {ends['full']:.3f} | 0.000 | |")
+    lines = ["| method | keep | reset | test accuracy | agreement with fine-tune | test loss "
+             "| rel. reconstruction error | diff MB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    full, allb = ends["full"], ends["all_base"]
+    lines.append(f"| full fine-tune | 1.00 | 0% | {full['accuracy']:.3f} | 1.000 | "
+                 f"{full['loss']:.3f} | 0.000 | |")
     groups = {}
     for r in rows:
         groups.setdefault((r["method"], r["keep"]), []).append(r)
@@ -115,8 +134,12 @@ def table(rows, ends) -> str:
         else:
             acc, err = f"{accs[0]:.3f}", f"{errs[0]:.3f}"
         mb = statistics.mean(r["diff_bytes"] for r in g) / 1e6
-        lines.append(f"| {method} | {keep:.2f} | {1 - keep:.0%} | {acc} | {err} | {mb:.1f} |")
-    lines.append(f"| all-base (head kept) | 0.00 | 100% | {ends['all_base']:.3f} | 1.000 | |")
+        agree = statistics.mean(r["agreement"] for r in g)
+        loss = statistics.mean(r["loss"] for r in g)
+        lines.append(f"| {method} | {keep:.2f} | {1 - keep:.0%} | {acc} | {agree:.3f} | "
+                     f"{loss:.3f} | {err} | {mb:.1f} |")
+    lines.append(f"| all-base (head kept) | 0.00 | 100% | {allb['accuracy']:.3f} | "
+                 f"{allb['agreement']:.3f} | {allb['loss']:.3f} | 1.000 | |")
     return "\n".join(lines)
 
 
@@ -138,17 +161,22 @@ def main(argv=None) -> int:
     ft = load_model_dir(work / "finetuned")
     base = load_model_dir(work / "base")
     write_all_base(work / "finetuned", base, ft, work / "runs" / "allbase")
-    ends = {"full": finetune.evaluate(work / "finetuned", split),
-            "all_base": finetune.evaluate(work / "runs" / "allbase", split)}
-    print(f"full fine-tune {ends['full']:.3f}   all-base {ends['all_base']:.3f}", flush=True)
+    full = score(work / "finetuned", split)
+    ref = full.pop("logits")
+    allb = score(work / "runs" / "allbase", split, ref)
+    allb.pop("logits")
+    ends = {"full": full, "all_base": allb}
+    print(f"full fine-tune acc {full['accuracy']:.3f}   all-base acc {allb['accuracy']:.3f}",
+          flush=True)
     rows = []
     for keep in [float(x) for x in args.keeps.split(",")]:
         for method in args.methods.split(","):
             seeds = [int(s) for s in args.seeds.split(",")] if method == "random" else [0]
             for seed in seeds:
-                r = run_one(work, method, keep, seed, split, ft, base)
+                r = run_one(work, method, keep, seed, split, ft, base, ref)
                 rows.append(r)
                 print(f"{method:>9} keep={keep:.2f} seed={seed}: acc {r['accuracy']:.3f}  "
+                      f"agree {r['agreement']:.3f}  loss {r['loss']:.3f}  "
                       f"err {r['rel_error']:.3f}  {r['diff_bytes'] / 1e6:.1f} MB  "
                       f"({r['seconds']:.0f} s)", flush=True)
     text = table(rows, ends)
