@@ -92,7 +92,8 @@ def run_demo(directory, *, keep=0.5, quiet=False) -> int:
     print(f"1. writing a small BERT-shaped base / fine-tune pair under {directory}/")
     base, ft = write_pair(directory)
     diff, rebuilt = directory / "diff", directory / "rebuilt"
-    print(f"2. compress: keep {keep:.0%} of every row of every changed matrix (KEN rule)")
+    print(f"2. compress: keep {keep:.0%} of every row of every changed matrix (KEN rule); the "
+          "first run on a machine compiles the kernels (about 20 s, cached after)")
     t0 = time.perf_counter()
     ks.compress(base, ft, diff, keep=keep, overwrite=True, quiet=quiet,
                 command=["kenstream", "compress", str(base), str(ft), "-o", str(diff),
