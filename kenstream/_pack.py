@@ -70,3 +70,28 @@ def pack_rows(mask: np.ndarray, values: np.ndarray, counts: np.ndarray, *, paral
         driver = _pack_parallel if parallel else _pack_serial
         driver(np.ascontiguousarray(mask).view(np.uint8), bits, offsets, packed, out)
     return packed, out.view(values.dtype)
+
+
+@njit(**PARALLEL)
+def _unpack_parallel(packed, values, offsets, out):
+    for r in prange(out.shape[0]):
+        o = offsets[r]
+        for j in range(out.shape[1]):
+            if (packed[r, j >> 3] >> (j & 7)) & 1:
+                out[r, j] = values[o]
+                o += 1
+
+
+def unpack_into(out: np.ndarray, packed: np.ndarray, values: np.ndarray, counts: np.ndarray):
+    """Write ``values`` (row-major kept order) into ``out`` [rows, cols] where ``packed``
+    [rows, ceil(cols/8)] has a 1 bit; ``counts`` are the rows' set-bit counts, which the
+    caller has checked add up to ``values.size``. Parallel over rows, O(rows * cols)."""
+    rows, cols = out.shape
+    width = np.dtype(f"u{out.itemsize}")
+    offsets = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    if offsets[-1] > values.size:
+        raise ValueError("fewer values than mask bits")
+    if rows and cols:
+        _unpack_parallel(np.ascontiguousarray(packed), values.reshape(-1).view(width),
+                         offsets, out.view(width))

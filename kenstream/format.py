@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._pack import pack_rows
+from ._pack import pack_rows, unpack_into
 
 FORMAT = "kenstream-diff"
 FORMAT_VERSION = 1
@@ -186,9 +186,9 @@ def apply_block(out: np.ndarray, record: dict, entries: dict, r0: int, start: in
         return start + n * cols
     if encoding == "bitmask":
         packed = entries["mask"].reshape(int(record["rows"]), -1)[r0:r0 + n]
-        mask = np.unpackbits(packed, axis=1, count=cols, bitorder="little").view(bool)
-        kept = int(np.count_nonzero(mask))
-        out[mask] = values[start:start + kept]
+        counts = _POPCOUNT[packed].sum(axis=1, dtype=np.int64)
+        kept = int(counts.sum())
+        unpack_into(out, packed, values[start:start + kept], counts)
         return start + kept
     if "counts" in entries:
         counts = entries["counts"][r0:r0 + n].astype(np.int64)

@@ -35,3 +35,20 @@ def test_count_bits_matches_unpackbits():
     for shape in [(0, 3), (1, 1), (7, 13), (300, 41)]:
         packed = rng.integers(0, 256, size=shape, dtype=np.uint8)
         assert count_bits(packed) == int(np.unpackbits(packed).sum())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.float64])
+def test_unpack_into_matches_numpy(dtype):
+    from kenstream._pack import unpack_into
+
+    rng = np.random.default_rng(7)
+    for shape in [(1, 1), (5, 13), (40, 64), (3, 0)]:
+        mask = rng.random(shape) < 0.4
+        packed = np.packbits(mask, axis=1, bitorder="little")
+        values = rng.integers(0, 1000, size=int(mask.sum())).astype(dtype)
+        base = rng.integers(0, 1000, size=shape).astype(dtype)
+        expected = base.copy()
+        expected[mask] = values
+        got = base.copy()
+        unpack_into(got, packed, values, np.count_nonzero(mask, axis=1))
+        assert np.array_equal(got, expected)
