@@ -9,7 +9,7 @@ from pathlib import Path
 from . import dtypes, format as fmt
 from .errors import DiffError, IdentityError, KenstreamError
 from .io.safetensors_file import SafetensorsFile
-from .io.writer import sha256_of
+from .io.fingerprint import sha256_file
 
 _ROLES = ("mask", "index", "counts", "values")
 
@@ -137,7 +137,7 @@ class DiffReader:
             path = self.path / name
             if not path.exists():
                 raise DiffError("shard is missing", file=path)
-            digest = sha256_of(path)
+            digest = sha256_file(path)
             if digest != meta.get("sha256"):
                 raise DiffError("sha256 does not match the index (tampered or damaged)",
                                 file=path, hint="fetch the diff again")

@@ -15,7 +15,7 @@ from ._jit import set_threads
 from .align import align
 from .errors import DiffError, OutputError
 from .io.checkpoint import Checkpoint
-from .io.writer import sha256_of
+from .io.fingerprint import sha256_file
 from .outputs import prepare_output, copy_extra_files, read_json, write_json_atomic
 from .plan import assign_shards, make_items, shard_names
 from .progress import bar, say
@@ -137,7 +137,7 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", metho
 
 
 def build_index(plan, alignment, items, records, out: Path, names) -> dict:
-    shards = {n: {"size": (out / n).stat().st_size, "sha256": sha256_of(out / n)} for n in names}
+    shards = {n: {"size": (out / n).stat().st_size, "sha256": sha256_file(out / n)} for n in names}
     tensors = {i.name: records[i.name] for i in items}
     params = sum(i.rows * i.cols for i in items)
     kept = sum(r["kept"] for r in tensors.values() if r["encoding"] in ("bitmask", "indices"))

@@ -81,18 +81,25 @@ def make_items(ft, base, alignment, settings) -> list:
     return items
 
 
-def assign_shards(items, shard_size: int) -> list:
-    """Greedy fill in fine-tune order by estimated size; returns a list of item lists."""
-    shards, current, filled = [], [], 0
-    for item in items:
-        if current and filled + item.estimate > shard_size:
-            shards.append(current)
+def fill_greedy(things, size_of, limit: int) -> list:
+    """Group ``things`` in order into lists whose sizes add up to at most ``limit``; a thing
+    larger than ``limit`` gets a list of its own. Always returns at least one list."""
+    groups, current, filled = [], [], 0
+    for thing in things:
+        size = size_of(thing)
+        if current and filled + size > limit:
+            groups.append(current)
             current, filled = [], 0
-        current.append(item)
-        filled += item.estimate
-    if current or not shards:
-        shards.append(current)
-    return shards
+        current.append(thing)
+        filled += size
+    if current or not groups:
+        groups.append(current)
+    return groups
+
+
+def assign_shards(items, shard_size: int) -> list:
+    """Diff shards: plan items in fine-tune order, filled by estimated size."""
+    return fill_greedy(items, lambda item: item.estimate, shard_size)
 
 
 def _fragment(name: str, dtype: str, shape, offset_bound: int) -> int:

@@ -12,6 +12,7 @@ from .errors import DiffError, OutputError
 from .io.checkpoint import Checkpoint
 from .io.safetensors_file import SafetensorsFile
 from .io.writer import ShardWriter, header_bytes
+from .plan import fill_greedy
 from .outputs import copy_files, is_extra, prepare_output, read_json, write_json_atomic
 from .progress import bar, say
 from .settings import parse_size
@@ -105,8 +106,6 @@ def load(base, diff, *, force: bool = False, verify_hashes: bool = True):
     Each tensor is a fresh CPU tensor in the fine-tune's dtype, ready for
     ``model.load_state_dict(dict(kenstream.load(base, diff)))`` or per-tensor copies.
     """
-    import torch
-
     with DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
         if verify_hashes:
             d.check_hashes()
@@ -119,19 +118,17 @@ def load(base, diff, *, force: bool = False, verify_hashes: bool = True):
                 b.release(rec["base_name"])
 
 
+def _params(rec: dict) -> int:
+    return int(rec["rows"]) * int(rec["cols"])
+
+
+def _nbytes(rec: dict) -> int:
+    return _params(rec) * dtypes.itemsize(rec["dtype"])
+
+
 def _plan_output(records: dict, limit: int) -> list:
     """Group tensors into output shards of at most ``limit`` bytes, in diff order."""
-    groups, current, filled = [], [], 0
-    for name, rec in records.items():
-        size = int(np.prod(rec["shape"], dtype=np.int64)) * dtypes.itemsize(rec["dtype"])
-        if current and filled + size > limit:
-            groups.append(current)
-            current, filled = [], 0
-        current.append(name)
-        filled += size
-    if current or not groups:
-        groups.append(current)
-    return groups
+    return fill_greedy(records, lambda name: _nbytes(records[name]), limit)
 
 
 def _shard_file(i: int, n: int) -> str:
@@ -182,7 +179,7 @@ def rebuild(base, diff, out, *, shard_size="5GB", force=False, overwrite=False, 
         # leaves a loadable, complete model directory.
         copy_files(sorted(p for p in d.path.iterdir() if p.is_file() and is_extra(p.name)), out)
         weight_map = {}
-        total = sum(int(np.prod(r["shape"], dtype=np.int64)) for r in d.records.values())
+        total = sum(_params(r) for r in d.records.values())
         with bar(total, "rebuild", quiet) as progress:
             for file, group in zip(files, groups):
                 for name in group:
@@ -190,12 +187,12 @@ def rebuild(base, diff, out, *, shard_size="5GB", force=False, overwrite=False, 
                 path = out / file
                 if state == "resume" and path.exists():
                     _check_reused(path, group)
-                    progress.update(sum(int(np.prod(d.records[n]["shape"])) for n in group))
+                    progress.update(sum(_params(d.records[n]) for n in group))
                     continue
                 entries, offset = {}, 0
                 for name in group:
                     rec = d.records[name]
-                    size = int(np.prod(rec["shape"], dtype=np.int64)) * dtypes.itemsize(rec["dtype"])
+                    size = _nbytes(rec)
                     entries[name] = (rec["dtype"], rec["shape"], offset, offset + size)
                     offset += size
                 reserve = len(header_bytes(entries, {"format": "pt"}))
@@ -209,10 +206,9 @@ def rebuild(base, diff, out, *, shard_size="5GB", force=False, overwrite=False, 
                         d.release(name)
                         if rec.get("base_name"):
                             b.release(rec["base_name"])
-                        progress.update(int(np.prod(rec["shape"], dtype=np.int64)))
+                        progress.update(_params(rec))
                     writer.finish({"format": "pt"})
-        total_size = sum(int(np.prod(r["shape"], dtype=np.int64)) * dtypes.itemsize(r["dtype"])
-                         for r in d.records.values())
+        total_size = sum(_nbytes(r) for r in d.records.values())
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         write_json_atomic(out / INDEX_NAME, index)
         partial.unlink(missing_ok=True)

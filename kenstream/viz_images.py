@@ -25,12 +25,12 @@ from . import dtypes
 from .diff import DiffReader
 from .errors import KenstreamError
 from .format import kept_rows
+from .verifier import layer_of
 
 COLORS = ("value", "change")
 
 # Rows are streamed in blocks of about this many positions (4 M booleans, 16 MB as float32).
 _CHUNK_ELEMS = 1 << 22
-_LAYER = re.compile(r"\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -132,12 +132,6 @@ def layer_tensors(names, tensor: str) -> dict:
         if m is not None:
             found.setdefault(int(m.group(1)), name)
     return dict(sorted(found.items()))
-
-
-def layer_of(name: str) -> str:
-    """The first ``.N.`` number in ``name``, else ``"other"``."""
-    m = _LAYER.search(name)
-    return m.group(1) if m else "other"
 
 
 def summary_table(records: dict) -> tuple:

@@ -9,7 +9,6 @@ over is ever held in memory, and a file that exists under its final name is comp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -91,8 +90,8 @@ class ShardWriter:
         self._open = None
         self.entries[name] = (dtype, tuple(shape), begin, self._end)
 
-    def finish(self, metadata: dict | None = None, *, digest: bool = False) -> dict:
-        """Write the header, fsync, rename into place; returns ``{"size", "sha256"?}``."""
+    def finish(self, metadata: dict | None = None) -> dict:
+        """Write the header, fsync, rename into place; returns ``{"size"}``."""
         head = header_bytes(self.entries, metadata)
         if len(head) > self.reserve:
             self.abort()
@@ -109,10 +108,7 @@ class ShardWriter:
         except OSError as exc:
             self.abort()
             raise OutputError.from_os(exc, "write", file=self.path) from exc
-        result = {"size": 8 + self.reserve + self._end}
-        if digest:
-            result["sha256"] = sha256_of(self.path)
-        return result
+        return {"size": 8 + self.reserve + self._end}
 
     def abort(self) -> None:
         """Close and delete the temporary file (idempotent)."""
@@ -132,14 +128,3 @@ class ShardWriter:
         if exc_type is not None:
             self.abort()
         return False
-
-
-def sha256_of(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(1 << 22)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
