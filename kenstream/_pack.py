@@ -3,8 +3,8 @@
 The NumPy equivalent (``np.packbits(mask, axis=1, bitorder="little")`` and
 ``values[mask]``) runs on one core and makes two passes; these make one pass per row.
 Values are moved as unsigned integers of the element width, so every bit pattern
-(NaN payloads, -0.0, bf16) is copied exactly. There is a parallel driver, and a serial one
-for the engine's encoder thread, which runs beside the (parallel) selection kernel.
+(NaN payloads, -0.0, bf16) is copied exactly. Packing is serial: it runs on the engine's
+encoder thread, beside the (parallel) selection kernel. Unpacking for rebuild is parallel.
 """
 
 from __future__ import annotations
@@ -40,19 +40,13 @@ def _pack_row(mask, values_in, r, start, end, packed, values_out):
         packed[r, full] = byte
 
 
-@njit(**PARALLEL)
-def _pack_parallel(mask, values_in, offsets, packed, values_out):
-    for r in prange(mask.shape[0]):
-        _pack_row(mask, values_in, r, offsets[r], offsets[r + 1], packed, values_out)
-
-
 @njit(**JIT)
 def _pack_serial(mask, values_in, offsets, packed, values_out):
     for r in range(mask.shape[0]):
         _pack_row(mask, values_in, r, offsets[r], offsets[r + 1], packed, values_out)
 
 
-def pack_rows(mask: np.ndarray, values: np.ndarray, counts: np.ndarray, *, parallel=True):
+def pack_rows(mask: np.ndarray, values: np.ndarray, counts: np.ndarray):
     """(packed bits uint8 [rows, ceil(cols/8)], kept values [sum(counts)]) of ``values`` [rows, cols].
 
     ``mask`` is bool [rows, cols], ``counts`` its per-row kept counts (they size the
@@ -67,8 +61,7 @@ def pack_rows(mask: np.ndarray, values: np.ndarray, counts: np.ndarray, *, paral
     packed = np.empty((rows, (cols + 7) // 8), dtype=np.uint8)
     out = np.empty(int(offsets[-1]), dtype=width)
     if rows and cols:
-        driver = _pack_parallel if parallel else _pack_serial
-        driver(np.ascontiguousarray(mask).view(np.uint8), bits, offsets, packed, out)
+        _pack_serial(np.ascontiguousarray(mask).view(np.uint8), bits, offsets, packed, out)
     return packed, out.view(values.dtype)
 
 

@@ -1,7 +1,8 @@
 """The diff's per-tensor encodings (docs/format.md, section 2).
 
-No I/O here (the bit packing is a numba kernel, `_pack`): `encode` turns a row mask and the fine-tuned rows into the entries a shard
-stores, `apply_rows` writes stored values back over base rows. Arrays are in storage dtype
+No I/O here: `tail_entries` chooses a selected tensor's encoding and builds the entries that
+follow its values, `apply_block` / `apply_rows` write stored values back over base rows (the
+bit scatter is a numba kernel in `_pack`). Arrays are in storage dtype
 (BF16 travels as uint16 bits), so every value is copied bit for bit.
 """
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._pack import pack_rows, unpack_into
+from ._pack import unpack_into
 
 FORMAT = "kenstream-diff"
 FORMAT_VERSION = 1
@@ -81,18 +82,6 @@ class Entry:
     data: np.ndarray
 
 
-@dataclass(frozen=True)
-class Encoded:
-    encoding: str
-    kept: int
-    row_kept: int | None
-    entries: tuple
-
-    @property
-    def nbytes(self) -> int:
-        return sum(e.data.nbytes for e in self.entries)
-
-
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
@@ -136,27 +125,6 @@ def tail_entries(packed: np.ndarray, counts: np.ndarray, cols: int, itemsize: in
         ccode = count_code(cols)
         entries.append(Entry("counts", ccode, (rows,), counts.astype(_UINT[ccode])))
     return "indices", row_kept, tuple(entries)
-
-
-def encode(mask: np.ndarray, ft_rows: np.ndarray, dtype: str, *, parallel=True) -> Encoded:
-    """Encode the kept values of ``ft_rows`` [rows, cols] selected by bool ``mask`` [rows, cols]
-    in one go (the engine streams the same steps block by block). Cost O(rows * cols)."""
-    rows, cols = mask.shape
-    counts = np.count_nonzero(mask, axis=1)
-    packed, values = pack_rows(mask, ft_rows, counts, parallel=parallel)
-    encoding, row_kept, tail = tail_entries(packed, counts, cols, ft_rows.itemsize)
-    entries = (Entry("values", dtype, (values.size,), values),) + tail
-    return Encoded(encoding, int(values.size), row_kept, entries)
-
-
-def dense(ft: np.ndarray, dtype: str, shape) -> Encoded:
-    """The whole fine-tuned tensor, stored as is."""
-    data = np.ascontiguousarray(ft).reshape(-1)
-    return Encoded("dense", data.size, None, (Entry("values", dtype, tuple(shape), data),))
-
-
-def unchanged() -> Encoded:
-    return Encoded("unchanged", 0, None, ())
 
 
 def apply_rows(out: np.ndarray, record: dict, entries: dict) -> None:

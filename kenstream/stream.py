@@ -130,7 +130,7 @@ def write_shard(path, items, ft, base, settings, progress) -> dict:
                          counts=np.zeros(item.rows, dtype=np.int64))
             writer.begin(f"{item.name}::values", item.dtype)
         counts = np.count_nonzero(mask, axis=1)
-        packed, values = pack_rows(mask, t.ft2d[r0:r1], counts, parallel=False)
+        packed, values = pack_rows(mask, t.ft2d[r0:r1], counts)
         state["packed"][r0:r1] = packed
         state["counts"][r0:r1] = counts
         writer.write(values)
