@@ -37,6 +37,23 @@ MAX_ELEMENTS = 1 << 58
 """Shape limits (rank; product of the non-zero sizes); NumPy's own are 64 and ~2**63 bytes."""
 
 
+FAULT_AROUND = 1 << 16
+FOLIO_ALIGN = 1 << 21
+
+
+def _release_span(first: int, last: int) -> tuple[int, int]:
+    """File bytes to drop so that nothing a read of ``first:last`` mapped stays resident.
+
+    A page fault on a file mapping maps more than its page: the cached pages around it
+    (Linux "fault-around", 64 KiB by default) and, on kernels with large page-cache
+    folios, the whole folio, up to 2 MiB and aligned to its size in the file. So widen by
+    the fault-around window, then out to 2 MiB boundaries.
+    """
+    first = max(0, first - FAULT_AROUND) // FOLIO_ALIGN * FOLIO_ALIGN
+    last = -(-(last + FAULT_AROUND) // FOLIO_ALIGN) * FOLIO_ALIGN
+    return first, last
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives and what it is, without its data.
@@ -242,11 +259,20 @@ class SafetensorsFile(TensorTable):
         Called after a tensor is done so that streaming a checkpoint larger than RAM
         keeps the resident set near one tensor. The mapping is read-only and backed by
         the file, so views still alive simply fault the pages in again when read (from
-        the page cache if still there). Pages shared with neighbouring tensors are
-        dropped too, harmlessly. Cost: one ``madvise`` call; a no-op where the platform
-        has no ``MADV_DONTNEED`` or the file is closed.
+        the page cache if still there). The range is widened to what a read of it may
+        have mapped (`_release_span`): without that, pages mapped around the first read
+        of the next block stay resident until the file closes, a few per block, which
+        adds up over a large checkpoint. Dropping a neighbour's pages is harmless (they
+        fault back in from the page cache). Cost: one ``madvise`` call; a no-op where the
+        platform has no ``MADV_DONTNEED`` or the file is closed.
         """
-        self._advise(name, "MADV_DONTNEED", start, stop)
+        info = self.info(name)
+        stop = info.nbytes if stop is None else min(stop, info.nbytes)
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED") or stop <= start:
+            return
+        first, last = _release_span(info.offset + max(0, start), info.offset + stop)
+        last = min(last, len(self._map))
+        self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def prefetch(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Ask the kernel to start reading ``name``'s pages (bytes ``start:stop``) in the
