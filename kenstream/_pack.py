@@ -1,10 +1,12 @@
-"""Numba kernels that pack a selection for the diff: row bitmasks and kept values.
+"""Numba kernels that pack a selection for the diff (row bitmasks and kept values) and
+unpack it again for rebuild.
 
 The NumPy equivalent (``np.packbits(mask, axis=1, bitorder="little")`` and
 ``values[mask]``) runs on one core and makes two passes; these make one pass per row.
 Values are moved as unsigned integers of the element width, so every bit pattern
 (NaN payloads, -0.0, bf16) is copied exactly. Packing is serial: it runs on the engine's
-encoder thread, beside the (parallel) selection kernel. Unpacking for rebuild is parallel.
+encoder thread, beside the (parallel) selection kernel. Unpacking (`merge_into`: base rows
+with the kept values written over them, in one pass) and row popcounts are parallel.
 """
 
 from __future__ import annotations
@@ -65,26 +67,97 @@ def pack_rows(mask: np.ndarray, values: np.ndarray, counts: np.ndarray):
     return packed, out.view(values.dtype)
 
 
+@njit(**JIT)
+def _merge_row(base, packed, values, r, o, last, out):
+    # Branch-free over the bits of a byte: every position loads the value at the cursor
+    # (clamped, so the load past the row's last kept value stays in bounds) and takes it
+    # where the bit is set, the base where it is not; the cursor advances by the bit. A
+    # random mask defeats the branch predictor, so this runs ~2x a branching loop.
+    # ``base`` may be ``out`` itself (unpack in place): each position is read then written.
+    cols = out.shape[1]
+    full = cols // 8
+    for b in range(full):
+        byte = packed[r, b]
+        j0 = b * 8
+        if byte == 0:
+            for t in range(8):
+                out[r, j0 + t] = base[r, j0 + t]
+            continue
+        for t in range(8):
+            bit = (byte >> t) & 1
+            v = values[min(o, last)]
+            out[r, j0 + t] = v if bit else base[r, j0 + t]
+            o += bit
+    for j in range(full * 8, cols):
+        if (packed[r, j >> 3] >> (j & 7)) & 1:
+            out[r, j] = values[min(o, last)]
+            o += 1
+        else:
+            out[r, j] = base[r, j]
+
+
 @njit(**PARALLEL)
-def _unpack_parallel(packed, values, offsets, out):
+def _merge_parallel(base, packed, values, offsets, out):
+    last = values.size - 1
     for r in prange(out.shape[0]):
-        o = offsets[r]
-        for j in range(out.shape[1]):
-            if (packed[r, j >> 3] >> (j & 7)) & 1:
-                out[r, j] = values[o]
-                o += 1
+        _merge_row(base, packed, values, r, offsets[r], last, out)
+
+
+@njit(**JIT)
+def _popcount_byte(b):
+    b = b - ((b >> 1) & 0x55)
+    b = (b & 0x33) + ((b >> 2) & 0x33)
+    return (b + (b >> 4)) & 0x0F
+
+
+@njit(**PARALLEL)
+def _row_popcounts(packed, out):
+    for r in prange(packed.shape[0]):
+        n = 0
+        for b in range(packed.shape[1]):
+            n += _popcount_byte(np.int64(packed[r, b]))
+        out[r] = n
+
+
+def row_popcounts(packed: np.ndarray) -> np.ndarray:
+    """Set bits of each row of a packed mask ``packed`` uint8 [rows, nbytes] -> int64 [rows].
+
+    Padding bits count too (they must be 0). Parallel over rows, O(rows * nbytes), no
+    temporary larger than the result.
+    """
+    packed = packed.reshape(packed.shape[0], -1) if packed.ndim != 2 else packed
+    out = np.zeros(packed.shape[0], dtype=np.int64)
+    if packed.size:
+        _row_popcounts(np.ascontiguousarray(packed), out)
+    return out
 
 
 def unpack_into(out: np.ndarray, packed: np.ndarray, values: np.ndarray, counts: np.ndarray):
     """Write ``values`` (row-major kept order) into ``out`` [rows, cols] where ``packed``
     [rows, ceil(cols/8)] has a 1 bit; ``counts`` are the rows' set-bit counts, which the
     caller has checked add up to ``values.size``. Parallel over rows, O(rows * cols)."""
+    merge_into(out, out, packed, values, counts)
+
+
+def merge_into(out: np.ndarray, base: np.ndarray, packed: np.ndarray, values: np.ndarray,
+               counts: np.ndarray) -> None:
+    """``out`` [rows, cols] = ``base`` (same shape and width, may be read-only) with the
+    positions where ``packed`` has a 1 bit replaced by ``values`` in row-major order.
+
+    ``counts`` are the rows' set-bit counts, checked by the caller to add up to
+    ``values.size``. The same as copying ``base`` into ``out`` and `unpack_into`, in one
+    parallel pass over rows; O(rows * cols).
+    """
     rows, cols = out.shape
     width = np.dtype(f"u{out.itemsize}")
     offsets = np.zeros(rows + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     if offsets[-1] > values.size:
         raise ValueError("fewer values than mask bits")
-    if rows and cols:
-        _unpack_parallel(np.ascontiguousarray(packed), values.reshape(-1).view(width),
-                         offsets, out.view(width))
+    if not (rows and cols):
+        return
+    if not values.size:  # no set bits (checked above): the base as it is
+        np.copyto(out, base)
+        return
+    _merge_parallel(base.view(width), np.ascontiguousarray(packed),
+                    values.reshape(-1).view(width), offsets, out.view(width))

@@ -237,6 +237,15 @@ class DiffReader:
                 if key in sf:
                     sf.release(key, start, stop)
 
+    def prefetch(self, name: str, role: str, start: int = 0, stop: int | None = None) -> None:
+        """Start reading bytes ``start:stop`` of ``name``'s ``role`` entry ahead of use."""
+        rec = self.records[name]
+        if rec.get("shard") in self._shards:
+            sf = self._shards[rec["shard"]]
+            key = f"{name}::{role}"
+            if key in sf:
+                sf.prefetch(key, start, stop)
+
     def close(self) -> None:
         for sf in self._shards.values():
             sf.close()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._pack import unpack_into
+from ._pack import merge_into, row_popcounts, unpack_into
 
 FORMAT = "kenstream-diff"
 FORMAT_VERSION = 1
@@ -82,18 +82,14 @@ class Entry:
     data: np.ndarray
 
 
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
 def count_bits(packed: np.ndarray) -> int:
     """Number of set bits in a packed mask (padding bits included, which must be 0).
 
-    Table lookup over blocks of bytes: memory stays small for any mask size.
+    Row by row with the parallel popcount kernel; memory is one count per row.
     """
-    flat = packed.reshape(-1)
-    step = BLOCK_ELEMS
-    return int(sum(int(_POPCOUNT[flat[i:i + step]].sum(dtype=np.int64))
-                   for i in range(0, flat.size, step)))
+    if packed.ndim != 2:
+        packed = packed.reshape(1, -1)
+    return int(row_popcounts(packed).sum())
 
 
 def tail_entries(packed: np.ndarray, counts: np.ndarray, cols: int, itemsize: int):
@@ -154,7 +150,7 @@ def apply_block(out: np.ndarray, record: dict, entries: dict, r0: int, start: in
         return start + n * cols
     if encoding == "bitmask":
         packed = entries["mask"].reshape(int(record["rows"]), -1)[r0:r0 + n]
-        counts = _POPCOUNT[packed].sum(axis=1, dtype=np.int64)
+        counts = row_popcounts(packed)
         kept = int(counts.sum())
         unpack_into(out, packed, values[start:start + kept], counts)
         return start + kept
@@ -166,6 +162,25 @@ def apply_block(out: np.ndarray, record: dict, entries: dict, r0: int, start: in
     index = entries["index"][start:start + kept].astype(np.int64)
     row_of = np.repeat(np.arange(n, dtype=np.int64), counts)
     out.reshape(-1)[row_of * cols + index] = values[start:start + kept]
+    return start + kept
+
+
+def build_block(out: np.ndarray, base: np.ndarray, record: dict, entries: dict, r0: int,
+                start: int) -> int:
+    """`apply_block` over a copy of ``base`` rows [n, cols] (already in ``out``'s dtype):
+    writes the rebuilt rows into ``out`` and returns the next block's ``start``.
+
+    For ``bitmask`` the copy and the overwrite are one parallel pass (`merge_into`).
+    """
+    if record["encoding"] != "bitmask":
+        np.copyto(out, base)
+        return apply_block(out, record, entries, r0, start)
+    n = out.shape[0]
+    packed = entries["mask"].reshape(int(record["rows"]), -1)[r0:r0 + n]
+    counts = row_popcounts(packed)
+    kept = int(counts.sum())
+    values = entries["values"].reshape(-1)
+    merge_into(out, base, packed, values[start:start + kept], counts)
     return start + kept
 
 

@@ -11,7 +11,7 @@ from .diff import DiffReader
 from .errors import DiffError, OutputError
 from .io.checkpoint import Checkpoint
 from .io.safetensors_file import SafetensorsFile
-from .io.writer import ShardWriter, header_bytes
+from .io.writer import ShardWriter, WriteBehind, header_bytes
 from .plan import fill_greedy
 from .outputs import copy_files, is_extra, prepare_output, read_json, write_json_atomic
 from .progress import bar, say
@@ -52,40 +52,93 @@ def _check_entries(name: str, rec: dict, entries: dict, where) -> None:
                             tensor=name)
 
 
+class _TensorBlocks:
+    """One tensor of the rebuilt model, built row block by row block, in order.
+
+    `build` writes block ``i`` (rows ``ranges[i]``) into a caller's [n, cols] array of the
+    storage dtype: the base rows, converted to the fine-tune's dtype, with the kept values
+    written over them; then it releases the pages it read. `prefetch` starts the disk on a
+    block before it is needed. Entries are checked against the record when this is made.
+    """
+
+    def __init__(self, name: str, rec: dict, diff: DiffReader, base):
+        self.name, self.rec, self.diff, self.base = name, rec, diff, base
+        entries = diff.entries(name)
+        _check_entries(name, rec, entries, diff.path)
+        self.rows, self.cols = int(rec["rows"]), int(rec["cols"])
+        if "mask" in entries:
+            entries = dict(entries, mask=entries["mask"].reshape(self.rows, -1))
+        self.entries = entries
+        self.dtype = dtypes.storage_dtype(rec["dtype"])
+        self.ranges = list(fmt.row_blocks(self.rows, self.cols))
+        self.value_bytes = dtypes.itemsize(rec["dtype"])
+        self._start = 0  # index in values of the next block's first kept value
+        self.src = None
+        if rec["encoding"] == "dense":
+            return
+        if rec.get("base_name") is None:
+            raise DiffError("record has no base tensor", file=diff.path, tensor=name)
+        self.bname = rec["base_name"]
+        self.binfo = base.info(self.bname)
+        if list(self.binfo.shape) != list(rec["shape"]):
+            raise DiffError(f"base tensor {self.bname!r} has shape {list(self.binfo.shape)}, "
+                            f"diff expects {rec['shape']}", file=diff.path, tensor=name)
+        self.src = base.array(self.bname).reshape(self.rows, self.cols)
+        self.row_bytes = self.cols * dtypes.itemsize(self.binfo.dtype)
+
+    def shape(self, i: int) -> tuple:
+        r0, r1 = self.ranges[i]
+        return (r1 - r0, self.cols)
+
+    def prefetch(self, i: int) -> None:
+        """Ask for block ``i``'s base rows, mask rows and (at most) its values."""
+        r0, r1 = self.ranges[i]
+        if self.src is None:
+            span = self.cols * self.value_bytes
+            self.diff.prefetch(self.name, "values", r0 * span, r1 * span)
+            return
+        self.base.prefetch(self.bname, r0 * self.row_bytes, r1 * self.row_bytes)
+        if "mask" in self.entries:
+            width = self.entries["mask"].shape[1]
+            self.diff.prefetch(self.name, "mask", r0 * width, r1 * width)
+        if self.rec["encoding"] != "unchanged":
+            # Not more values than positions in the block; reading ahead is harmless.
+            first = self._start * self.value_bytes
+            self.diff.prefetch(self.name, "values", first,
+                               first + (r1 - r0) * self.cols * self.value_bytes)
+
+    def build(self, i: int, out: np.ndarray) -> None:
+        r0, r1 = self.ranges[i]
+        if self.src is None:
+            np.copyto(out, self.entries["values"].reshape(self.rows, self.cols)[r0:r1])
+            span = self.cols * self.value_bytes
+            self.diff.release(self.name, "values", r0 * span, r1 * span)
+            return
+        rows = self.src[r0:r1]
+        if self.binfo.dtype != self.rec["dtype"]:
+            rows = dtypes.convert(rows, self.binfo.dtype, self.rec["dtype"])
+        done = fmt.build_block(out, rows, self.rec, self.entries, r0, self._start)
+        self.base.release(self.bname, r0 * self.row_bytes, r1 * self.row_bytes)
+        self.diff.release(self.name, "values", self._start * self.value_bytes,
+                          done * self.value_bytes)
+        self._start = done
+
+    def release(self) -> None:
+        """Drop every page of this tensor's diff entries and base tensor."""
+        self.diff.release(self.name)
+        if self.src is not None:
+            self.base.release(self.bname)
+
+
 def rebuilt_blocks(name: str, rec: dict, diff: DiffReader, base):
     """Yield the rebuilt tensor ``name`` as consecutive [r1 - r0, cols] row blocks (new
-    arrays in storage dtype), releasing each block's base pages once it is built."""
-    entries = diff.entries(name)
-    _check_entries(name, rec, entries, diff.path)
-    dtype = rec["dtype"]
-    rows, cols = int(rec["rows"]), int(rec["cols"])
-    if "mask" in entries:
-        entries = dict(entries, mask=entries["mask"].reshape(rows, -1))
-    if rec["encoding"] == "dense":
-        values = entries["values"].reshape(rows, cols)
-        for r0, r1 in fmt.row_blocks(rows, cols):
-            yield np.array(values[r0:r1])
-        return
-    if rec.get("base_name") is None:
-        raise DiffError("record has no base tensor", file=diff.path, tensor=name)
-    bname = rec["base_name"]
-    binfo = base.info(bname)
-    if list(binfo.shape) != list(rec["shape"]):
-        raise DiffError(f"base tensor {bname!r} has shape {list(binfo.shape)}, "
-                        f"diff expects {rec['shape']}", file=diff.path, tensor=name)
-    src = base.array(bname).reshape(rows, cols)
-    row_bytes = cols * dtypes.itemsize(binfo.dtype)
-    value_bytes = dtypes.itemsize(dtype)
-    start = 0
-    for r0, r1 in fmt.row_blocks(rows, cols):
-        if binfo.dtype == dtype:
-            out = np.array(src[r0:r1])
-        else:
-            out = np.ascontiguousarray(dtypes.convert(src[r0:r1], binfo.dtype, dtype))
-        done = fmt.apply_block(out, rec, entries, r0, start)
-        base.release(bname, r0 * row_bytes, r1 * row_bytes)
-        diff.release(name, "values", start * value_bytes, done * value_bytes)
-        start = done
+    arrays in storage dtype), releasing each block's pages once it is built."""
+    t = _TensorBlocks(name, rec, diff, base)
+    for i in range(len(t.ranges)):
+        if i + 1 < len(t.ranges):
+            t.prefetch(i + 1)
+        out = np.empty(t.shape(i), dtype=t.dtype)
+        t.build(i, out)
         yield out
 
 
@@ -196,23 +249,44 @@ def rebuild(base, diff, out, *, shard_size="5GB", force=False, overwrite=False, 
                     entries[name] = (rec["dtype"], rec["shape"], offset, offset + size)
                     offset += size
                 reserve = len(header_bytes(entries, {"format": "pt"}))
-                with ShardWriter(path, reserve) as writer:
-                    for name in group:
-                        rec = d.records[name]
-                        writer.begin(name, rec["dtype"])
-                        for block in rebuilt_blocks(name, rec, d, b):
-                            writer.write(block)
-                        writer.end(rec["shape"])
-                        d.release(name)
-                        if rec.get("base_name"):
-                            b.release(rec["base_name"])
-                        progress.update(_params(rec))
-                    writer.finish({"format": "pt"})
+                _write_group(path, reserve, group, d, b, progress)
         total_size = sum(_nbytes(r) for r in d.records.values())
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         write_json_atomic(out / INDEX_NAME, index)
         partial.unlink(missing_ok=True)
     return index
+
+
+def _write_group(path: Path, reserve: int, group: list, d: DiffReader, b, progress) -> None:
+    """Write the rebuilt tensors ``group`` as one safetensors file, streaming.
+
+    Three things overlap: the disk reads the next block (prefetch, across tensor ends
+    too), this thread builds the current one, and a helper thread writes the previous
+    one (`WriteBehind`). Memory is two block buffers plus the pages being read.
+    """
+    with ShardWriter(path, reserve, drop_behind=True) as writer, WriteBehind(writer) as behind:
+        current = _TensorBlocks(group[0], d.records[group[0]], d, b) if group else None
+        if current is not None and current.ranges:
+            current.prefetch(0)
+        for pos in range(len(group)):
+            t, following = current, None
+            behind.begin(t.name, t.rec["dtype"])
+            for i in range(len(t.ranges)):
+                if i + 1 < len(t.ranges):
+                    t.prefetch(i + 1)
+                elif pos + 1 < len(group):
+                    name = group[pos + 1]
+                    following = _TensorBlocks(name, d.records[name], d, b)
+                    if following.ranges:
+                        following.prefetch(0)
+                behind.put(t.dtype, t.shape(i), lambda out, i=i: t.build(i, out))
+            if following is None and pos + 1 < len(group):  # a tensor with no blocks
+                following = _TensorBlocks(group[pos + 1], d.records[group[pos + 1]], d, b)
+            behind.end(t.rec["shape"])
+            t.release()
+            progress.update(_params(t.rec))
+            current = following
+        behind.finish({"format": "pt"})
 
 
 class _DiffInput:

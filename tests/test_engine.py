@@ -182,3 +182,19 @@ def test_row_blocks_do_not_change_the_diff(tmp_path, monkeypatch, method, ties):
     kenstream.rebuild(b, tmp_path / "blocks", tmp_path / "out", quiet=True)
     if method == "ken":
         assert_same_model(tmp_path / "out", expected_model(base, ft, "", keep=0.3, ties=ties))
+
+
+def test_base_in_another_dtype_is_converted_on_rebuild(tmp_path, monkeypatch):
+    """A float32 base under a bf16 fine-tune: unkept positions are the base rounded to bf16
+    (torch's rounding), in several row blocks per tensor."""
+    import kenstream.format as fmt
+
+    base, ft = toy_pair(torch.bfloat16)
+    base32 = {n: (t.float() + 1e-4 if t.is_floating_point() else t) for n, t in base.items()}
+    b = save_dir(tmp_path / "base", base32)
+    f = save_dir(tmp_path / "ft", ft)
+    monkeypatch.setattr(fmt, "BLOCK_ELEMS", 64)
+    kenstream.compress(b, f, tmp_path / "diff", keep=0.3, quiet=True)
+    kenstream.rebuild(b, tmp_path / "diff", tmp_path / "out", quiet=True)
+    as_ft = {n: (t.to(torch.bfloat16) if t.is_floating_point() else t) for n, t in base32.items()}
+    assert_same_model(tmp_path / "out", expected_model(as_ft, ft, "", keep=0.3))

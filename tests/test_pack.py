@@ -36,18 +36,57 @@ def test_count_bits_matches_unpackbits():
         assert count_bits(packed) == int(np.unpackbits(packed).sum())
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.float64])
-def test_unpack_into_matches_numpy(dtype):
-    from kenstream._pack import unpack_into
+_SHAPES = [(1, 1), (5, 13), (40, 64), (3, 0), (0, 9), (7, 8), (4, 203), (2, 1000)]
+_DENSITIES = (0.0, 0.02, 0.4, 0.97, 1.0)
+
+
+def _case(rng, shape, density, dtype):
+    """A mask with all-zero, all-one and mixed bytes at these densities, its values and a base."""
+    mask = rng.random(shape) < density
+    values = rng.integers(0, 1000, size=int(mask.sum())).astype(dtype)
+    base = rng.integers(0, 1000, size=shape).astype(dtype)
+    expected = base.copy()
+    expected[mask] = values
+    return mask, np.packbits(mask, axis=1, bitorder="little"), values, base, expected
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.float64, np.uint8])
+@pytest.mark.parametrize("kernel", ["unpack_into", "merge_into"])
+def test_scatter_kernels_match_numpy(dtype, kernel):
+    from kenstream import _pack
 
     rng = np.random.default_rng(7)
-    for shape in [(1, 1), (5, 13), (40, 64), (3, 0)]:
-        mask = rng.random(shape) < 0.4
-        packed = np.packbits(mask, axis=1, bitorder="little")
-        values = rng.integers(0, 1000, size=int(mask.sum())).astype(dtype)
-        base = rng.integers(0, 1000, size=shape).astype(dtype)
-        expected = base.copy()
-        expected[mask] = values
-        got = base.copy()
-        unpack_into(got, packed, values, np.count_nonzero(mask, axis=1))
-        assert np.array_equal(got, expected)
+    for shape in _SHAPES:
+        for density in _DENSITIES:
+            mask, packed, values, base, expected = _case(rng, shape, density, dtype)
+            counts = np.count_nonzero(mask, axis=1)
+            if kernel == "unpack_into":
+                got = base.copy()
+                _pack.unpack_into(got, packed, values, counts)
+            else:
+                base.flags.writeable = False  # the base is a read-only memory map in rebuild
+                got = np.full(shape, 77, dtype=dtype)
+                _pack.merge_into(got, base, packed, values, counts)
+            assert np.array_equal(got, expected), (shape, density)
+
+
+def test_merge_and_unpack_refuse_too_few_values():
+    from kenstream._pack import merge_into, unpack_into
+
+    mask = np.array([[True, False, True]])
+    packed = np.packbits(mask, axis=1, bitorder="little")
+    out = np.zeros((1, 3), dtype=np.float32)
+    with pytest.raises(ValueError):
+        unpack_into(out, packed, np.ones(1, dtype=np.float32), np.array([2]))
+    with pytest.raises(ValueError):
+        merge_into(out, out.copy(), packed, np.ones(1, dtype=np.float32), np.array([2]))
+
+
+def test_row_popcounts_match_unpackbits():
+    from kenstream._pack import row_popcounts
+
+    rng = np.random.default_rng(5)
+    for shape in [(0, 4), (1, 1), (9, 13), (300, 41), (3, 0)]:
+        packed = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        expected = np.unpackbits(packed, axis=1).sum(axis=1) if packed.size else np.zeros(shape[0])
+        assert np.array_equal(row_popcounts(packed), expected)

@@ -20,6 +20,7 @@ from ..errors import OutputError
 
 TEMP_SUFFIX = ".partial"
 _CHUNK = 1 << 24
+_WRITEBACK = 1 << 26  # how often a drop-behind writer starts writeback (64 MiB)
 
 
 def header_bytes(entries: dict, metadata: dict | None) -> bytes:
@@ -42,15 +43,23 @@ class ShardWriter:
     """Write one safetensors-layout file to ``path`` through a temporary name.
 
     ``reserve`` is the header room in bytes (an upper bound on the final header's length).
+    With ``drop_behind``, every 64 MiB written the writer starts the disk on what it just
+    wrote and drops the (by then written) window before it from the page cache
+    (``posix_fadvise(DONTNEED)``): a file much larger than RAM is then written at an even
+    pace instead of in bursts when dirty pages pile up, its final fsync finds little left
+    to do, and it does not push other files out of the cache. For files nobody reads back
+    at once; compress re-reads its shards to hash them, so it keeps them cached.
     """
 
-    def __init__(self, path, reserve: int):
+    def __init__(self, path, reserve: int, drop_behind: bool = False):
         self.path = Path(path)
         self.temp = self.path.with_name(self.path.name + TEMP_SUFFIX)
         self.reserve = padded_length(max(int(reserve), 2))
         self.entries: dict = {}
         self._open = None
         self._end = 0
+        self._drop = drop_behind and hasattr(os, "posix_fadvise")
+        self._windows = [8 + self.reserve, 8 + self.reserve]  # [previous, current] starts
         try:
             self._fh = open(self.temp, "wb")
             self._fh.seek(8 + self.reserve)
@@ -83,6 +92,19 @@ class ShardWriter:
             self.abort()
             raise OutputError.from_os(exc, "write", file=self.path) from exc
         self._end += raw.size
+        if self._drop and 8 + self.reserve + self._end - self._windows[1] >= _WRITEBACK:
+            self._write_back()
+
+    def _write_back(self) -> None:
+        """Start writeback of the current window; drop the previous one (written by now)."""
+        self._fh.flush()
+        pos = 8 + self.reserve + self._end
+        try:
+            os.posix_fadvise(self._fh.fileno(), self._windows[0], pos - self._windows[0],
+                             os.POSIX_FADV_DONTNEED)
+        except OSError:
+            self._drop = False  # advice is optional; the file is written all the same
+        self._windows = [self._windows[1], pos]
 
     def end(self, shape) -> None:
         """Close the open entry with its final ``shape``."""
@@ -127,4 +149,82 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             self.abort()
+        return False
+
+
+class WriteBehind:
+    """Runs a `ShardWriter`'s calls on one helper thread, in order, so that the caller
+    builds the next block while the previous one is being written.
+
+    Blocks go through a ring of ``buffers`` reusable arrays (`put`): a buffer is refilled
+    only once its previous write has finished, so memory is ``buffers`` blocks and no
+    fresh (zero-filled) pages are faulted per block. The first error of a call on the
+    helper thread is raised by the next `put` or by `finish`; later calls are skipped.
+    Use as a context manager inside the `ShardWriter`'s, so the helper has stopped
+    before a failed file is deleted.
+    """
+
+    def __init__(self, writer: ShardWriter, buffers: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.writer = writer
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kenstream-write")
+        self._ring = [[None, None] for _ in range(max(1, buffers))]  # [uint8 array, future]
+        self._next = 0
+        self._error = None
+
+    def _run(self, fn, *args):
+        def task():
+            if self._error is None:
+                try:
+                    return fn(*args)
+                except BaseException as exc:  # handed to the caller's thread
+                    self._error = exc
+            return None
+
+        return self._pool.submit(task)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def begin(self, name: str, dtype: str) -> None:
+        self._raise()
+        self._run(self.writer.begin, name, dtype)
+
+    def end(self, shape) -> None:
+        self._run(self.writer.end, tuple(shape))
+
+    def put(self, dtype, shape, fill) -> None:
+        """Call ``fill(buf)`` here on a free buffer of ``dtype`` and ``shape``, then write
+        ``buf`` to the open entry on the helper thread."""
+        slot = self._ring[self._next]
+        self._next = (self._next + 1) % len(self._ring)
+        if slot[1] is not None:
+            slot[1].result()
+            self._raise()
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if slot[0] is None or slot[0].size < nbytes:
+            slot[0] = None  # let the old buffer go before the larger one is made
+            slot[0] = np.empty(max(nbytes, 1), dtype=np.uint8)
+        buf = slot[0][:nbytes].view(dtype).reshape(shape)
+        fill(buf)
+        slot[1] = self._run(self.writer.write, buf)
+
+    def finish(self, metadata: dict | None = None) -> dict:
+        """Wait for every write, then `ShardWriter.finish` (header, fsync, rename)."""
+        result = self._run(self.writer.finish, metadata).result()
+        self._raise()
+        return result
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        # On an error here, skip what is queued: the file is about to be deleted anyway.
+        self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+        self._ring = []
+        if exc_type is None:
+            self._raise()
         return False
