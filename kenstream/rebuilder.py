@@ -67,6 +67,9 @@ class _TensorBlocks:
         _check_entries(name, rec, entries, diff.path)
         self.rows, self.cols = int(rec["rows"]), int(rec["cols"])
         if "mask" in entries:
+            # The check read the whole mask (1 bit a parameter, 16 MB for a 7B embedding);
+            # let it go until each block needs its rows, so memory stays flat in model size.
+            diff.release(name, "mask")
             entries = dict(entries, mask=entries["mask"].reshape(self.rows, -1))
         self.entries = entries
         self.dtype = dtypes.storage_dtype(rec["dtype"])
@@ -121,6 +124,9 @@ class _TensorBlocks:
         self.base.release(self.bname, r0 * self.row_bytes, r1 * self.row_bytes)
         self.diff.release(self.name, "values", self._start * self.value_bytes,
                           done * self.value_bytes)
+        if "mask" in self.entries:
+            width = self.entries["mask"].shape[1]
+            self.diff.release(self.name, "mask", r0 * width, r1 * width)
         self._start = done
 
     def release(self) -> None:

@@ -9,7 +9,10 @@ rows. Page caches of the files involved are dropped (posix_fadvise DONTNEED) bef
 step, so each starts from disk. Usage:
 
     python tools/bench_e2e.py --params 1B --dir /tmp/kbench
-    python tools/bench_e2e.py --params 7B --dir /tmp/kbench7 --keep 0.25 -j 2
+    python tools/bench_e2e.py --params 1B,7B --dir /tmp/kbench --keep 0.25 -j 2
+
+With several sizes, each is measured in turn and the peak memory of the larger ones is
+compared with the smallest's at the end, all in the one run.
 """
 
 from __future__ import annotations
@@ -127,77 +130,109 @@ def slow_rate(ft_dir: Path, rows: int = 3) -> float:
     return rows * data.shape[1] / (time.perf_counter() - t0)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="1B")
-    ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--dir", default="/tmp/kenstream-bench")
-    ap.add_argument("--keep", type=float, default=0.25)
-    ap.add_argument("-j", "--threads", type=int, default=2)
-    ap.add_argument("--keep-files", action="store_true", help="leave pair, diff and rebuild")
-    args = ap.parse_args(argv)
-
-    work = Path(args.dir)
+def measure(size: str, args) -> dict:
+    """Every figure for one pair size, measured in this process's run."""
+    work = Path(args.dir) / size.lower()
     pair, diff, out = work / "pair", work / "diff", work / "rebuilt"
     if not (pair / "finetuned" / "model.safetensors.index.json").exists():
-        print(f"making a {args.params} {args.dtype} pair in {pair} ...", flush=True)
+        print(f"making a {size} {args.dtype} pair in {pair} ...", flush=True)
         t0 = time.perf_counter()
         subprocess.run([sys.executable, str(ROOT / "tools" / "make_checkpoint.py"), str(pair),
-                        "--params", args.params, "--dtype", args.dtype, "--quiet",
+                        "--params", size, "--dtype", args.dtype, "--quiet",
                         "--overwrite"], check=True)
         print(f"  made in {time.perf_counter() - t0:.0f} s", flush=True)
     base, ft = pair / "base", pair / "finetuned"
     inputs = files_under(base) + files_under(ft)
-    input_bytes = sum(p.stat().st_size for p in inputs)
     ks = [sys.executable, "-m", "kenstream"]
 
     # Warm the numba cache so neither child pays JIT compilation inside its timing.
     subprocess.run(ks + ["demo", str(work / "warm"), "-q"], check=True, stdout=subprocess.DEVNULL)
 
+    print(f"{size}: reading both inputs ...", flush=True)
     floor = read_floor(inputs)
     drop_cache(inputs)
+    print(f"{size}: compress ...", flush=True)
     t_c, rss_c = timed_child(ks + ["compress", str(base), str(ft), "-o", str(diff), "--keep",
                                    str(args.keep), "-j", str(args.threads), "-q", "--overwrite"])
     index = json.loads((diff / "kenstream-diff.json").read_text())
-    params = index["totals"]["params"]
-    largest = max(r["rows"] * r["cols"] for r in index["tensors"].values())
+    print(f"{size}: copy and rebuild ...", flush=True)
     t_copy = copy_floor(base, work / "copy")
     drop_cache(files_under(base) + files_under(diff))
     t_r, rss_r = timed_child(ks + ["rebuild", str(base), str(diff), "-o", str(out), "-q",
                                    "--overwrite"])
     drop_cache(inputs)
+    print(f"{size}: kernel only ...", flush=True)
     t_k, k_params = kernel_only(ft, index, args.threads)
     slow = slow_rate(ft)
+    if not args.keep_files:
+        for p in (diff, out, work / "warm"):
+            shutil.rmtree(p, ignore_errors=True)
+    largest = max(r["rows"] * r["cols"] for r in index["tensors"].values())
+    return {"size": size, "params": index["totals"]["params"], "diff": index["totals"]["diff_bytes"],
+            "input_bytes": sum(p.stat().st_size for p in inputs), "compress": t_c,
+            "rss_c": rss_c, "kernel": t_k, "kernel_params": k_params, "floor": floor,
+            "rebuild": t_r, "rss_r": rss_r, "copy": t_copy, "slow": slow,
+            "bound": 3 * largest * 4 + 300e6}
 
-    limit = 3 * largest * 4 + 300e6
-    e2e_rate, kernel_rate = params / t_c, k_params / t_k
+
+def report(m: dict, args) -> None:
+    params = m["params"]
+    e2e_rate, kernel_rate = params / m["compress"], m["kernel_params"] / m["kernel"]
     print()
-    print(f"pair: {args.params} {args.dtype}, {params / 1e9:.2f} B params, inputs "
-          f"{input_bytes / 1e9:.1f} GB; keep={args.keep}, -j {args.threads}; "
-          f"diff {index['totals']['diff_bytes'] / 1e9:.2f} GB")
+    print(f"pair: {m['size']} {args.dtype}, {params / 1e9:.2f} B params, inputs "
+          f"{m['input_bytes'] / 1e9:.1f} GB; keep={args.keep}, -j {args.threads}; "
+          f"diff {m['diff'] / 1e9:.2f} GB")
     rows = [
-        ("compress (e2e)", t_c, e2e_rate, rss_c),
-        ("kernel only", t_k, kernel_rate, None),
-        ("read both inputs once", floor, params / floor, None),
-        ("rebuild", t_r, params / t_r, rss_r),
-        ("copy base", t_copy, params / t_copy, None),
-        ("slow reference (sample)", None, slow, None),
+        ("compress (e2e)", m["compress"], e2e_rate, m["rss_c"]),
+        ("kernel only", m["kernel"], kernel_rate, None),
+        ("read both inputs once", m["floor"], params / m["floor"], None),
+        ("rebuild", m["rebuild"], params / m["rebuild"], m["rss_r"]),
+        ("copy base", m["copy"], params / m["copy"], None),
+        ("slow reference (sample)", None, m["slow"], None),
     ]
     print(f"{'step':<26}{'seconds':>10}{'Mparam/s':>12}{'peak RSS':>12}")
     for label, secs, rate, rss in rows:
         s = f"{secs:10.1f}" if secs is not None else f"{'':>10}"
-        r = f"{rss / 1e9:10.2f}GB" if rss is not None else f"{'':>12}"
+        r = f"{rss / 1e6:10.0f}MB" if rss is not None else f"{'':>12}"
         print(f"{label:<26}{s}{rate / 1e6:12.3f}{r}")
     print()
     print(f"compress rate / kernel-only rate : {e2e_rate / kernel_rate:.2f}   (target >= 0.80)")
-    print(f"compress time / read floor       : {t_c / floor:.2f}")
-    print(f"rebuild time / copy base         : {t_r / t_copy:.2f}   (target <= 2)")
-    print(f"kernel speed-up over slow ref    : {kernel_rate / slow:,.0f}x")
-    print(f"peak RSS compress / rebuild      : {rss_c / 1e9:.2f} / {rss_r / 1e9:.2f} GB; "
-          f"bound 3 x largest tensor (f32) + 300 MB = {limit / 1e9:.2f} GB")
-    if not args.keep_files:
-        for p in (diff, out, work / "warm"):
-            shutil.rmtree(p, ignore_errors=True)
+    print(f"compress time / read floor       : {m['compress'] / m['floor']:.2f}")
+    print(f"rebuild time / copy base         : {m['rebuild'] / m['copy']:.2f}   (target <= 2)")
+    print(f"kernel speed-up over slow ref    : {kernel_rate / m['slow']:,.0f}x")
+    print(f"peak RSS compress / rebuild      : {m['rss_c'] / 1e6:.0f} / {m['rss_r'] / 1e6:.0f} MB; "
+          f"bound 3 x largest tensor (f32) + 300 MB = {m['bound'] / 1e9:.2f} GB")
+
+
+def compare(ms: list) -> None:
+    """Peak memory of every size against the smallest's, measured in this one run."""
+    first = ms[0]
+    print()
+    print(f"peak RSS against {first['size']} (target: within 15 %):")
+    for m in ms[1:]:
+        for key, what in (("rss_c", "compress"), ("rss_r", "rebuild")):
+            grow = m[key] / first[key] - 1
+            print(f"  {what:<9} {m['size']}: {m[key] / 1e6:.0f} MB vs {first[key] / 1e6:.0f} MB "
+                  f"({grow:+.1%}; {m['params'] / first['params']:.1f}x the parameters)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="1B",
+                    help="pair size, or sizes separated by commas measured in one run (1B,7B)")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--dir", default="/tmp/kenstream-bench",
+                    help="work folder; each size's pair is made once under DIR/SIZE and reused")
+    ap.add_argument("--keep", type=float, default=0.25)
+    ap.add_argument("-j", "--threads", type=int, default=2)
+    ap.add_argument("--keep-files", action="store_true", help="leave diff and rebuild")
+    args = ap.parse_args(argv)
+    ms = []
+    for size in [s.strip() for s in args.params.split(",") if s.strip()]:
+        ms.append(measure(size, args))
+        report(ms[-1], args)
+    if len(ms) > 1:
+        compare(ms)
     return 0
 
 
