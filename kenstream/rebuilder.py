@@ -11,7 +11,7 @@ from .diff import DiffReader
 from .errors import DiffError, OutputError
 from .io.checkpoint import Checkpoint
 from .io.safetensors_file import SafetensorsFile
-from .io.writer import ShardWriter, WriteBehind, header_bytes
+from .io.writer import BufferRing, ShardWriter, WriteBehind, header_bytes
 from .plan import fill_greedy
 from .outputs import copy_files, is_extra, prepare_output, read_json, write_json_atomic
 from .progress import bar, say
@@ -185,6 +185,13 @@ def _nbytes(rec: dict) -> int:
     return _params(rec) * dtypes.itemsize(rec["dtype"])
 
 
+def _block_bytes(rec: dict) -> int:
+    """Bytes of the largest row block `_TensorBlocks` builds for ``rec``."""
+    rows, cols = int(rec["rows"]), int(rec["cols"])
+    r0, r1 = next(fmt.row_blocks(rows, cols))
+    return (r1 - r0) * cols * dtypes.itemsize(rec["dtype"])
+
+
 def _plan_output(records: dict, limit: int) -> list:
     """Group tensors into output shards of at most ``limit`` bytes, in diff order."""
     return fill_greedy(records, lambda name: _nbytes(records[name]), limit)
@@ -239,6 +246,7 @@ def rebuild(base, diff, out, *, shard_size="5GB", force=False, overwrite=False, 
         copy_files(sorted(p for p in d.path.iterdir() if p.is_file() and is_extra(p.name)), out)
         weight_map = {}
         total = sum(_params(r) for r in d.records.values())
+        ring = BufferRing(2, max((_block_bytes(r) for r in d.records.values()), default=0))
         with bar(total, "rebuild", quiet) as progress:
             for file, group in zip(files, groups):
                 for name in group:
@@ -255,7 +263,7 @@ def rebuild(base, diff, out, *, shard_size="5GB", force=False, overwrite=False, 
                     entries[name] = (rec["dtype"], rec["shape"], offset, offset + size)
                     offset += size
                 reserve = len(header_bytes(entries, {"format": "pt"}))
-                _write_group(path, reserve, group, d, b, progress)
+                _write_group(path, reserve, group, d, b, progress, ring)
         total_size = sum(_nbytes(r) for r in d.records.values())
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         write_json_atomic(out / INDEX_NAME, index)
@@ -263,14 +271,16 @@ def rebuild(base, diff, out, *, shard_size="5GB", force=False, overwrite=False, 
     return index
 
 
-def _write_group(path: Path, reserve: int, group: list, d: DiffReader, b, progress) -> None:
+def _write_group(path: Path, reserve: int, group: list, d: DiffReader, b, progress,
+                 ring: BufferRing) -> None:
     """Write the rebuilt tensors ``group`` as one safetensors file, streaming.
 
     Three things overlap: the disk reads the next block (prefetch, across tensor ends
     too), this thread builds the current one, and a helper thread writes the previous
-    one (`WriteBehind`). Memory is two block buffers plus the pages being read.
+    one (`WriteBehind`). Memory is the ring's two block buffers plus the pages being read.
     """
-    with ShardWriter(path, reserve, drop_behind=True) as writer, WriteBehind(writer) as behind:
+    with ShardWriter(path, reserve, drop_behind=True) as writer, \
+            WriteBehind(writer, ring) as behind:
         current = _TensorBlocks(group[0], d.records[group[0]], d, b) if group else None
         if current is not None and current.ranges:
             current.prefetch(0)

@@ -152,25 +152,58 @@ class ShardWriter:
         return False
 
 
+class BufferRing:
+    """``count`` reusable byte buffers handed out in turn, each with the future of the
+    write that last used it.
+
+    One ring serves a whole run (every file it writes): buffers are made once, at the
+    largest size asked for, so the allocator never has to find fresh room for them (a
+    16 MB buffer freed and made again per output file left the heap 16 MB larger).
+    """
+
+    def __init__(self, count: int = 2, nbytes: int = 0):
+        self._slots = [[np.empty(max(1, int(nbytes)), dtype=np.uint8), None]
+                       for _ in range(max(1, count))]
+        self._next = 0
+
+    def take(self, dtype, shape) -> tuple[list, np.ndarray]:
+        """(slot, array of ``dtype`` and ``shape``) once the slot's last write is done."""
+        slot = self._slots[self._next]
+        self._next = (self._next + 1) % len(self._slots)
+        if slot[1] is not None:
+            slot[1].result()
+            slot[1] = None
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if slot[0].size < nbytes:
+            slot[0] = None  # let the old buffer go before the larger one is made
+            slot[0] = np.empty(nbytes, dtype=np.uint8)
+        return slot, slot[0][:nbytes].view(dtype).reshape(shape)
+
+    def release(self) -> None:
+        """Forget the writes of a helper that has stopped (each done or cancelled), so the
+        ring can serve the next file."""
+        for slot in self._slots:
+            slot[1] = None
+
+
 class WriteBehind:
     """Runs a `ShardWriter`'s calls on one helper thread, in order, so that the caller
     builds the next block while the previous one is being written.
 
-    Blocks go through a ring of ``buffers`` reusable arrays (`put`): a buffer is refilled
-    only once its previous write has finished, so memory is ``buffers`` blocks and no
-    fresh (zero-filled) pages are faulted per block. The first error of a call on the
-    helper thread is raised by the next `put` or by `finish`; later calls are skipped.
-    Use as a context manager inside the `ShardWriter`'s, so the helper has stopped
-    before a failed file is deleted.
+    Blocks go through a `BufferRing` (`put`): a buffer is refilled only once its previous
+    write has finished, so memory is the ring's blocks and no fresh (zero-filled) pages
+    are faulted per block. The first error of a call on the helper thread is raised by
+    the next `put` or by `finish`; later calls are skipped. Use as a context manager
+    inside the `ShardWriter`'s, so the helper has stopped before a failed file is deleted.
     """
 
-    def __init__(self, writer: ShardWriter, buffers: int = 2):
+    def __init__(self, writer: ShardWriter, ring: BufferRing | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.writer = writer
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kenstream-write")
-        self._ring = [[None, None] for _ in range(max(1, buffers))]  # [uint8 array, future]
-        self._next = 0
+        self._ring = ring if ring is not None else BufferRing()
         self._error = None
 
     def _run(self, fn, *args):
@@ -198,17 +231,8 @@ class WriteBehind:
     def put(self, dtype, shape, fill) -> None:
         """Call ``fill(buf)`` here on a free buffer of ``dtype`` and ``shape``, then write
         ``buf`` to the open entry on the helper thread."""
-        slot = self._ring[self._next]
-        self._next = (self._next + 1) % len(self._ring)
-        if slot[1] is not None:
-            slot[1].result()
-            self._raise()
-        dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if slot[0] is None or slot[0].size < nbytes:
-            slot[0] = None  # let the old buffer go before the larger one is made
-            slot[0] = np.empty(max(nbytes, 1), dtype=np.uint8)
-        buf = slot[0][:nbytes].view(dtype).reshape(shape)
+        slot, buf = self._ring.take(dtype, shape)
+        self._raise()
         fill(buf)
         slot[1] = self._run(self.writer.write, buf)
 
@@ -224,7 +248,7 @@ class WriteBehind:
     def __exit__(self, exc_type, exc, tb):
         # On an error here, skip what is queued: the file is about to be deleted anyway.
         self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
-        self._ring = []
+        self._ring.release()
         if exc_type is None:
             self._raise()
         return False

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 
 from kenstream.errors import OutputError
 from kenstream.io import writer as writer_mod
-from kenstream.io.writer import ShardWriter, WriteBehind
+from kenstream.io.writer import BufferRing, ShardWriter, WriteBehind
 
 
 def _blocks(n=9, rows=3, cols=50):
@@ -34,8 +34,8 @@ def _direct(path, blocks, **kw):
     return path.read_bytes()
 
 
-def _behind(path, blocks, **kw):
-    with ShardWriter(path, 400, **kw) as w, WriteBehind(w) as behind:
+def _behind(path, blocks, ring=None, **kw):
+    with ShardWriter(path, 400, **kw) as w, WriteBehind(w, ring) as behind:
         behind.begin("a", "F32")
         for b in blocks:
             behind.put(np.float32, b.shape, lambda out, b=b: np.copyto(out, b))
@@ -54,6 +54,14 @@ def test_write_behind_writes_the_same_bytes(tmp_path):
     got = load_file(str(tmp_path / "b.safetensors"))
     assert np.array_equal(got["a"], np.concatenate(blocks))
     assert got["tail"].tolist() == [0, 1, 2, 3]
+
+
+def test_one_ring_serves_several_files(tmp_path):
+    ring = BufferRing(2, nbytes=16)  # smaller than a block: grows on first use
+    small, large = _blocks(n=5, rows=2, cols=7), _blocks(n=4, rows=6, cols=90)
+    for i, blocks in enumerate((small, large, small)):
+        got = _behind(tmp_path / f"r{i}.safetensors", blocks, ring)
+        assert got == _direct(tmp_path / f"d{i}.safetensors", blocks)
 
 
 def test_write_behind_raises_the_writers_error_and_leaves_no_file(tmp_path, monkeypatch):
