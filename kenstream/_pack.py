@@ -125,7 +125,6 @@ def row_popcounts(packed: np.ndarray) -> np.ndarray:
     Padding bits count too (they must be 0). Parallel over rows, O(rows * nbytes), no
     temporary larger than the result.
     """
-    packed = packed.reshape(packed.shape[0], -1) if packed.ndim != 2 else packed
     out = np.zeros(packed.shape[0], dtype=np.int64)
     if packed.size:
         _row_popcounts(np.ascontiguousarray(packed), out)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._pack import merge_into, row_popcounts, unpack_into
+from ._pack import merge_into, row_popcounts
 
 FORMAT = "kenstream-diff"
 FORMAT_VERSION = 1
@@ -149,11 +149,7 @@ def apply_block(out: np.ndarray, record: dict, entries: dict, r0: int, start: in
         out[:] = values[r0 * cols:(r0 + n) * cols].reshape(n, cols)
         return start + n * cols
     if encoding == "bitmask":
-        packed = entries["mask"].reshape(int(record["rows"]), -1)[r0:r0 + n]
-        counts = row_popcounts(packed)
-        kept = int(counts.sum())
-        unpack_into(out, packed, values[start:start + kept], counts)
-        return start + kept
+        return _merge_bitmask(out, out, record, entries, r0, start)
     if "counts" in entries:
         counts = entries["counts"][r0:r0 + n].astype(np.int64)
     else:
@@ -175,8 +171,12 @@ def build_block(out: np.ndarray, base: np.ndarray, record: dict, entries: dict, 
     if record["encoding"] != "bitmask":
         np.copyto(out, base)
         return apply_block(out, record, entries, r0, start)
-    n = out.shape[0]
-    packed = entries["mask"].reshape(int(record["rows"]), -1)[r0:r0 + n]
+    return _merge_bitmask(out, base, record, entries, r0, start)
+
+
+def _merge_bitmask(out, base, record, entries, r0, start) -> int:
+    """``out`` = ``base`` rows (may be ``out``) with a bitmask block's kept values over them."""
+    packed = entries["mask"].reshape(int(record["rows"]), -1)[r0:r0 + out.shape[0]]
     counts = row_popcounts(packed)
     kept = int(counts.sum())
     values = entries["values"].reshape(-1)

@@ -281,27 +281,24 @@ def _write_group(path: Path, reserve: int, group: list, d: DiffReader, b, progre
     """
     with ShardWriter(path, reserve, drop_behind=True) as writer, \
             WriteBehind(writer, ring) as behind:
-        current = _TensorBlocks(group[0], d.records[group[0]], d, b) if group else None
-        if current is not None and current.ranges:
-            current.prefetch(0)
+        def opened(pos):  # the tensor at ``pos``, its first block already asked for
+            t = _TensorBlocks(group[pos], d.records[group[pos]], d, b)
+            t.prefetch(0)  # every tensor has at least one block (format.row_blocks)
+            return t
+
+        following = opened(0) if group else None
         for pos in range(len(group)):
-            t, following = current, None
+            t = following
             behind.begin(t.name, t.rec["dtype"])
             for i in range(len(t.ranges)):
                 if i + 1 < len(t.ranges):
                     t.prefetch(i + 1)
                 elif pos + 1 < len(group):
-                    name = group[pos + 1]
-                    following = _TensorBlocks(name, d.records[name], d, b)
-                    if following.ranges:
-                        following.prefetch(0)
+                    following = opened(pos + 1)
                 behind.put(t.dtype, t.shape(i), lambda out, i=i: t.build(i, out))
-            if following is None and pos + 1 < len(group):  # a tensor with no blocks
-                following = _TensorBlocks(group[pos + 1], d.records[group[pos + 1]], d, b)
             behind.end(t.rec["shape"])
             t.release()
             progress.update(_params(t.rec))
-            current = following
         behind.finish({"format": "pt"})
 
 
