@@ -153,33 +153,35 @@ def measure(size: str, args) -> dict:
     drop_cache(inputs)
     # Every timed step is run --repeat times and the fastest kept (peak memory: the
     # largest): on a shared 2-core machine one run can be slowed 10 % by the host.
-    compress_times, rss_c = [], 0
-    for n in range(args.repeat):
-        print(f"{size}: compress ({n + 1}/{args.repeat}) ...", flush=True)
+    def runs(label, step):
+        out = []
+        for n in range(args.repeat):
+            print(f"{size}: {label} ({n + 1}/{args.repeat}) ...", flush=True)
+            out.append(step())
+        return out
+
+    def compress():
         drop_cache(inputs)
-        t, rss = timed_child(ks + ["compress", str(base), str(ft), "-o", str(diff), "--keep",
-                                   str(args.keep), "-j", str(args.threads), "-q", "--overwrite"])
-        compress_times.append(t)
-        rss_c = max(rss_c, rss)
-    t_c = min(compress_times)
-    index = json.loads((diff / "kenstream-diff.json").read_text())
-    copy_times, rebuild_times, rss_r = [], [], 0
-    for n in range(args.repeat):
-        print(f"{size}: copy and rebuild ({n + 1}/{args.repeat}) ...", flush=True)
-        copy_times.append(copy_floor(base, work / "copy"))
+        return timed_child(ks + ["compress", str(base), str(ft), "-o", str(diff), "--keep",
+                                 str(args.keep), "-j", str(args.threads), "-q", "--overwrite"])
+
+    def copy_and_rebuild():
+        t_copy = copy_floor(base, work / "copy")
         drop_cache(files_under(base) + files_under(diff))
-        t, rss = timed_child(ks + ["rebuild", str(base), str(diff), "-o", str(out), "-q",
-                                   "--overwrite"])
-        rebuild_times.append(t)
-        rss_r = max(rss_r, rss)
-    t_copy, t_r = min(copy_times), min(rebuild_times)
-    kernel_times = []
-    for n in range(args.repeat):
-        print(f"{size}: kernel only ({n + 1}/{args.repeat}) ...", flush=True)
+        return (t_copy, *timed_child(ks + ["rebuild", str(base), str(diff), "-o", str(out),
+                                           "-q", "--overwrite"]))
+
+    def kernel():
         drop_cache(inputs)
-        t, k_params = kernel_only(ft, index, args.threads)
-        kernel_times.append(t)
-    t_k = min(kernel_times)
+        return kernel_only(ft, index, args.threads)
+
+    compress_times, rss_c = zip(*runs("compress", compress))
+    index = json.loads((diff / "kenstream-diff.json").read_text())
+    copy_times, rebuild_times, rss_r = zip(*runs("copy and rebuild", copy_and_rebuild))
+    kernel_times, k_params = zip(*runs("kernel only", kernel))
+    t_c, t_copy, t_r, t_k = (min(t) for t in (compress_times, copy_times, rebuild_times,
+                                              kernel_times))
+    rss_c, rss_r, k_params = max(rss_c), max(rss_r), k_params[0]
     slow = slow_rate(ft)
     if not args.keep_files:
         for p in (diff, out, work / "warm"):
