@@ -21,7 +21,7 @@ from kenstream import _density, _rowprep
 from kenstream.errors import SelectionError
 from kenstream.select import select_mask, select_positions
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
 INDEX = json.loads((GOLDEN / "index.json").read_text())
 NAMES = [case["name"] for case in INDEX["cases"]]
 
