@@ -5,16 +5,17 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "select_positions": "kenstream.select",
-    "select_mask": "kenstream.select",
-    "kept_counts": "kenstream.select",
-    "compress": "kenstream.engine",
-    "rebuild": "kenstream.rebuilder",
-    "load": "kenstream.rebuilder",
-    "verify": "kenstream.verifier",
-    "info": "kenstream.verifier",
+    "select_positions": "kenstream.kernels.ken",
+    "select_mask": "kenstream.kernels.ken",
+    "kept_counts": "kenstream.kernels.ken",
+    "select": "kenstream.kernels",
+    "select_mask_method": "kenstream.kernels.baselines",
+    "compress": "kenstream.engine.compress",
+    "rebuild": "kenstream.engine.rebuild",
+    "load": "kenstream.engine.rebuild",
+    "verify": "kenstream.engine.verify",
+    "info": "kenstream.engine.info",
     "render": "kenstream.viz",
-    "select_mask_method": "kenstream.methods",
 }
 
 

@@ -13,6 +13,7 @@ import warnings
 
 from . import __version__
 from .errors import KenstreamError, OutputError
+from .settings import DIFF_SHARD_SIZE, METHODS, MODEL_SHARD_SIZE, TIES
 
 
 def _common(p):
@@ -35,14 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--k", type=int, help="grid points (kept values) per row")
     g.add_argument("--keep", type=float, help="fraction of each row to keep, e.g. 0.5")
-    p.add_argument("--ties", choices=("positions", "values"), default="positions",
+    p.add_argument("--ties", choices=TIES, default="positions",
                    help="positions: exactly k per row; values: also keep duplicates of kept values")
-    p.add_argument("--method", choices=("ken", "delta", "magnitude", "random"), default="ken")
+    p.add_argument("--method", choices=METHODS, default="ken")
     p.add_argument("--seed", type=int, default=0, help="seed for --method random")
     p.add_argument("--include", metavar="REGEX", help="select only tensors whose name matches")
     p.add_argument("--exclude", metavar="REGEX", help="store whole the tensors whose name matches")
     p.add_argument("-j", "--threads", type=int, default=None, help="selection threads")
-    p.add_argument("--shard-size", default="2GB", help="maximum diff shard size (e.g. 500MB)")
+    p.add_argument("--shard-size", default=DIFF_SHARD_SIZE,
+                   help="maximum diff shard size (e.g. 500MB)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _common(p)
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base")
     p.add_argument("diff")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--shard-size", default="5GB")
+    p.add_argument("--shard-size", default=MODEL_SHARD_SIZE)
     p.add_argument("--force", action="store_true", help="rebuild even if the base differs")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=float, default=0.5)
     _common(p)
 
-    from .viz_cli import add_parser as add_viz
+    from .viz.cli import add_parser as add_viz
 
     add_viz(sub, _common)
     return parser
@@ -168,7 +170,7 @@ def _run(args, argv) -> int:
 
         return run_demo(args.directory, keep=args.keep, quiet=args.quiet)
     if args.command == "viz":
-        from .viz_cli import run as run_viz
+        from .viz.cli import run as run_viz
 
         return run_viz(args)
     raise AssertionError(args.command)  # argparse guarantees a known command

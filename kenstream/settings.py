@@ -8,7 +8,13 @@ from dataclasses import asdict, dataclass
 from .errors import SelectionError
 
 METHODS = ("ken", "delta", "magnitude", "random")
+"""Selection rules: the KEN rule, and the baselines it is compared with."""
 TIES = ("positions", "values")
+
+DIFF_SHARD_SIZE = "2GB"
+"""Default largest diff shard."""
+MODEL_SHARD_SIZE = "5GB"
+"""Default largest shard of a rebuilt model (the Hugging Face convention)."""
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

@@ -113,7 +113,7 @@ def write_v1() -> None:
         out = Path("tests/data/v1") / name
         shutil.rmtree(out, ignore_errors=True)
         kenstream.compress("tests/data/pair/base", "tests/data/pair/finetuned", out,
-                           quiet=True, shard_size="200kB", **settings)
+                           quiet=True, shard_size="60kB", **settings)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OutputError
+from ..format.spec import TEMP_SUFFIX
 
-TEMP_SUFFIX = ".partial"
 _CHUNK = 1 << 24
 _WRITEBACK = 1 << 26  # how often a drop-behind writer starts writeback (64 MiB)
 
@@ -252,3 +252,61 @@ class WriteBehind:
         if exc_type is None:
             self._raise()
         return False
+
+
+def fill_greedy(things, size_of, limit: int) -> list:
+    """Group ``things`` in order into lists whose sizes add up to at most ``limit``; a thing
+    larger than ``limit`` gets a list of its own. Always returns at least one list."""
+    groups, current, filled = [], [], 0
+    for thing in things:
+        size = size_of(thing)
+        if current and filled + size > limit:
+            groups.append(current)
+            current, filled = [], 0
+        current.append(thing)
+        filled += size
+    if current or not groups:
+        groups.append(current)
+    return groups
+
+
+class ShardSet:
+    """The output files of one run: which items each holds, their names, a writer for
+    each, and the index written last.
+
+    ``groups`` are lists of items in output order and ``names`` the file name of each;
+    `plan` makes both from a size limit. Files are written one by one through `open`
+    (a :class:`ShardWriter`, so each appears under its name only once complete); the
+    index, through `write_index`, only after every file is in place.
+    """
+
+    def __init__(self, out, groups: list, names: list):
+        self.out = Path(out)
+        self.groups = groups
+        self.names = names
+
+    @classmethod
+    def plan(cls, out, items, size_of, limit: int, name_of) -> "ShardSet":
+        """Fill files in order up to ``limit`` bytes (``size_of(item)`` each); ``name_of(i,
+        n)`` names file ``i`` of ``n``."""
+        groups = fill_greedy(items, size_of, limit)
+        return cls(out, groups, [name_of(i, len(groups)) for i in range(len(groups))])
+
+    def __iter__(self):
+        return iter(zip(self.names, self.groups))
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def path(self, name: str) -> Path:
+        return self.out / name
+
+    def open(self, name: str, reserve: int, drop_behind: bool = False) -> ShardWriter:
+        """A writer of file ``name`` with ``reserve`` bytes of header room."""
+        return ShardWriter(self.out / name, reserve, drop_behind=drop_behind)
+
+    def write_index(self, name: str, obj) -> None:
+        """Write the index ``name`` (JSON, atomically): the last file of a run."""
+        from .jsonfile import write_json_atomic
+
+        write_json_atomic(self.out / name, obj)

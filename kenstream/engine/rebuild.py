@@ -1,0 +1,162 @@
+"""Rebuild: base + diff -> the pruned fine-tune, as a standard model directory or in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import dtypes
+from ..errors import DiffError, OutputError
+from ..format import spec
+from ..format.records import RebuildPlan
+from ..io.checkpoint import Checkpoint
+from ..io.diff_reader import DiffReader
+from ..io.jsonfile import read_json_file, read_plan, write_json_atomic
+from ..io.outputs import copy_files, is_extra, prepare_output
+from ..io.safetensors_file import SafetensorsFile
+from ..io.writer import BufferRing, ShardSet, WriteBehind, header_bytes
+from ..progress import bar, say
+from ..settings import MODEL_SHARD_SIZE, parse_size
+from .blocks import TensorBlocks
+
+PARTIAL_NAME = "kenstream-rebuild.partial.json"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def load(base, diff, *, force: bool = False, verify_hashes: bool = True,
+         block_elems: int = spec.DEFAULT_BLOCK_ELEMS):
+    """Yield ``(name, torch.Tensor)`` for every tensor of the rebuilt model, one at a time.
+
+    Each tensor is a fresh CPU tensor in the fine-tune's dtype, ready for
+    ``model.load_state_dict(dict(kenstream.load(base, diff)))`` or per-tensor copies.
+    """
+    with DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
+        if verify_hashes:
+            d.check_hashes()
+        d.check_base(b, force=force)
+        for name, rec in d.records.items():
+            blocks = TensorBlocks(name, d, b, block_elems)
+            arr = blocks.rebuilt()
+            blocks.release()
+            yield name, dtypes.to_torch(arr, rec.dtype)
+
+
+def _model_file(i: int, n: int) -> str:
+    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _check_reused(path: Path, names) -> None:
+    """A finished output shard kept by --resume must hold exactly the planned tensors."""
+    with SafetensorsFile(path) as sf:
+        found = set(sf.names())
+    if found != set(names):
+        raise OutputError("holds other tensors than the plan puts in it", file=path,
+                          hint="delete it and rerun with --resume")
+
+
+def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwrite=False,
+            resume=False, quiet=False, block_elems: int = spec.DEFAULT_BLOCK_ELEMS) -> dict:
+    """Write the rebuilt model to ``out`` (safetensors shards + standard index + config files).
+
+    Returns the written ``model.safetensors.index.json`` content.
+    """
+    limit = parse_size(shard_size)
+    out = Path(out)
+    with DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
+        state = prepare_output(out, inputs=[b, _DiffInput(d.path)], resume=resume,
+                               overwrite=overwrite, marker=PARTIAL_NAME, index=INDEX_NAME)
+        if state == "complete":
+            say(f"{out} is already rebuilt; nothing to resume", quiet)
+            return read_json_file(out / INDEX_NAME)
+        say("checking diff shard hashes", quiet)
+        d.check_hashes()
+        diffs = d.check_base(b, force=force)
+        if diffs:
+            say(f"warning: --force: base differs from the recorded one in {len(diffs)} file(s)",
+                False)
+        records = d.records
+        shards = ShardSet.plan(out, records, lambda n: records[n].params * records[n].itemsize,
+                               limit, _model_file)
+        plan = RebuildPlan({n: s.to_json() for n, s in d.index.shards.items()}, limit,
+                           list(shards.names))
+        partial = out / PARTIAL_NAME
+        if state == "resume":
+            if RebuildPlan.from_json(read_plan(partial)) != plan:
+                raise DiffError("--resume: the diff or --shard-size differ from the interrupted run",
+                                file=partial)
+        else:
+            write_json_atomic(partial, plan.to_json())
+        # Config and tokenizer first: a run killed after the last shard's rename still
+        # leaves a loadable, complete model directory.
+        copy_files(sorted(p for p in d.path.iterdir() if p.is_file() and is_extra(p.name)), out)
+        weight_map = {}
+        total = sum(r.params for r in records.values())
+        largest = max((_first_block_bytes(r, block_elems) for r in records.values()), default=0)
+        ring = BufferRing(2, largest)
+        with bar(total, "rebuild", quiet) as progress:
+            for name, group in shards:
+                for tensor in group:
+                    weight_map[tensor] = name
+                path = shards.path(name)
+                if state == "resume" and path.exists():
+                    _check_reused(path, group)
+                    progress.update(sum(records[n].params for n in group))
+                    continue
+                entries, offset = {}, 0
+                for tensor in group:
+                    rec = records[tensor]
+                    size = rec.params * rec.itemsize
+                    entries[tensor] = (rec.dtype, rec.shape, offset, offset + size)
+                    offset += size
+                reserve = len(header_bytes(entries, {"format": "pt"}))
+                with shards.open(name, reserve, drop_behind=True) as writer:
+                    _write_group(writer, group, d, b, progress, ring, block_elems)
+        total_size = sum(r.params * r.itemsize for r in records.values())
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        shards.write_index(INDEX_NAME, index)
+        partial.unlink(missing_ok=True)
+    return index
+
+
+def _first_block_bytes(rec, block_elems: int) -> int:
+    """Bytes of the largest row block `TensorBlocks` builds for ``rec``."""
+    r0, r1 = next(spec.row_blocks(rec.rows, rec.cols, block_elems))
+    return (r1 - r0) * rec.cols * rec.itemsize
+
+
+def _write_group(writer, group: list, d: DiffReader, b, progress, ring: BufferRing,
+                 block_elems: int) -> None:
+    """Write the rebuilt tensors ``group`` into one safetensors file, streaming.
+
+    Three things overlap: the disk reads the next block (prefetch, across tensor ends
+    too), this thread builds the current one, and a helper thread writes the previous
+    one (`WriteBehind`). Memory is the ring's two block buffers plus the pages being read.
+    """
+    with WriteBehind(writer, ring) as behind:
+        def opened(pos):  # the tensor at ``pos``, its first block already asked for
+            t = TensorBlocks(group[pos], d, b, block_elems)
+            t.prefetch(0)  # every tensor has at least one block (spec.row_blocks)
+            return t
+
+        following = opened(0) if group else None
+        for pos in range(len(group)):
+            t = following
+            behind.begin(t.name, t.rec.dtype)
+            for i in range(len(t.ranges)):
+                if i + 1 < len(t.ranges):
+                    t.prefetch(i + 1)
+                elif pos + 1 < len(group):
+                    following = opened(pos + 1)
+                behind.put(t.dtype, t.shape(i), lambda out, i=i: t.build(i, out))
+            behind.end(t.rec.shape)
+            t.release()
+            progress.update(t.rec.params)
+        behind.finish({"format": "pt"})
+
+
+class _DiffInput:
+    """Lets prepare_output treat the diff directory as an input that must not be touched."""
+
+    def __init__(self, path):
+        self.root = Path(path)
+        self.files = []
+

@@ -1,0 +1,202 @@
+"""Reading a diff directory: its index, its shards, and the raw entries of one tensor.
+
+Every reader of a diff (rebuild, verify, info, viz, load, resume) opens it here, so every
+one runs the same checks: the index parsed by :class:`DiffIndex.from_json`, shard hashes
+and the records in each shard's metadata (:meth:`DiffReader.check_hashes`), and each
+entry's dtype and shape against its record (:meth:`DiffReader.entries`). Checks of the
+entries' content (bit counts, index ranges) belong to the encoding's decoder.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from ..errors import DiffError, IdentityError, KenstreamError
+from ..format import spec
+from ..format.layout import OPTIONAL_ROLES, expected_entries
+from ..format.records import DiffIndex, TensorRecord, parse_shard_metadata
+from .fingerprint import sha256_file
+from .jsonfile import read_json_file
+from .safetensors_file import SafetensorsFile
+
+RESUME_HINT = "finish it with kenstream compress ... --resume"
+
+
+class DiffReader:
+    """An opened, validated diff directory. Shards are memory-mapped on first use.
+
+    Opening reads and checks the whole index (O(number of tensors)); a damaged or
+    hand-edited index fails here with a one-line ``DiffError`` naming the tensor.
+    ``index`` is the :class:`DiffIndex`, ``records`` its name -> :class:`TensorRecord`.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        index_path = self.path / spec.INDEX_NAME
+        if not self.path.is_dir():
+            raise DiffError("is not a diff directory", file=self.path)
+        if not index_path.exists():
+            self._refuse_unindexed()
+        try:
+            self.index = DiffIndex.from_json(read_json_file(index_path, "index"))
+        except DiffError as exc:
+            raise exc.located(file=index_path) from None
+        self.records: dict[str, TensorRecord] = self.index.tensors
+        self._shards = {}
+
+    def _refuse_unindexed(self):
+        names = [p.name for p in self.path.iterdir()]
+        if spec.PARTIAL_NAME in names:
+            raise DiffError("is an unfinished diff (the compress run was interrupted)",
+                            file=self.path, hint=RESUME_HINT)
+        if any(n.endswith((spec.TEMP_SUFFIX, spec.SHARD_SUFFIX)) for n in names):
+            raise DiffError(f"has diff shards but no {spec.INDEX_NAME}: an incomplete diff",
+                            file=self.path, hint="copy or download the whole diff directory again")
+        if not names:
+            raise DiffError("is empty, not a kenstream diff", file=self.path)
+        raise DiffError(f"has no {spec.INDEX_NAME}; not a kenstream diff", file=self.path)
+
+    def _shard_path(self, name: str) -> Path:
+        """The shard's path, once it is known to be a regular file of the indexed size."""
+        path = self.path / name
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise DiffError("shard is missing", file=path) from None
+        except OSError as exc:
+            raise DiffError(f"shard cannot be read: {exc.strerror}", file=path) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise DiffError("shard is not a regular file", file=path)
+        expected = self.index.shards[name].size
+        if st.st_size != expected:
+            raise DiffError(f"shard is {st.st_size} bytes, index says {expected}", file=path)
+        return path
+
+    def shard(self, name: str) -> SafetensorsFile:
+        sf = self._shards.get(name)
+        if sf is None:
+            sf = self._shards[name] = SafetensorsFile(self._shard_path(name))
+        return sf
+
+    def check_hashes(self, progress=None) -> None:
+        """Check the diff's integrity; raise DiffError at the first problem.
+
+        Every shard's sha256 must match the index, and every tensor record in the index
+        must equal the copy its shard's metadata carries (format.md 1). The hashes cover
+        the shards only; comparing records makes an edited index fail here too, instead
+        of rebuilding a different model. Cost: reads every shard once.
+        """
+        stored = {}
+        for name, meta in self.index.shards.items():
+            path = self._shard_path(name)
+            if sha256_file(path) != meta.sha256:
+                raise DiffError("sha256 does not match the index (tampered or damaged)",
+                                file=path, hint="fetch the diff again")
+            try:
+                records = parse_shard_metadata(self.shard(name).metadata)
+            except DiffError as exc:
+                raise exc.located(file=path) from None
+            for tensor, rec in records.items():
+                if tensor in stored:
+                    raise DiffError(f"is recorded in both {stored[tensor][0]} and {name}",
+                                    file=self.path, tensor=tensor)
+                stored[tensor] = (name, rec)
+            if progress is not None:
+                progress(name)
+        where = self.path / spec.INDEX_NAME
+        for tensor, rec in self.records.items():
+            shard, copy = stored.pop(tensor, (None, None))
+            if copy is None:
+                raise DiffError("record is in no shard's metadata (index edited?)", file=where,
+                                tensor=tensor, hint="fetch the diff again")
+            if copy != rec:
+                raise DiffError(f"record differs from the copy in {shard} (index edited?)",
+                                file=where, tensor=tensor, hint="fetch the diff again")
+        if stored:
+            tensor, (shard, _) = next(iter(stored.items()))
+            raise DiffError(f"shard {shard} records a tensor the index lacks (index edited?)",
+                            file=where, tensor=tensor, hint="fetch the diff again")
+
+    def check_base(self, base, *, force: bool = False) -> list:
+        """Compare the base's file fingerprints with the recorded ones.
+
+        Returns a list of differences; raises IdentityError unless ``force``.
+        """
+        recorded = self.index.base.files
+        actual = base.identity().get("files") or {}
+        diffs = sorted(n for n in set(recorded) | set(actual) if recorded.get(n) != actual.get(n))
+        if diffs and not force:
+            first = diffs[0]
+            if first not in actual:
+                what = "is missing: the base this diff was made from has it"
+            elif first not in recorded:
+                what = "is not part of the base this diff was made from"
+            else:
+                what = "differs from the base this diff was made from (fingerprint)"
+            more = f"; {len(diffs)} files differ" if len(diffs) > 1 else ""
+            raise IdentityError(f"{what}{more}", file=Path(base.root) / first)
+        return diffs
+
+    def entries(self, name: str) -> dict:
+        """role -> read-only array of tensor ``name`` (empty for unchanged tensors), each
+        checked to have the dtype and shape its record implies."""
+        rec = self.records[name]
+        if rec.shard is None:
+            return {}
+        sf = self.shard(rec.shard)
+        expected = expected_entries(rec)
+        out = {}
+        try:
+            for role in spec.ROLES:
+                key = spec.entry_name(name, role)
+                if key not in sf:
+                    continue
+                if role not in expected:
+                    raise DiffError(f"shard has a {role!r} entry, which a {rec.encoding} "
+                                    "record does not use", file=sf.path)
+                info = sf.info(key)
+                dtype, shape = expected[role]
+                if info.dtype != dtype or list(info.shape) != shape:
+                    raise DiffError(f"{role} entry is {info.dtype}{list(info.shape)}, the record "
+                                    f"says {dtype}{shape} (dtype or shape tampered)",
+                                    file=sf.path)
+                out[role] = sf.array(key)
+        except KenstreamError as exc:
+            raise exc.located(tensor=name)
+        missing = [r for r in expected if r not in out and r not in OPTIONAL_ROLES]
+        if missing:
+            raise DiffError(f"shard has no {missing[0]} entry for this tensor", file=sf.path,
+                            tensor=name)
+        return out
+
+    def release(self, name: str, role: str | None = None, start: int = 0,
+                stop: int | None = None) -> None:
+        """Drop the pages of ``name``'s entries (or bytes ``start:stop`` of one ``role``)
+        from resident memory; arrays handed out stay valid."""
+        sf = self._shards.get(self.records[name].shard)
+        if sf is not None:
+            for r in spec.ROLES if role is None else (role,):
+                key = spec.entry_name(name, r)
+                if key in sf:
+                    sf.release(key, start, stop)
+
+    def prefetch(self, name: str, role: str, start: int = 0, stop: int | None = None) -> None:
+        """Start reading bytes ``start:stop`` of ``name``'s ``role`` entry ahead of use."""
+        sf = self._shards.get(self.records[name].shard)
+        key = spec.entry_name(name, role)
+        if sf is not None and key in sf:
+            sf.prefetch(key, start, stop)
+
+    def close(self) -> None:
+        for sf in self._shards.values():
+            sf.close()
+        self._shards.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

@@ -1,0 +1,78 @@
+"""Small JSON and text files kenstream reads and writes: indexes, plans, model cards.
+
+Reads check that the path is a regular file of sane size before reading it (a FIFO or a
+link to ``/dev/zero`` must not hang or fill memory) and refuse duplicate keys. Writes go
+through a temporary name, are fsynced, and are renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+from ..errors import DiffError, OutputError
+from ..format.spec import TEMP_SUFFIX
+
+MAX_JSON_BYTES = 1 << 30
+"""A JSON file larger than this is refused before it is read (real ones are a few MB)."""
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Duplicate(f"the key {key!r} appears twice")
+        seen[key] = value
+    return seen
+
+
+def read_json_file(path, what: str = "index", *, error=DiffError, hint=None,
+                   limit: int = MAX_JSON_BYTES):
+    """The JSON value in ``path``, or ``error`` (one line naming the file) when it is not a
+    regular file, larger than ``limit``, not UTF-8 JSON, or repeats a key."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise error(f"{what} is not a regular file", file=path, hint=hint)
+            if st.st_size > limit:
+                raise error(f"{what} is {st.st_size} bytes, more than any real one", file=path,
+                            hint=hint)
+            raw = fh.read(limit + 1)
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise error(f"{what} is not valid JSON ({exc})", file=path, hint=hint) from None
+
+
+def read_plan(path):
+    """A plan file kenstream wrote, or a one-line OutputError saying how to start again."""
+    return read_json_file(path, "plan file", error=OutputError,
+                          hint="delete the output directory and start again")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON (sorted keys, two-space indent) to ``path`` through a temporary name,
+    fsynced, then renamed."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary name that is removed on failure."""
+    path = Path(path)
+    temp = path.with_name(path.name + TEMP_SUFFIX)
+    try:
+        with open(temp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, path)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise OutputError.from_os(exc, "write", file=path) from exc

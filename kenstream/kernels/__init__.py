@@ -1,0 +1,61 @@
+"""Selection kernels: NumPy in, NumPy out, no I/O.
+
+:func:`select` is the one front door the engine uses, for every rule: it checks the
+inputs once, runs the rule's parallel kernel and names bad rows by their global row
+number. The public single-rule functions live in :mod:`.ken` (the KEN rule, bit-exact
+with the golden vectors) and :mod:`.baselines` (``delta``, ``magnitude``, ``random``);
+:mod:`.pack` holds the bit packing and merging kernels of the diff encodings.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import MismatchError, SelectionError
+from ..settings import METHODS, TIES
+from ._inputs import as_array, check_k, check_out
+from ._jit import threads
+
+__all__ = ["METHODS", "TIES", "select", "threads"]
+
+
+def select(method: str, ft_rows, k: int, *, base_rows=None, ties: str = "positions",
+           seed=0, salt=0, row_offset: int = 0, out=None) -> np.ndarray:
+    """Keep-mask of ``ft_rows`` [rows, cols] (bool, same shape) by ``method``.
+
+    - ``ken``: the KEN rule per row; ``ties`` as in :func:`.ken.select_mask`.
+    - ``delta`` / ``magnitude`` / ``random``: exactly ``min(k, cols)`` per row (``ties`` has
+      no effect); ``delta`` needs ``base_rows`` of the same shape, ``random`` depends only on
+      ``(seed, salt, row_offset + row)``.
+
+    ``row_offset`` is the tensor row of ``ft_rows[0]``: error rows are reported as
+    ``row_offset + i`` whatever the rule. Inputs may be read-only memory maps (never
+    copied whole). Rows run on the current numba thread count (see :func:`threads`).
+    Raises SelectionError, NonFiniteError, MismatchError. Cost: the rule's, O(rows * cols)
+    for the baselines, about O(rows * cols * 11) for KEN.
+    """
+    if method not in METHODS:
+        raise SelectionError(f"unknown selection method {method!r}",
+                             hint=f"choose one of {', '.join(METHODS)}")
+    if ties not in TIES:
+        raise SelectionError(f"unknown ties mode {ties!r}", hint="use 'positions' or 'values'")
+    ft, kind = as_array(ft_rows, "fine-tune rows")
+    if ft.ndim != 2:
+        raise SelectionError(f"select takes rows as a 2-D array, got shape {ft.shape}")
+    k = check_k(k)
+    out = check_out(out, ft.shape)
+    if method == "ken":
+        from .ken import mask_matrix
+
+        return mask_matrix(ft, kind, k, ties, out, row_offset)
+    from .baselines import mask_matrix
+
+    base, base_kind = ft, kind  # read by delta only
+    if method == "delta":
+        if base_rows is None:
+            raise SelectionError("method 'delta' needs the base rows")
+        base, base_kind = as_array(base_rows, "base rows")
+        if base.shape != ft.shape:
+            raise MismatchError(f"base rows {base.shape} differ from fine-tune rows {ft.shape}")
+    return mask_matrix(method, ft, kind, base, base_kind, k, out, seed=seed, salt=salt,
+                       row_offset=row_offset)

@@ -1,0 +1,83 @@
+"""The numba packer against NumPy's packbits and boolean indexing."""
+
+import numpy as np
+import pytest
+
+from kenstream.kernels.pack import pack_rows
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16, np.float64, np.int8])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 8), (4, 17), (0, 5), (6, 64)])
+def test_pack_rows_matches_numpy(dtype, shape):
+    rng = np.random.default_rng(sum(shape))
+    for density in (0.0, 0.3, 1.0):
+        mask = rng.random(shape) < density
+        values = rng.integers(0, 255, size=shape).astype(dtype)
+        packed, kept = pack_rows(mask, values, np.count_nonzero(mask, axis=1))
+        assert np.array_equal(packed, np.packbits(mask, axis=1, bitorder="little"))
+        assert kept.dtype == values.dtype
+        assert np.array_equal(kept.view(np.uint8), values[mask].view(np.uint8))
+
+
+def test_pack_keeps_nan_payloads_and_negative_zero():
+    bits = np.array([[0x7FC00001, 0x80000000, 0xFF800000, 0x3F800000]], dtype=np.uint32)
+    values = bits.view(np.float32)
+    mask = np.array([[True, True, False, True]])
+    _, kept = pack_rows(mask, values, np.array([3]))
+    assert kept.view(np.uint32).tolist() == [0x7FC00001, 0x80000000, 0x3F800000]
+
+
+_SHAPES = [(1, 1), (5, 13), (40, 64), (3, 0), (0, 9), (7, 8), (4, 203), (2, 1000)]
+_DENSITIES = (0.0, 0.02, 0.4, 0.97, 1.0)
+
+
+def _case(rng, shape, density, dtype):
+    """A mask with all-zero, all-one and mixed bytes at these densities, its values and a base."""
+    mask = rng.random(shape) < density
+    values = rng.integers(0, 1000, size=int(mask.sum())).astype(dtype)
+    base = rng.integers(0, 1000, size=shape).astype(dtype)
+    expected = base.copy()
+    expected[mask] = values
+    return mask, np.packbits(mask, axis=1, bitorder="little"), values, base, expected
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.float64, np.uint8])
+@pytest.mark.parametrize("kernel", ["in_place", "merge_into"])
+def test_scatter_kernels_match_numpy(dtype, kernel):
+    from kenstream.kernels import pack as _pack
+
+    rng = np.random.default_rng(7)
+    for shape in _SHAPES:
+        for density in _DENSITIES:
+            mask, packed, values, base, expected = _case(rng, shape, density, dtype)
+            counts = np.count_nonzero(mask, axis=1)
+            if kernel == "in_place":  # rebuild may merge over the base rows it was given
+                got = base.copy()
+                _pack.merge_into(got, got, packed, values, counts)
+            else:
+                base.flags.writeable = False  # the base is a read-only memory map in rebuild
+                got = np.full(shape, 77, dtype=dtype)
+                _pack.merge_into(got, base, packed, values, counts)
+            assert np.array_equal(got, expected), (shape, density)
+
+
+def test_merge_refuses_too_few_values():
+    from kenstream.kernels.pack import merge_into
+
+    mask = np.array([[True, False, True]])
+    packed = np.packbits(mask, axis=1, bitorder="little")
+    out = np.zeros((1, 3), dtype=np.float32)
+    with pytest.raises(ValueError):
+        merge_into(out, out, packed, np.ones(1, dtype=np.float32), np.array([2]))
+    with pytest.raises(ValueError):
+        merge_into(out, out.copy(), packed, np.ones(1, dtype=np.float32), np.array([2]))
+
+
+def test_row_popcounts_match_unpackbits():
+    from kenstream.kernels.pack import row_popcounts
+
+    rng = np.random.default_rng(5)
+    for shape in [(0, 4), (1, 1), (9, 13), (300, 41), (3, 0)]:
+        packed = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        expected = np.unpackbits(packed, axis=1).sum(axis=1) if packed.size else np.zeros(shape[0])
+        assert np.array_equal(row_popcounts(packed), expected)

@@ -1,0 +1,81 @@
+"""Slow NumPy twins of the baseline selection rules, written from their definitions
+(docs/algorithm.md): tests compare the kernels and the engine's output with these."""
+
+from __future__ import annotations
+
+import numpy as np
+
+M64 = (1 << 64) - 1
+
+
+def to_bf16_bits(x):
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even; inputs are finite."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = u + 0x7FFF + ((u >> 16) & 1)
+    return (u >> 16).astype(np.uint16)
+
+
+def widen(a):
+    """The float32 values a row of ``a`` stands for (uint16 = bfloat16 bit patterns)."""
+    a = np.asarray(a)
+    if a.dtype == np.uint16:
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32)
+
+
+def cast(x32, dtype):
+    if dtype == "bfloat16":
+        return to_bf16_bits(x32)
+    return x32.astype(dtype)
+
+
+def slow_top(keys, k):
+    """Per row: the k largest keys, ties to the lowest position, via a full lexsort."""
+    keys = np.asarray(keys)
+    mask = np.zeros(keys.shape, bool)
+    cols = keys.shape[1]
+    for i in range(keys.shape[0]):
+        order = np.lexsort((np.arange(cols), -keys[i].astype(np.float64)))
+        mask[i, order[: min(k, cols)]] = True
+    return mask
+
+
+def slow_delta(ft, base, k):
+    with np.errstate(over="ignore"):  # huge opposite values overflow to inf, a valid key
+        return slow_top(np.abs(widen(ft) - widen(base)), k)
+
+
+def slow_magnitude(ft, k):
+    return slow_top(np.abs(widen(ft)), k)
+
+
+def mix64(z):
+    z = (z + 0x9E3779B97F4A7C15) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def slow_random_row(seed, salt, row, n, k):
+    """The documented stream: splitmix64 seeded by mix(mix(mix(seed) ^ salt) ^ row), Lemire
+    bounded integers from the high 32 bits, Floyd's sampling."""
+    state = mix64(mix64(mix64(seed & M64) ^ (salt & M64)) ^ row)
+
+    def below(s):
+        nonlocal state
+        while True:
+            m = (mix64(state) >> 32) * s
+            state = (state + 0x9E3779B97F4A7C15) & M64
+            if (m & 0xFFFFFFFF) >= ((1 << 32) - s) % s:
+                return m >> 32
+
+    chosen = set()
+    if k >= n:
+        chosen = set(range(n))
+    else:
+        for j in range(n - k, n):
+            t = below(j + 1)
+            chosen.add(j if t in chosen else t)
+    mask = np.zeros(n, bool)
+    mask[list(chosen)] = True
+    return mask
