@@ -477,18 +477,29 @@ def test_index_strings_are_data(diff, capsys, tmp_path):
 
 
 def test_record_dtype_tampered_with_consistent_hash(diff, capsys):
-    """A record whose dtype disagrees with its shard entry is refused, not silently cast."""
+    """A record whose dtype disagrees with its shard entry is refused, not silently cast:
+    the shard's own record is edited and the diff re-signed, so only the entry check can
+    catch it."""
+    from tests.forge import edit_records, resign
+
     b, f, d = diff
-    index_path = d / "kenstream-diff.json"
-    index = json.loads(index_path.read_text())
-    assert index["tensors"]["a.weight"]["encoding"] in ("bitmask", "indices")
-    index["tensors"]["a.weight"]["dtype"] = "F64"
-    index_path.write_text(json.dumps(index))
-    for argv in (["rebuild", b, d, "-o", d.parent / "rebuilt"], ["verify", d, "--base", b]):
+    index = json.loads((d / "kenstream-diff.json").read_text())
+    rec = index["tensors"]["a.weight"]
+    assert rec["encoding"] in ("bitmask", "indices") and rec["dtype"] == "F32"
+
+    def to_f64(records):
+        records["a.weight"]["dtype"] = "F64"
+
+    edit_records(d / rec["shard"], to_f64)
+    resign(d)
+    for argv in (["rebuild", b, d, "-o", d.parent / "rebuilt"], ["verify", d, "--base", b],
+                 ["viz", d, "--tensor", "a.weight", "-o", d.parent / "a.png"]):
         code, err = cli(capsys, argv, [b, f, d])
         assert code == 2
-        assert_one_error(err, "tensor 'a.weight'", "dtype")
+        assert_one_error(err, "tensor 'a.weight'", "values entry is F32",
+                         "the record says F64", "dtype or shape tampered")
     assert_not_complete(d.parent / "rebuilt")
+    assert not (d.parent / "a.png").exists()
 
 
 # -- outputs ------------------------------------------------------------------------------

@@ -175,13 +175,19 @@ def measure(size: str, args) -> dict:
         drop_cache(inputs)
         return kernel_only(ft, index, args.threads)
 
+    def verify():
+        drop_cache(inputs + files_under(diff))
+        return timed_child(ks + ["verify", str(diff), "--base", str(base), "--finetuned",
+                                 str(ft), "-q"])
+
     compress_times, rss_c = zip(*runs("compress", compress))
     index = json.loads((diff / "kenstream-diff.json").read_text())
     copy_times, rebuild_times, rss_r = zip(*runs("copy and rebuild", copy_and_rebuild))
+    verify_times, rss_v = zip(*runs("verify", verify))
     kernel_times, k_params = zip(*runs("kernel only", kernel))
     t_c, t_copy, t_r, t_k = (min(t) for t in (compress_times, copy_times, rebuild_times,
                                               kernel_times))
-    rss_c, rss_r, k_params = max(rss_c), max(rss_r), k_params[0]
+    rss_c, rss_r, rss_v, k_params = max(rss_c), max(rss_r), max(rss_v), k_params[0]
     slow = slow_rate(ft)
     if not args.keep_files:
         for p in (diff, out, work / "warm"):
@@ -191,6 +197,7 @@ def measure(size: str, args) -> dict:
             "input_bytes": sum(p.stat().st_size for p in inputs), "compress": t_c,
             "rss_c": rss_c, "kernel": t_k, "kernel_params": k_params, "floor": floor,
             "rebuild": t_r, "rss_r": rss_r, "copy": t_copy, "slow": slow,
+            "verify": min(verify_times), "rss_v": rss_v, "verify_runs": verify_times,
             "bound": 3 * largest * 4 + 300e6, "compress_runs": compress_times,
             "kernel_runs": kernel_times, "rebuild_runs": rebuild_times, "copy_runs": copy_times}
 
@@ -207,6 +214,7 @@ def report(m: dict, args) -> None:
         ("kernel only", m["kernel"], kernel_rate, None),
         ("read both inputs once", m["floor"], params / m["floor"], None),
         ("rebuild", m["rebuild"], params / m["rebuild"], m["rss_r"]),
+        ("verify --finetuned", m["verify"], params / m["verify"], m["rss_v"]),
         ("copy base", m["copy"], params / m["copy"], None),
         ("slow reference (sample)", None, m["slow"], None),
     ]
@@ -219,6 +227,7 @@ def report(m: dict, args) -> None:
         runs = lambda key: ", ".join(f"{t:.1f}" for t in m[key])
         print(f"(fastest of {len(m['compress_runs'])} runs; compress {runs('compress_runs')} s, "
               f"kernel only {runs('kernel_runs')} s, rebuild {runs('rebuild_runs')} s, "
+              f"verify {runs('verify_runs')} s, "
               f"copy {runs('copy_runs')} s)")
     print()
     print(f"compress rate / kernel-only rate : {e2e_rate / kernel_rate:.2f}   (target >= 0.80)")
@@ -227,6 +236,7 @@ def report(m: dict, args) -> None:
     print(f"kernel speed-up over slow ref    : {kernel_rate / m['slow']:,.0f}x")
     print(f"peak RSS compress / rebuild      : {m['rss_c'] / 1e6:.0f} / {m['rss_r'] / 1e6:.0f} MB; "
           f"bound 3 x largest tensor (f32) + 300 MB = {m['bound'] / 1e9:.2f} GB")
+    print(f"peak RSS verify / rebuild        : {m['rss_v'] / m['rss_r']:.3f}   (target <= 1.10)")
 
 
 def compare(ms: list) -> None:
@@ -235,7 +245,7 @@ def compare(ms: list) -> None:
     print()
     print(f"peak RSS against {first['size']} (target: within 15 %):")
     for m in ms[1:]:
-        for key, what in (("rss_c", "compress"), ("rss_r", "rebuild")):
+        for key, what in (("rss_c", "compress"), ("rss_r", "rebuild"), ("rss_v", "verify")):
             grow = m[key] / first[key] - 1
             print(f"  {what:<9} {m['size']}: {m[key] / 1e6:.0f} MB vs {first[key] / 1e6:.0f} MB "
                   f"({grow:+.1%}; {m['params'] / first['params']:.1f}x the parameters)")

@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kenstream.select import select_mask  # noqa: E402
+from kenstream.kernels.ken import select_mask  # noqa: E402
 from tests.slow_ken import ken_row  # noqa: E402
 
 SHAPES = [("4096x4096", 4096, 4096, 1024, "f32"), ("1024x11008", 1024, 11008, 2752, "f32"),
@@ -40,7 +40,7 @@ SHAPES = [("4096x4096", 4096, 4096, 1024, "f32"), ("1024x11008", 1024, 11008, 27
 STARTUP = """
 import time, numpy as np
 t0 = time.perf_counter()
-from kenstream.select import select_mask
+from kenstream.kernels.ken import select_mask
 t1 = time.perf_counter()
 select_mask(np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32), 64)
 t2 = time.perf_counter()

@@ -5,9 +5,9 @@ matrix (default 32000 x 4096, a Llama-7B embedding: 131 M positions, 512 MB per 
 small matrix, compresses it with ``kenstream.compress(keep=...)``, then renders, each into a
 PNG: the ``matrix`` view (kept fraction per block), ``neighbors``, ``matrix`` coloured by the
 change from the base, and ``summary``. Printed side by side: the floor (unpacking every kept
-row once with ``kenstream.format.kept_rows``, which every matrix-like view must do), each
+row once through the engine's block layer, which every matrix-like view must do), each
 view's seconds and its ratio to that floor, the seconds of computing its image alone
-(:mod:`kenstream.viz_images`, no matplotlib; timed just before the render), and the peak
+(:mod:`kenstream.viz.images`, no matplotlib; timed just before the render), and the peak
 resident memory of this process after each step (``resource.getrusage``; it only grows, and counts resident pages of
 memory-mapped files, such as the base read for ``--color change``).
 
@@ -75,23 +75,19 @@ def peak_rss() -> int:
 
 def unpack_floor(diff: Path, tensor: str) -> float:
     """Seconds to unpack every row of ``tensor``'s kept mask once, in viz-sized row blocks."""
-    from kenstream.diff import DiffReader
-    from kenstream.format import kept_rows
-    from kenstream.viz_images import _CHUNK_ELEMS
+    from kenstream.engine.blocks import TensorBlocks
+    from kenstream.io.diff_reader import DiffReader
+    from kenstream.viz.images import BLOCK_ELEMS
 
     with DiffReader(diff) as reader:
         rec = reader.records[tensor]
-        entries = reader.entries(tensor)
-        rows, cols = int(rec["rows"]), int(rec["cols"])
-        step = max(1, _CHUNK_ELEMS // cols)
         t0 = time.perf_counter()
-        kept = 0
-        for r0 in range(0, rows, step):
-            kept += int(np.count_nonzero(kept_rows(rec, entries, r0, r0 + step)))
+        blocks = TensorBlocks(tensor, reader, None, BLOCK_ELEMS)
+        kept = sum(int(np.count_nonzero(blocks.kept(i))) for i in range(len(blocks.ranges)))
         dt = time.perf_counter() - t0
-        reader.release(tensor)
-    if kept != rec["kept"]:
-        sys.exit(f"unpacked {kept} kept positions, the index says {rec['kept']}")
+        blocks.release()
+    if kept != rec.kept:
+        sys.exit(f"unpacked {kept} kept positions, the index says {rec.kept}")
     return dt
 
 
@@ -127,8 +123,7 @@ def run(args, work: Path) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from kenstream.viz import render
-    from kenstream.viz_images import matrix_image, neighbor_image
+    from kenstream.viz import matrix_image, neighbor_image, render
 
     t0 = time.perf_counter()
     child = subprocess.run([sys.executable, __file__, "--rows", str(args.rows), "--cols",
@@ -147,7 +142,7 @@ def run(args, work: Path) -> int:
     start_rss = peak_rss()
 
     floor = unpack_floor(diff, BIG)
-    rows = [("floor: kept_rows over all rows", floor, None, peak_rss())]
+    rows = [("floor: kept mask of every row", floor, None, peak_rss())]
     mpx = args.max_pixels
     views = [
         ("matrix (kept fraction)", dict(view="matrix"),

@@ -22,6 +22,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 
+SHARD_SIZE = "60kB"
+"""Shard size of the v1 diffs (small, so some of them have several shards)."""
+
 # name -> settings of each v1 diff (the keyword arguments of kenstream.compress)
 V1_CASES = {
     "ken-keep0.3": dict(keep=0.3),
@@ -113,7 +116,7 @@ def write_v1() -> None:
         out = Path("tests/data/v1") / name
         shutil.rmtree(out, ignore_errors=True)
         kenstream.compress("tests/data/pair/base", "tests/data/pair/finetuned", out,
-                           quiet=True, shard_size="60kB", **settings)
+                           quiet=True, shard_size=SHARD_SIZE, **settings)
 
 
 if __name__ == "__main__":

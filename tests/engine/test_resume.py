@@ -167,20 +167,36 @@ def test_compress_killed_then_resumed(pair, reference, tmp_path, capsys, case):
     assert inputs_state(*pair) == before
 
 
-@pytest.mark.parametrize("fraction", [0.35, 0.6, 0.85])
-def test_compress_killed_after_a_delay(pair, reference, tmp_path, fraction):
-    """Kill at an arbitrary moment (which may be mid-write of any file, or even after the
-    run finished); whatever was left, --resume must end in the reference bytes."""
-    ref_diff, seconds = reference[0], reference[3]
+def _half_written(n: int, reference_dir: Path):
+    """Shard ``n``'s temporary file holds at least half of its final bytes."""
+    final = next(reference_dir.glob(f"kendiff-{n:05d}-of-*.kdiff")).stat().st_size
+
+    def ready(out):
+        part = next(iter(out.glob(f"kendiff-{n:05d}-of-*.kdiff.partial")), None)
+        try:
+            return part is not None and part.stat().st_size >= final // 2
+        except FileNotFoundError:  # renamed between the glob and the stat
+            return False
+    return ready
+
+
+def _last_shard_done(reference_tree: dict):
+    """Every shard is in place: the run is hashing them, copying files or writing the index."""
+    shards = [n for n in reference_tree if n.endswith(".kdiff")]
+    return lambda out: all((out / n).exists() for n in shards)
+
+
+@pytest.mark.parametrize("moment", ["half-written-shard", "after-the-last-shard"])
+def test_compress_killed_at_a_late_moment(pair, reference, tmp_path, moment):
+    """Kill mid-write of a shard's data, or after the last shard while the index is being
+    made; --resume must end in the reference bytes."""
+    ref_diff = reference[0]
+    ready = (_half_written(4, reference[2]) if moment == "half-written-shard"
+             else _last_shard_done(ref_diff))
     out = tmp_path / "diff"
     proc = start(command("compress", pair), tmp_path)
-    time.sleep(seconds * fraction)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if proc.returncode == -signal.SIGKILL and out.exists():
-        complete = (out / "kenstream-diff.json").exists()
-        assert complete or (out / "kenstream-diff.partial.json").exists() or \
-            all(p.name.endswith(".partial") for p in out.iterdir())
+    assert kill_when(proc, lambda: out.exists() and ready(out)), "finished before the kill"
+    assert not (out / "kenstream-diff.json").exists()
     proc = run(command("compress", pair) + ["--resume"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert tree(out) == ref_diff
@@ -296,3 +312,25 @@ def test_resume_with_a_damaged_plan_file(pair, reference, tmp_path, capsys, kind
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert marker in err and "JSON" in err
+
+
+def test_ctrl_c_leaves_a_resumable_diff(pair, reference, tmp_path):
+    """SIGINT in the middle of a run: exit 130, one line saying how to go on, no temporary
+    file left, and --resume ends in the reference bytes."""
+    out = tmp_path / "diff"
+    proc = start(command("compress", pair), tmp_path)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if out.exists() and _shard(2)(out):
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.0005)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = err.decode().strip().splitlines()
+    assert lines == ["error: interrupted; rerun with --resume to continue"]
+    assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
+    assert not (out / "kenstream-diff.json").exists()
+    proc = run(command("compress", pair) + ["--resume"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert tree(out) == reference[0]

@@ -1,8 +1,8 @@
 """The bytes of a diff shard are what docs/format.md predicts, for a tiny case.
 
 The prediction is assembled here from the document's rules (bit order, entry order,
-index widths, header padding) and the kernel's mask; nothing is read back through
-kenstream's own reader.
+index widths, header padding) and the slow twin of the KEN rule; nothing is read back
+through kenstream's own reader.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 import kenstream
 from tests.ckpt import save_dir
+from tests.slow_ken import ken_mask
 
 
 def predicted_mask_bytes(mask: np.ndarray) -> bytes:
@@ -54,8 +55,8 @@ def test_shard_bytes_match_the_document(tmp_path):
     records = json.loads(meta["records"])
     assert records["same"]["encoding"] == "unchanged"
 
-    mask_w = kenstream.select_mask(ft["w"].numpy(), 3)
-    mask_big = kenstream.select_mask(ft["big"].numpy(), 3)
+    mask_w = np.stack([ken_mask(row, 3) for row in ft["w"].numpy()])
+    mask_big = np.stack([ken_mask(row, 3) for row in ft["big"].numpy()])
     # 3 x 10 at k=3: bitmask 3*2 + 9*4 = 42 bytes < indices 9*(2+4) = 54 bytes.
     # 2 x 200 at k=3: bitmask 2*25 + 6*4 = 74 bytes > indices 6*(2+4) = 36 bytes.
     cols_big = np.nonzero(mask_big)[1].astype("<u2").tobytes()

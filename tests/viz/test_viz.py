@@ -9,6 +9,7 @@ a slow double loop over that mask, block fractions from explicit per-block slice
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 import sys
 
@@ -19,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.image as mpimg  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 import kenstream  # noqa: E402
@@ -56,7 +58,9 @@ def stored_mask(diff, name) -> np.ndarray:
     """Bool [rows, cols] kept mask decoded from the shard by hand (docs/format.md 2.2)."""
     rec = json.loads((diff / "kenstream-diff.json").read_text())["tensors"][name]
     rows, cols = rec["rows"], rec["cols"]
-    entries = load_file(str(diff / rec["shard"]))
+    with safe_open(str(diff / rec["shard"]), "np") as sf:  # the position entries only
+        entries = {k: sf.get_tensor(k) for k in sf.keys()
+                   if k.startswith(name + "::") and not k.endswith("::values")}
     mask = np.zeros((rows, cols), dtype=bool)
     if rec["encoding"] == "bitmask":
         packed = entries[f"{name}::mask"]
@@ -364,3 +368,19 @@ def test_missing_matplotlib_says_how_to_install(pair, tmp_path, monkeypatch, cap
                  "-o", str(tmp_path / "b.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "pip install 'kenstream[viz]'" in err
+
+
+@pytest.mark.parametrize("case,name", [("ken-k3-values", "model.layers.1.coarse.weight"),
+                                       ("random-keep0.01", "model.embed.weight"),
+                                       ("random-keep0.01", "model.layers.1.long.bias")])
+def test_indices_tensors_draw_their_stored_columns(case, name):
+    """Tensors stored as column indices (with and without per-row counts, U16 and U32
+    columns) draw exactly the positions their index entries list."""
+    diff = Path(__file__).resolve().parents[1] / "data" / "v1" / case
+    rec = json.loads((diff / "kenstream-diff.json").read_text())["tensors"][name]
+    assert rec["encoding"] == "indices"
+    mask = stored_mask(diff, name)
+    img = viz.matrix_image(diff, name, max_pixels=100_000, block_elems=500)
+    np.testing.assert_array_equal(img.data, np.where(mask, 1.0, np.nan))
+    neighbors = viz.neighbor_image(diff, name, max_pixels=100_000, block_elems=500)
+    np.testing.assert_array_equal(neighbors.data, slow_neighbors(mask))

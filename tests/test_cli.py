@@ -1,0 +1,102 @@
+"""The command line as a user drives it: exit codes, --json reports, info's figures, the
+demo, and interruption."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+
+import pytest
+import torch
+
+import kenstream
+from kenstream.cli import main
+from tests.ckpt import save_dir, toy_pair
+
+
+@pytest.fixture()
+def made(tmp_path):
+    base, ft = toy_pair(torch.float32)
+    b = save_dir(tmp_path / "base", base)
+    f = save_dir(tmp_path / "ft", ft)
+    d = tmp_path / "diff"
+    assert main(["compress", str(b), str(f), "-o", str(d), "--keep", "0.3", "-q"]) == 0
+    return b, f, d, ft
+
+
+def test_verify_json_reports_every_tensor(made, capsys):
+    b, f, d, ft = made
+    assert main(["verify", str(d), "--base", str(b), "--finetuned", str(f), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True and report["problems"] == []
+    assert set(report["tensors"]) == set(ft)
+    mlp = report["tensors"]["layer.0.mlp.weight"]
+    assert mlp["encoding"] == "bitmask" and mlp["kept_fraction"] == pytest.approx(7 / 24)
+    assert 0 < mlp["rel_error"] < 1
+
+
+def test_verify_finds_a_changed_kept_value(made, tmp_path, capsys):
+    """A fine-tune that differs from the one the diff was made from, at a kept position:
+    exit 1, one error line, and --json still prints the report naming the tensor."""
+    b, f, d, ft = made
+    index = json.loads((d / "kenstream-diff.json").read_text())
+    assert index["tensors"]["emb.weight"]["encoding"] == "bitmask"
+    changed = dict(ft)
+    changed["emb.weight"] = ft["emb.weight"] + 1.0  # every position differs, kept ones too
+    other = save_dir(tmp_path / "other", changed)
+    assert main(["verify", str(d), "--base", str(b), "--finetuned", str(other), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "emb.weight: a kept value differs from the fine-tune" in err
+    assert main(["verify", str(d), "--base", str(b), "--finetuned", str(other), "--json",
+                 "-q"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False
+    assert report["problems"] == ["emb.weight: a kept value differs from the fine-tune"]
+
+
+def test_info_per_layer_figures_add_up(made, capsys):
+    b, f, d, _ = made
+    assert main(["info", str(d), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    records = json.loads((d / "kenstream-diff.json").read_text())["tensors"]
+    want = defaultdict(lambda: {"params": 0, "selected": 0, "kept": 0, "bytes": 0})
+    for name, rec in records.items():
+        m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+        layer = want[m.group(1) if m else "other"]
+        layer["params"] += rec["rows"] * rec["cols"]
+        layer["bytes"] += rec["nbytes"]
+        if rec["encoding"] in ("bitmask", "indices"):
+            layer["selected"] += rec["rows"] * rec["cols"]
+            layer["kept"] += rec["kept"]
+    assert report["layers"] == dict(want)
+    assert main(["info", str(d)]) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if line.split()[:1] == ["0"])
+    layer0 = want["0"]
+    assert f"{layer0['params']:,}" in row
+    assert f"{100 * layer0['kept'] / layer0['selected']:.1f}" in row
+
+
+def test_ctrl_c_exits_130_with_one_line(made, monkeypatch, capsys):
+    b, f, d, _ = made
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kenstream, "compress", interrupted, raising=False)
+    assert main(["compress", str(b), str(f), "-o", str(d.parent / "x"), "--keep", "0.3",
+                 "-q"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("error: interrupted") and err.count("\n") == 1 and "--resume" in err
+
+
+def test_demo_runs_the_whole_tool(tmp_path, capsys):
+    assert main(["demo", str(tmp_path / "demo"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "OK:" in out and "checked bit for bit" in out
+    demo = tmp_path / "demo"
+    assert (demo / "diff" / "kenstream-diff.json").exists()
+    assert (demo / "rebuilt" / "model.safetensors.index.json").exists()
+    assert kenstream.verify(demo / "diff", demo / "base", demo / "finetuned", quiet=True)["ok"]
