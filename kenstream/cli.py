@@ -13,6 +13,8 @@ import warnings
 
 from . import __version__
 from .errors import KenstreamError, OutputError
+from .reports import human, print_info, print_verify
+from .format.spec import DEFAULT_LEVEL, FORMAT_VERSION, READ_VERSIONS
 from .settings import DIFF_SHARD_SIZE, METHODS, MODEL_SHARD_SIZE, TIES
 
 
@@ -45,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--threads", type=int, default=None, help="selection threads")
     p.add_argument("--shard-size", default=DIFF_SHARD_SIZE,
                    help="maximum diff shard size (e.g. 500MB)")
+    p.add_argument("--level", type=int, default=DEFAULT_LEVEL,
+                   help="zstd level of the coded values and positions: higher is smaller and "
+                        "slower (1 to 19)")
+    p.add_argument("--format-version", type=int, choices=READ_VERSIONS, default=FORMAT_VERSION,
+                   help="diff format to write; 1 only for kenstream 0.1 readers (raw values, "
+                        "not entropy-coded)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _common(p)
@@ -54,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("diff")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--shard-size", default=MODEL_SHARD_SIZE)
+    p.add_argument("-j", "--threads", type=int, default=None,
+                   help="blocks decoded at once (default: every core)")
     p.add_argument("--force", action="store_true", help="rebuild even if the base differs")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
@@ -69,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="summarise a diff")
     p.add_argument("diff")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--tensors", action="store_true",
+                   help="also list every tensor: kept share and bytes of positions and values")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
     _common(p)
 
     p = sub.add_parser("demo", help="run compress, info, rebuild and verify on a built-in example")
@@ -82,32 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_viz(sub, _common)
     return parser
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return str(n)
-
-
-def print_info(report: dict) -> None:
-    t = report["totals"]
-    print(f"diff: {report['path']}")
-    print(f"base: {report['base']}   fine-tune: {report['finetuned']}")
-    sel = report["selection"]
-    rule = f"k={sel['k']}" if sel.get("k") is not None else f"keep={sel.get('keep')}"
-    print(f"selection: {sel['method']} {rule} ties={sel['ties']}")
-    print(f"parameters: {t.get('params', 0):,}   selected: {t.get('selected', 0):,}   "
-          f"kept: {t.get('kept', 0):,}   reset: {t.get('reset', 0):,} "
-          f"({t['reset_percent']:.1f}% of selected)")
-    print(f"diff bytes: {_human(t.get('diff_bytes', 0))}   fine-tune bytes: "
-          f"{_human(t.get('finetuned_bytes', 0))}   ratio: {t['diff_to_finetuned']:.3f}")
-    print(f"{'layer':>8} {'params':>14} {'kept %':>8} {'bytes':>12}")
-    for layer, row in report["layers"].items():
-        pct = 100.0 * row["kept"] / row["selected"] if row["selected"] else float("nan")
-        print(f"{layer:>8} {row['params']:>14,} {pct:>8.1f} {_human(row['bytes']):>12}")
 
 
 def _recorded(argv) -> list:
@@ -123,22 +109,23 @@ def _run(args, argv) -> int:
         index = ks.compress(args.base, args.finetuned, args.output, k=args.k, keep=args.keep,
                             ties=args.ties, method=args.method, include=args.include,
                             exclude=args.exclude, seed=args.seed, threads=args.threads,
-                            shard_size=args.shard_size, resume=args.resume,
+                            shard_size=args.shard_size, level=args.level,
+                            format_version=args.format_version, resume=args.resume,
                             overwrite=args.overwrite, quiet=args.quiet,
                             command=["kenstream"] + _recorded(argv))
         t = index["totals"]
         if not args.quiet:
             print(f"wrote {args.output}: kept {t['kept']:,} of {t['selected']:,} selected "
-                  f"parameters, {_human(t['diff_bytes'])} "
+                  f"parameters, {human(t['diff_bytes'])} "
                   f"({t['diff_bytes'] / max(t['finetuned_bytes'], 1):.1%} of the fine-tune)")
         return 0
     if args.command == "rebuild":
         index = ks.rebuild(args.base, args.diff, args.output, shard_size=args.shard_size,
                            force=args.force, resume=args.resume, overwrite=args.overwrite,
-                           quiet=args.quiet)
+                           quiet=args.quiet, threads=args.threads)
         if not args.quiet:
             print(f"wrote {args.output}: {len(index['weight_map'])} tensors, "
-                  f"{_human(index['metadata']['total_size'])}")
+                  f"{human(index['metadata']['total_size'])}")
         return 0
     if args.command == "verify":
         try:
@@ -152,10 +139,7 @@ def _run(args, argv) -> int:
             print(json.dumps(report, indent=2))
         elif not args.quiet:
             if args.finetuned:
-                print(f"{'tensor':<60} {'kept':>7} {'rel.err':>9}")
-                for name, row in report["tensors"].items():
-                    print(f"{name:<60} {row['kept_fraction']:>7.3f} "
-                          f"{row.get('rel_error', float('nan')):>9.4f}")
+                print_verify(report)
             print("verify: OK")
         return 0
     if args.command == "info":
@@ -163,7 +147,7 @@ def _run(args, argv) -> int:
         if args.json:
             print(json.dumps(report, indent=2))
         else:
-            print_info(report)
+            print_info(report, tensors=args.tensors)
         return 0
     if args.command == "demo":
         from .example import run_demo

@@ -86,7 +86,7 @@ def write_pair(directory, cfg=BERT_SMALL) -> tuple:
 def run_demo(directory, *, keep=0.5, quiet=False) -> int:
     """Generate the example pair and run the whole tool on it, saying what happens."""
     import kenstream as ks
-    from .cli import print_info
+    from .reports import print_info
 
     directory = Path(directory)
     print(f"1. writing a small BERT-shaped base / fine-tune pair under {directory}/")

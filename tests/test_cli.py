@@ -32,7 +32,7 @@ def test_verify_json_reports_every_tensor(made, capsys):
     assert report["ok"] is True and report["problems"] == []
     assert set(report["tensors"]) == set(ft)
     mlp = report["tensors"]["layer.0.mlp.weight"]
-    assert mlp["encoding"] == "bitmask" and mlp["kept_fraction"] == pytest.approx(7 / 24)
+    assert mlp["encoding"] == "coded" and mlp["kept_fraction"] == pytest.approx(7 / 24)
     assert 0 < mlp["rel_error"] < 1
 
 
@@ -41,7 +41,7 @@ def test_verify_finds_a_changed_kept_value(made, tmp_path, capsys):
     exit 1, one error line, and --json still prints the report naming the tensor."""
     b, f, d, ft = made
     index = json.loads((d / "kenstream-diff.json").read_text())
-    assert index["tensors"]["emb.weight"]["encoding"] == "bitmask"
+    assert index["tensors"]["emb.weight"]["reason"] == "selected"
     changed = dict(ft)
     changed["emb.weight"] = ft["emb.weight"] + 1.0  # every position differs, kept ones too
     other = save_dir(tmp_path / "other", changed)
@@ -67,7 +67,7 @@ def test_info_per_layer_figures_add_up(made, capsys):
         layer = want[m.group(1) if m else "other"]
         layer["params"] += rec["rows"] * rec["cols"]
         layer["bytes"] += rec["nbytes"]
-        if rec["encoding"] in ("bitmask", "indices"):
+        if rec["k"] is not None:  # selected
             layer["selected"] += rec["rows"] * rec["cols"]
             layer["kept"] += rec["kept"]
     assert report["layers"] == dict(want)

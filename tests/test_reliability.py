@@ -403,7 +403,7 @@ def test_diff_index_unfinished_flag(diff, capsys):
 def test_diff_from_newer_format(diff, capsys):
     b, f, d = diff
     index = json.loads((d / "kenstream-diff.json").read_text())
-    index["format_version"] = 2
+    index["format_version"] = 3
     (d / "kenstream-diff.json").write_text(json.dumps(index))
     _check_all_commands(capsys, b, f, d, "kenstream-diff.json", "newer", "upgrade")
 
@@ -447,10 +447,23 @@ def test_rebuild_against_another_base_needs_force(diff, capsys):
     code, err = cli(capsys, ["verify", d, "--base", other], [b, f, d, other])
     assert code == 2
     assert_one_error(err, str(other / "model.safetensors"), "differs from the base", "--force")
+    # Format 2 codes kept values against the recorded base: with another base they cannot
+    # be decoded, and rebuild says so instead of writing a wrong model.
     code, err = cli(capsys, ["rebuild", other, d, "-o", out, "--force"], [b, f, d, other])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("warning: ") and "--force" in lines[0]
+    assert_one_error("\n".join(lines[1:]), "tensor '", "the base must hold the same values")
+    assert_not_complete(out)
+    # Format 1 stores raw values: --force rebuilds the kept values over the other base.
+    d1 = d.parent / "diff-v1"
+    code, err = cli(capsys, compress_argv(b, f, d1) + ["--format-version", "1"], [b, f])
+    assert code == 0, err
+    out1 = d.parent / "rebuilt-v1"
+    code, err = cli(capsys, ["rebuild", other, d1, "-o", out1, "--force"], [b, f, d1, other])
     assert code == 0
     assert err.startswith("warning: ") and "--force" in err and "Traceback" not in err
-    assert (out / "model.safetensors.index.json").exists()
+    assert (out1 / "model.safetensors.index.json").exists()
 
 
 def test_index_strings_are_data(diff, capsys, tmp_path):
@@ -476,13 +489,16 @@ def test_index_strings_are_data(diff, capsys, tmp_path):
     assert not marker.exists()
 
 
-def test_record_dtype_tampered_with_consistent_hash(diff, capsys):
-    """A record whose dtype disagrees with its shard entry is refused, not silently cast:
-    the shard's own record is edited and the diff re-signed, so only the entry check can
-    catch it."""
+def test_record_dtype_tampered_with_consistent_hash(pair, capsys):
+    """A format-1 record whose dtype disagrees with its shard entry is refused, not
+    silently cast: the shard's own record is edited and the diff re-signed, so only the
+    entry check can catch it."""
     from tests.forge import edit_records, resign
 
-    b, f, d = diff
+    b, f, _ = pair
+    d = b.parent / "diff-v1"
+    code, err = cli(capsys, compress_argv(b, f, d) + ["--format-version", "1"], [b, f])
+    assert code == 0, err
     index = json.loads((d / "kenstream-diff.json").read_text())
     rec = index["tensors"]["a.weight"]
     assert rec["encoding"] in ("bitmask", "indices") and rec["dtype"] == "F32"

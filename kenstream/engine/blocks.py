@@ -13,6 +13,7 @@ from .. import dtypes
 from ..errors import DiffError, KenstreamError
 from ..format import spec
 from ..format.v1 import V1Tensor
+from ..format.v2_tensor import V2Tensor
 from ..io.rows import TensorRows
 
 
@@ -31,7 +32,10 @@ class TensorBlocks:
         rec = self.rec = diff.records[name]
         entries = diff.entries(name)
         try:
-            self.codec = V1Tensor(name, rec, entries)
+            if rec.version >= 2:
+                self.codec = V2Tensor(name, rec, entries, diff.index.coding.frame_elems)
+            else:
+                self.codec = V1Tensor(name, rec, entries)
         except KenstreamError as exc:
             raise exc.located(file=diff.path)
         if "mask" in entries:
@@ -40,9 +44,11 @@ class TensorBlocks:
             diff.release(name, "mask")
         self.rows, self.cols = rec.rows, rec.cols
         self.dtype = dtypes.storage_dtype(rec.dtype)
-        self.ranges = list(spec.row_blocks(self.rows, self.cols, block_elems))
+        # Format 2 is decoded frame by frame; format 1 in row blocks of block_elems.
+        self.ranges = (self.codec.ranges if rec.version >= 2
+                       else list(spec.row_blocks(self.rows, self.cols, block_elems)))
         self.base = None
-        if base is not None and rec.encoding != "dense":
+        if base is not None and rec.base_name is not None and rec.encoding != "dense":
             binfo = base.info(rec.base_name)
             if tuple(binfo.shape) != tuple(rec.shape):
                 raise DiffError(f"base tensor {rec.base_name!r} has shape {list(binfo.shape)}, "
@@ -62,12 +68,17 @@ class TensorBlocks:
             self.diff.prefetch(self.name, role, *self.codec.byte_span(role, r0, r1))
 
     def base_rows(self, i: int) -> np.ndarray | None:
-        """Block ``i`` of the base in the fine-tune's dtype (None for a dense tensor)."""
-        if self.rec.encoding == "dense":
+        """Block ``i`` of the base in the fine-tune's dtype (None when the tensor is stored
+        without a base)."""
+        return self._base_range(*self.ranges[i])
+
+    def _base_range(self, r0: int, r1: int) -> np.ndarray | None:
+        if self.rec.encoding == "dense" or self.rec.base_name is None:
             return None
         if self.base is None:
-            raise DiffError("needs the base to be rebuilt", tensor=self.name)
-        return self.base.read(*self.ranges[i])
+            raise DiffError("needs the base to be decoded", tensor=self.name,
+                            hint="pass the base checkpoint")
+        return self.base.read(r0, r1)
 
     def build(self, i: int, out: np.ndarray, base_rows: np.ndarray | None = None) -> None:
         """Write block ``i`` of the rebuilt tensor into ``out`` ([n, cols], storage dtype);
@@ -75,7 +86,13 @@ class TensorBlocks:
         r0, r1 = self.ranges[i]
         if base_rows is None:
             base_rows = self.base_rows(i)
-        self.codec.build(out, base_rows, r0)
+        try:
+            if self.rec.version >= 2:
+                self.codec.build_frame(i, out, base_rows)
+            else:
+                self.codec.build(out, base_rows, r0)
+        except DiffError as exc:
+            raise self._explained(exc)
         if self.base is not None:
             self.base.release(r0, r1)
         for role in self.codec.roles:
@@ -90,8 +107,24 @@ class TensorBlocks:
         return self.codec.kept_rows(r0, r1)
 
     def kept_values(self, r0: int, r1: int) -> np.ndarray:
-        """The stored values of rows r0..r1, row-major, in the storage dtype."""
+        """The kept fine-tuned values of rows r0..r1, row-major, in the storage dtype
+        (format 2 needs the base to decode them)."""
+        if self.rec.version >= 2:
+            try:
+                return self.codec.kept_values(r0, r1, self._base_range)
+            except DiffError as exc:
+                raise self._explained(exc)
         return self.codec.kept_values(r0, r1)
+
+    def _explained(self, exc: DiffError) -> DiffError:
+        """A decode error, located; when the base was let through by --force, say why it
+        most likely failed."""
+        exc = exc.located(file=self.diff.path, tensor=self.name)
+        if self.diff.forced_base and self.rec.version >= 2:
+            exc.hint = ("format 2 codes kept values against the base the diff was made from; "
+                        "with --force the base must hold the same values")
+            exc.args = (str(exc),)
+        return exc
 
     def release(self) -> None:
         """Drop every page of this tensor's diff entries and base tensor."""

@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import __version__, kernels
-from ..errors import DiffError, OutputError
+from ..errors import DiffError, OutputError, SelectionError
 from ..format import spec
-from ..format.records import (CompressPlan, DiffIndex, Identity, Selection, ShardInfo, Totals,
-                              parse_shard_metadata)
+from ..format.index import (Coding, CompressPlan, DiffIndex, Identity, Selection, ShardInfo,
+                            Totals)
+from ..format.records import parse_shard_metadata
 from ..io.checkpoint import Checkpoint
 from ..io.fingerprint import sha256_file
 from ..io.jsonfile import read_json_file, read_plan, write_json_atomic, write_text_atomic
@@ -63,6 +64,7 @@ def _resumed_plan(plan: CompressPlan, partial: Path) -> CompressPlan:
         raise OutputError(f"--resume: {exc.message}", file=partial,
                           hint="delete the output directory and start again") from None
     checks = (("settings", "selection settings"), ("shard_size", "--shard-size values"),
+              ("format_version", "format versions"), ("coding", "--level or frame sizes"),
               ("base", "base files"), ("finetuned", "fine-tune files"), ("shards", "shard plans"))
     for key, what in checks:
         was, now = getattr(previous, key), getattr(plan, key)
@@ -72,34 +74,40 @@ def _resumed_plan(plan: CompressPlan, partial: Path) -> CompressPlan:
             raise OutputError(f"--resume: the {what} differ from the interrupted run's",
                               file=partial, hint="repeat the original command with --resume")
     return CompressPlan(plan.settings, plan.shard_size, previous.base, previous.finetuned,
-                        plan.shards, previous.command, plan.format_version)
+                        plan.shards, previous.command, plan.format_version, plan.coding)
 
 
 def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", method="ken",
              include=None, exclude=None, seed=0, threads=None, shard_size=DIFF_SHARD_SIZE,
-             block_elems=spec.DEFAULT_BLOCK_ELEMS, resume=False, overwrite=False, quiet=False,
-             command=None) -> dict:
+             level=spec.DEFAULT_LEVEL, format_version=spec.FORMAT_VERSION,
+             frame_elems=spec.DEFAULT_FRAME_ELEMS, block_elems=spec.DEFAULT_BLOCK_ELEMS,
+             resume=False, overwrite=False, quiet=False, command=None) -> dict:
     """Prune ``finetuned`` against ``base`` and write the diff directory ``out``.
 
-    Returns the index (also written as ``out/kenstream-diff.json``) as JSON. ``threads``
-    numba threads select (the caller's count is restored after); tensors stream in row
-    blocks of about ``block_elems`` values. Peak memory is a few row blocks plus the
-    packed mask of the tensor in hand (1 bit a parameter).
+    Returns the index (also written as ``out/kenstream-diff.json``) as JSON. ``keep=1``
+    (or ``k`` at least every row's length) stores the whole fine-tune, losslessly.
+    ``threads`` threads select and code (the caller's numba thread count is restored
+    after); ``level`` is the zstd level of format 2, whose frames hold about
+    ``frame_elems`` values; tensors stream in row blocks of about ``block_elems`` values.
+    Peak memory is a few row blocks.
     """
     settings = Settings(method=method, k=k, keep=keep, ties=ties, include=include,
                         exclude=exclude, seed=seed)
     limit = parse_size(shard_size)
+    version, coding = _coding(format_version, level, frame_elems)
     out = Path(out)
     with kernels.threads(threads), Checkpoint.open(str(base)) as b, \
             Checkpoint.open(str(finetuned)) as f:
         # Planned before the output is touched, so unrelated models leave nothing behind and
         # the plan file follows the directory's creation at once.
         alignment = align(f.names(), b.names())
-        items = make_items(f, b, alignment, settings)
+        items = make_items(f, b, alignment, settings, version=version,
+                           frame_elems=frame_elems)
         shards = plan_shards(out, items, limit)
         plan = CompressPlan(settings.to_json(), limit, b.identity(), f.identity(),
                             {n: [i.name for i in g] for n, g in shards},
-                            list(command) if command is not None else None)
+                            list(command) if command is not None else None, version,
+                            None if coding is None else coding.to_json())
         state = prepare_output(out, inputs=[b, f], resume=resume, overwrite=overwrite,
                                marker=spec.PARTIAL_NAME, index=spec.INDEX_NAME)
         if state == "complete":
@@ -123,8 +131,10 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", metho
                     records.update(read_shard_records(path, [i.name for i in group]))
                     progress.update(sum(i.params for i in group))
                     continue
-                records.update(write_shard(shards, name, group, f, b, settings, progress,
-                                           block_elems))
+                records.update(write_shard(
+                    shards, name, group, f, b, settings, progress, version=version,
+                    block_elems=block_elems, level=level, frame_elems=frame_elems,
+                    threads=kernels.get_threads()))
         copy_files(f.extra_files(), out)
         write_text_atomic(out / "README.md", diff_card(plan.base, plan.command))
         index = build_index(plan, alignment, items, records, shards)
@@ -133,8 +143,22 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", metho
     return index.to_json()
 
 
+def _coding(version, level, frame_elems):
+    """(format version, its Coding or None), checked."""
+    if version not in spec.READ_VERSIONS:
+        raise SelectionError(f"format version {version!r} is not one this kenstream writes "
+                             f"({', '.join(map(str, spec.READ_VERSIONS))})")
+    if version == 1:
+        return 1, None
+    try:
+        return 2, Coding.from_json({"level": level, "frame_elems": frame_elems})
+    except DiffError as exc:
+        raise SelectionError(exc.message) from None
+
+
 def build_index(plan: CompressPlan, alignment, items, records, shards) -> DiffIndex:
     """The index of a finished diff: every shard's size and hash, every record, totals."""
+    version = plan.format_version
     table = {n: ShardInfo(shards.path(n).stat().st_size, sha256_file(shards.path(n)))
              for n, _ in shards}
     tensors = {i.name: records[i.name] for i in items}
@@ -144,9 +168,13 @@ def build_index(plan: CompressPlan, alignment, items, records, shards) -> DiffIn
                     kept=sum(r.kept for r in selected),
                     reset=sum(r.params - r.kept for r in selected),
                     finetuned_bytes=sum(r.params * r.itemsize for r in tensors.values()),
-                    diff_bytes=sum(s.size for s in table.values()))
-    return DiffIndex(spec.FORMAT_VERSION, __version__, plan.command,
+                    diff_bytes=sum(s.size for s in table.values()),
+                    positions_bytes=sum(r.positions_bytes or 0 for r in tensors.values()),
+                    values_bytes=sum(r.values_bytes or 0 for r in tensors.values()),
+                    version=version)
+    return DiffIndex(version, __version__, plan.command,
                      Selection.from_json(plan.settings), plan.shard_size,
                      Identity.from_json(plan.base, "base"),
                      Identity.from_json(plan.finetuned, "finetuned"), alignment.summary(),
-                     table, tensors, totals)
+                     table, tensors, totals,
+                     None if plan.coding is None else Coding.from_json(plan.coding))

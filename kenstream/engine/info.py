@@ -16,17 +16,32 @@ def layer_of(name: str) -> str:
     return m.group(1) if m else "other"
 
 
+def split_bytes(rec) -> tuple[int, int]:
+    """(bytes of positions, bytes of values) a record stores; format 1's from its
+    encoding (values raw, the rest positions)."""
+    if rec.version >= 2:
+        return rec.positions_bytes or 0, rec.values_bytes or 0
+    values = rec.kept * rec.itemsize if rec.encoding != "unchanged" else 0
+    return rec.nbytes - values, values
+
+
 def info(diff) -> dict:
-    """Totals, per-layer and per-tensor breakdown of a diff. Cost O(number of tensors)."""
+    """Totals, per-layer and per-tensor breakdown of a diff, from its index alone: kept
+    fractions, and bytes split into positions and values against the fine-tune's own
+    bytes. Cost O(number of tensors)."""
     with DiffReader(diff) as d:
         idx = d.index
         layers = OrderedDict()
         rows = []
         for name, rec in d.records.items():
             kept = rec.kept if rec.encoding != "unchanged" else 0
+            pos, val = split_bytes(rec)
+            ft_bytes = rec.params * rec.itemsize
             rows.append({"name": name, "encoding": rec.encoding, "reason": rec.reason,
                          "shape": list(rec.shape), "dtype": rec.dtype, "params": rec.params,
-                         "kept": kept, "bytes": rec.nbytes})
+                         "kept": kept, "bytes": rec.nbytes, "positions_bytes": pos,
+                         "values_bytes": val, "finetuned_bytes": ft_bytes,
+                         "ratio": rec.nbytes / ft_bytes if ft_bytes else 0.0})
             layer = layers.setdefault(layer_of(name), {"params": 0, "selected": 0, "kept": 0,
                                                        "bytes": 0})
             layer["params"] += rec.params
@@ -35,11 +50,16 @@ def info(diff) -> dict:
                 layer["selected"] += rec.params
                 layer["kept"] += rec.kept
         totals = idx.totals.to_json()
+        if idx.format_version == 1:
+            totals["positions_bytes"] = sum(r["positions_bytes"] for r in rows)
+            totals["values_bytes"] = sum(r["values_bytes"] for r in rows)
         selected = totals["selected"]
         totals["reset_percent"] = 100.0 * totals["reset"] / selected if selected else 0.0
         ftb = totals["finetuned_bytes"]
         totals["diff_to_finetuned"] = totals["diff_bytes"] / ftb if ftb else 0.0
-        return {"path": str(d.path), "selection": idx.selection.to_json(),
+        return {"path": str(d.path), "format_version": idx.format_version,
+                "coding": None if idx.coding is None else idx.coding.to_json(),
+                "selection": idx.selection.to_json(),
                 "base": idx.base.source,
                 "finetuned": idx.finetuned.source if idx.finetuned else None,
                 "alignment": idx.alignment, "totals": totals, "layers": layers,

@@ -32,33 +32,35 @@ class Item:
     shape: tuple
     k: int | None
     estimate: int
-
-    @property
-    def rows(self) -> int:
-        return spec.rows_cols(self.shape)[0]
-
-    @property
-    def cols(self) -> int:
-        return spec.rows_cols(self.shape)[1]
+    rows: int
+    cols: int
+    frames: int = 0
 
     @property
     def params(self) -> int:
         return self.rows * self.cols
 
 
-def make_items(ft, base, alignment, settings) -> list:
-    """Decide every fine-tune tensor's fate; raises MismatchError for unrelated models."""
+def make_items(ft, base, alignment, settings, *, version: int = spec.FORMAT_VERSION,
+               frame_elems: int = spec.DEFAULT_FRAME_ELEMS) -> list:
+    """Decide every fine-tune tensor's fate; raises MismatchError for unrelated models.
+
+    Format 2 cuts stacked tensors into rows by `spec.rows_cols_v2` and every stored
+    tensor into frames of about ``frame_elems`` values.
+    """
     items = []
     reshaped = []  # warned about only once the pair is known to be one model
     for name in ft.names():
         info = ft.info(name)
         shape = tuple(int(d) for d in info.shape)
-        rows, cols = spec.rows_cols(shape)
+        rows, cols = spec.rows_cols(shape) if version == 1 else spec.rows_cols_v2(name, shape)
+        frames = 0 if version == 1 else len(spec.frame_ranges(rows, cols, frame_elems))
         base_name = alignment.pairs.get(name)
         nbytes = int(info.nbytes)
 
         def store(reason, base_name=base_name):
-            items.append(Item(name, base_name, "store", reason, info.dtype, shape, None, nbytes))
+            items.append(Item(name, base_name, "store", reason, info.dtype, shape, None, nbytes,
+                              rows, cols, frames))
 
         if base_name is None:
             store("new")
@@ -76,7 +78,8 @@ def make_items(ft, base, alignment, settings) -> list:
             k = settings.k_for(cols)
             kept = rows * min(k, cols)
             est = min(encoded_sizes(rows, cols, kept, dtypes.itemsize(info.dtype), False))
-            items.append(Item(name, base_name, "select", "selected", info.dtype, shape, k, est))
+            items.append(Item(name, base_name, "select", "selected", info.dtype, shape, k, est,
+                              rows, cols, frames))
     matched = len(alignment.pairs)
     if matched == 0:
         raise MismatchError("no tensor name of the fine-tune matches the base", file=ft.root)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .. import dtypes
+from .. import dtypes, kernels
 from ..errors import DiffError, OutputError
 from ..format import spec
-from ..format.records import RebuildPlan
+from ..format.index import RebuildPlan
 from ..io.checkpoint import Checkpoint
 from ..io.diff_reader import DiffReader
 from ..io.jsonfile import read_json_file, read_plan, write_json_atomic
@@ -54,10 +55,12 @@ def _check_reused(path: Path, names) -> None:
 
 
 def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwrite=False,
-            resume=False, quiet=False, block_elems: int = spec.DEFAULT_BLOCK_ELEMS) -> dict:
+            resume=False, quiet=False, threads=None,
+            block_elems: int = spec.DEFAULT_BLOCK_ELEMS) -> dict:
     """Write the rebuilt model to ``out`` (safetensors shards + standard index + config files).
 
-    Returns the written ``model.safetensors.index.json`` content.
+    ``threads`` blocks are decoded at once (default: every core numba sees). Returns the
+    written ``model.safetensors.index.json`` content.
     """
     limit = parse_size(shard_size)
     out = Path(out)
@@ -90,9 +93,12 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
         copy_files(sorted(p for p in d.path.iterdir() if p.is_file() and is_extra(p.name)), out)
         weight_map = {}
         total = sum(r.params for r in records.values())
-        largest = max((_first_block_bytes(r, block_elems) for r in records.values()), default=0)
-        ring = BufferRing(2, largest)
-        with bar(total, "rebuild", quiet) as progress:
+        largest = max((_first_block_bytes(r, d.index, block_elems) for r in records.values()),
+                      default=0)
+        workers = kernels.get_threads() if threads is None else max(1, threads)
+        ring = BufferRing(workers + 2, largest)
+        with bar(total, "rebuild", quiet) as progress, \
+                ThreadPoolExecutor(workers, thread_name_prefix="kenstream-build") as pool:
             for name, group in shards:
                 for tensor in group:
                     weight_map[tensor] = name
@@ -109,7 +115,7 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
                     offset += size
                 reserve = len(header_bytes(entries, {"format": "pt"}))
                 with shards.open(name, reserve, drop_behind=True) as writer:
-                    _write_group(writer, group, d, b, progress, ring, block_elems)
+                    _write_group(writer, group, d, b, progress, ring, block_elems, pool)
         total_size = sum(r.params * r.itemsize for r in records.values())
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         shards.write_index(INDEX_NAME, index)
@@ -117,24 +123,28 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
     return index
 
 
-def _first_block_bytes(rec, block_elems: int) -> int:
-    """Bytes of the largest row block `TensorBlocks` builds for ``rec``."""
-    r0, r1 = next(spec.row_blocks(rec.rows, rec.cols, block_elems))
+def _first_block_bytes(rec, index, block_elems: int) -> int:
+    """Bytes of the largest row block `TensorBlocks` builds for ``rec`` (its first)."""
+    if rec.version >= 2:
+        r0, r1 = spec.frame_ranges(rec.rows, rec.cols, index.coding.frame_elems)[0]
+    else:
+        r0, r1 = next(spec.row_blocks(rec.rows, rec.cols, block_elems))
     return (r1 - r0) * rec.cols * rec.itemsize
 
 
 def _write_group(writer, group: list, d: DiffReader, b, progress, ring: BufferRing,
-                 block_elems: int) -> None:
+                 block_elems: int, pool) -> None:
     """Write the rebuilt tensors ``group`` into one safetensors file, streaming.
 
-    Three things overlap: the disk reads the next block (prefetch, across tensor ends
-    too), this thread builds the current one, and a helper thread writes the previous
-    one (`WriteBehind`). Memory is the ring's two block buffers plus the pages being read.
+    Three things overlap: the disk reads the next blocks (prefetch, across tensor ends
+    too), the ``pool``'s threads build (decode) the current ones, and a helper thread
+    writes the finished ones in order (`WriteBehind`). Memory is the ring's block buffers
+    plus the pages being read.
     """
     with WriteBehind(writer, ring) as behind:
         def opened(pos):  # the tensor at ``pos``, its first block already asked for
             t = TensorBlocks(group[pos], d, b, block_elems)
-            t.prefetch(0)  # every tensor has at least one block (spec.row_blocks)
+            t.prefetch(0)  # every tensor has at least one block
             return t
 
         following = opened(0) if group else None
@@ -146,10 +156,10 @@ def _write_group(writer, group: list, d: DiffReader, b, progress, ring: BufferRi
                     t.prefetch(i + 1)
                 elif pos + 1 < len(group):
                     following = opened(pos + 1)
-                behind.put(t.dtype, t.shape(i), lambda out, i=i: t.build(i, out))
+                behind.put(t.dtype, t.shape(i), lambda out, t=t, i=i: t.build(i, out), pool)
             behind.end(t.rec.shape)
-            t.release()
-            progress.update(t.rec.params)
+            behind.after(t.release)
+            behind.after(progress.update, t.rec.params)
         behind.finish({"format": "pt"})
 
 

@@ -45,6 +45,11 @@ def expected_entries(rec: TensorRecord) -> dict:
     """role -> (dtype code, shape list) the shard holds for ``rec`` (``counts`` is optional:
     present only when rows keep different counts)."""
     rows, cols, kept = rec.rows, rec.cols, rec.kept
+    if rec.version >= 2:
+        if rec.encoding == "unchanged":
+            return {}
+        return {"frames": ("U8", [rec.positions_bytes + rec.values_bytes]),
+                "table": ("U64", [rec.frames, spec.TABLE_ROW_BYTES // 8])}
     if rec.encoding == "dense":
         return {"values": (rec.dtype, list(rec.shape))}
     if rec.encoding == "bitmask":
@@ -60,7 +65,8 @@ OPTIONAL_ROLES = ("counts",)
 
 # -- header reserve -----------------------------------------------------------------------
 # ``items`` below are plan items: objects with name, base_name, action ("select" or
-# "store"), dtype, shape, rows, cols, k and estimate (the bytes of a stored tensor).
+# "store"), dtype, shape, rows, cols, k, estimate (the bytes of a stored tensor) and, for
+# format 2, frames (how many frames the tensor is cut into).
 
 
 def _fragment(name: str, dtype: str, shape, offset_bound: int) -> int:
@@ -93,19 +99,33 @@ def _entry_options(item, ties: str, bound: int) -> list:
     return [mask + values, index + counts + values]
 
 
-def worst_record(item, shard: str, bound: int) -> TensorRecord:
+def worst_record(item, shard: str, bound: int, version: int = 1) -> TensorRecord:
     """A record at least as long, once serialised, as any this item can produce."""
     big = max(bound, item.rows * item.cols, 1000)
+    extra = (big, big, big) if version >= 2 else (None, None, None)
     return TensorRecord(item.base_name, "unchanged", "non-float", item.dtype, tuple(item.shape),
                         item.rows, item.cols, max(item.k or 0, 1000), big,
-                        max(item.cols, 1000), shard, big)
+                        max(item.cols, 1000), shard, big, *extra, version=version)
 
 
-def header_reserve(items, shard: str, ties: str = "positions") -> int:
+def coded_bound(item) -> int:
+    """More bytes than format 2 can ever take for ``item`` (zstd's worst-case expansion,
+    every header, raw bits): used only to size header fields."""
+    return item.rows * item.cols * (dtypes.itemsize(item.dtype) + 3) + 1024 * (item.frames + 1)
+
+
+def header_reserve(items, shard: str, ties: str = "positions", version: int = 1) -> int:
     """Upper bound on the header length of a shard holding ``items`` (tight: slack is
     padding). Cost O(len(items))."""
-    bound = max(sum(max_bytes(i, ties) for i in items), 1)
-    total = 2 + sum(max(_entry_options(i, ties, bound)) for i in items)
-    records = {i.name: worst_record(i, shard, bound) for i in items}
-    meta = {"__metadata__": shard_metadata(records)}
+    if version >= 2:
+        bound = max(sum(coded_bound(i) for i in items), 1)
+        total = 2 + sum(_fragment(spec.entry_name(i.name, "frames"), "U8", [bound], bound)
+                        + _fragment(spec.entry_name(i.name, "table"), "U64",
+                                    [i.frames, spec.TABLE_ROW_BYTES // 8], bound)
+                        for i in items)
+    else:
+        bound = max(sum(max_bytes(i, ties) for i in items), 1)
+        total = 2 + sum(max(_entry_options(i, ties, bound)) for i in items)
+    records = {i.name: worst_record(i, shard, bound, version) for i in items}
+    meta = {"__metadata__": shard_metadata(records, version)}
     return total + len(json.dumps(meta, separators=(",", ":"))) - 1

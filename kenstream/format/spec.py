@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 
 FORMAT = "kenstream-diff"
-FORMAT_VERSION = 1
-"""The version this kenstream writes."""
+FORMAT_VERSION = 2
+"""The version this kenstream writes by default."""
+READ_VERSIONS = (1, 2)
+"""Every version this kenstream reads (and can write, on request)."""
 
 INDEX_NAME = "kenstream-diff.json"
 PARTIAL_NAME = "kenstream-diff.partial.json"
@@ -18,17 +20,27 @@ SHARD_SUFFIX = ".kdiff"
 TEMP_SUFFIX = ".partial"
 """Every file is written as NAME + TEMP_SUFFIX and renamed when complete."""
 
-ENCODINGS = ("bitmask", "indices", "dense", "unchanged")
+ENCODINGS = {1: ("bitmask", "indices", "dense", "unchanged"), 2: ("coded", "unchanged")}
+"""Encodings of a tensor record, by format version."""
 SELECTED_ENCODINGS = ("bitmask", "indices")
+"""Format 1's encodings of a selected tensor."""
 REASONS = ("selected", "identical", "new", "reshaped", "excluded", "non-float")
-ROLES = ("mask", "index", "counts", "values")
-"""Entry roles, the suffix after ``::`` in a shard entry name."""
+ROLES = ("mask", "index", "counts", "values", "frames", "table")
+"""Entry roles, the suffix after ``::`` in a shard entry name (format 1 uses the first
+four, format 2 the last two)."""
+TABLE_ROW_BYTES = 32
+"""Bytes of one row of a format-2 frame table (four uint64)."""
 
 MAX_TENSOR_BYTES = 1 << 62
 """No record may describe more bytes in one tensor (a guard against tampered shapes)."""
 
 MAX_COUNT = (1 << 63) - 1
 """Counts and byte totals in an index must fit a signed 64-bit integer."""
+
+DEFAULT_LEVEL = 1
+"""Format 2's default zstd level."""
+DEFAULT_FRAME_ELEMS = 1 << 20
+"""Format 2 codes tensors in frames of about this many values (whole rows)."""
 
 DEFAULT_BLOCK_ELEMS = 1 << 23
 """Tensors are worked through in row blocks of about this many parameters, so no
@@ -69,6 +81,32 @@ def rows_cols(shape) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
+def rows_cols_v2(name: str, shape) -> tuple[int, int]:
+    """Rows and columns of a tensor in format 2 (format.md 6.1): a row is one output
+    unit's weights.
+
+    0-D, 1-D and 2-D tensors as in format 1. A tensor of three or more dimensions is a
+    stack of matrices (fused experts ``[E, out, in]``: ``E * out`` rows of ``in``, the rows
+    the unfused matrices would have), unless it is a convolution kernel
+    ``[out, in, *kernel]`` (four or more dimensions, or ``conv`` in its name): then one row
+    per output channel.
+    """
+    shape = tuple(int(d) for d in shape)
+    if len(shape) <= 2 or len(shape) >= 4 or "conv" in name.lower():
+        return rows_cols(shape)
+    return math.prod(shape[:-1]), shape[-1]
+
+
+def valid_rows(shape, rows: int, cols: int, version: int) -> bool:
+    """Whether a record's rows and columns are a split its version allows: format 1's
+    rule exactly; in format 2, the tensor cut after one of its leading axes."""
+    shape = tuple(int(d) for d in shape)
+    if version == 1 or len(shape) <= 1:
+        return (rows, cols) == rows_cols(shape)
+    return any((rows, cols) == (math.prod(shape[:i]), math.prod(shape[i:]))
+               for i in range(1, len(shape)))
+
+
 def row_blocks(rows: int, cols: int, block_elems: int = DEFAULT_BLOCK_ELEMS):
     """(r0, r1) ranges of about ``block_elems`` parameters (at least one row each).
 
@@ -79,3 +117,11 @@ def row_blocks(rows: int, cols: int, block_elems: int = DEFAULT_BLOCK_ELEMS):
         yield r0, min(rows, r0 + step)
     if rows == 0:
         yield 0, 0
+
+
+def frame_ranges(rows: int, cols: int, frame_elems: int) -> list:
+    """(r0, r1) of each frame: whole rows, about ``frame_elems`` values each (one row at
+    least); one empty frame for a tensor without rows."""
+    step = max(1, int(frame_elems) // max(cols, 1))
+    out = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+    return out or [(0, 0)]

@@ -16,7 +16,8 @@ from pathlib import Path
 from ..errors import DiffError, IdentityError, KenstreamError
 from ..format import spec
 from ..format.layout import OPTIONAL_ROLES, expected_entries
-from ..format.records import DiffIndex, TensorRecord, parse_shard_metadata
+from ..format.index import DiffIndex
+from ..format.records import TensorRecord, parse_shard_metadata
 from .fingerprint import sha256_file
 from .jsonfile import read_json_file
 from .safetensors_file import SafetensorsFile
@@ -45,6 +46,7 @@ class DiffReader:
             raise exc.located(file=index_path) from None
         self.records: dict[str, TensorRecord] = self.index.tensors
         self._shards = {}
+        self.forced_base = False  # set when check_base let a different base through
 
     def _refuse_unindexed(self):
         names = [p.name for p in self.path.iterdir()]
@@ -137,6 +139,7 @@ class DiffReader:
                 what = "differs from the base this diff was made from (fingerprint)"
             more = f"; {len(diffs)} files differ" if len(diffs) > 1 else ""
             raise IdentityError(f"{what}{more}", file=Path(base.root) / first)
+        self.forced_base = bool(diffs)
         return diffs
 
     def entries(self, name: str) -> dict:

@@ -228,13 +228,31 @@ class WriteBehind:
     def end(self, shape) -> None:
         self._run(self.writer.end, tuple(shape))
 
-    def put(self, dtype, shape, fill) -> None:
-        """Call ``fill(buf)`` here on a free buffer of ``dtype`` and ``shape``, then write
-        ``buf`` to the open entry on the helper thread."""
+    def put(self, dtype, shape, fill, pool=None) -> None:
+        """Call ``fill(buf)`` on a free buffer of ``dtype`` and ``shape``, then write ``buf``
+        to the open entry on the helper thread.
+
+        ``fill`` runs here, or, with ``pool`` (an executor), on one of its threads, so that
+        several blocks are built at once; the writes still happen in the order of the
+        calls. The ring must then have more slots than the pool has threads.
+        """
         slot, buf = self._ring.take(dtype, shape)
         self._raise()
-        fill(buf)
-        slot[1] = self._run(self.writer.write, buf)
+        if pool is None:
+            fill(buf)
+            slot[1] = self._run(self.writer.write, buf)
+            return
+        built = pool.submit(fill, buf)
+
+        def write():
+            built.result()  # an error building the block stops the file here
+            self.writer.write(buf)
+
+        slot[1] = self._run(write)
+
+    def after(self, fn, *args) -> None:
+        """Call ``fn(*args)`` on the helper thread once everything before it is written."""
+        self._run(fn, *args)
 
     def finish(self, metadata: dict | None = None) -> dict:
         """Wait for every write, then `ShardWriter.finish` (header, fsync, rename)."""

@@ -14,9 +14,9 @@ import numpy as np
 from ..errors import MismatchError, SelectionError
 from ..settings import METHODS, TIES
 from ._inputs import as_array, check_k, check_out
-from ._jit import threads
+from ._jit import get_threads, threads
 
-__all__ = ["METHODS", "TIES", "select", "threads"]
+__all__ = ["METHODS", "TIES", "get_threads", "select", "threads"]
 
 
 def select(method: str, ft_rows, k: int, *, base_rows=None, ties: str = "positions",

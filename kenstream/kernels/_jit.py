@@ -25,6 +25,11 @@ def _clamp(threads: int | None) -> int:
     return max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
 
 
+def get_threads() -> int:
+    """The numba thread count in effect (set by :func:`threads`)."""
+    return numba.get_num_threads()
+
+
 @contextmanager
 def threads(count: int | None):
     """Run the body with ``count`` numba threads (None: every core numba sees), then put

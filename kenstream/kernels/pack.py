@@ -152,3 +152,33 @@ def merge_into(out: np.ndarray, base: np.ndarray, packed: np.ndarray, values: np
         return
     _merge_parallel(base.view(width), np.ascontiguousarray(packed),
                     values.reshape(-1).view(width), offsets, out.view(width))
+
+
+@njit(**JIT)
+def _gather_row(src, packed, r, o, out):
+    cols = src.shape[1]
+    for j in range(cols):
+        if (packed[r, j >> 3] >> (j & 7)) & 1:
+            out[o] = src[r, j]
+            o += 1
+
+
+@njit(**PARALLEL)
+def _gather_parallel(src, packed, offsets, out):
+    for r in prange(src.shape[0]):
+        _gather_row(src, packed, r, offsets[r], out)
+
+
+def gather_packed(src: np.ndarray, packed: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The values of ``src`` [rows, cols] where ``packed`` (uint8 [rows, ceil(cols/8)]) has
+    a 1 bit, row-major, as a new array; ``counts`` are the rows' set-bit counts (checked
+    by the caller). Parallel over rows, O(rows * cols)."""
+    rows = src.shape[0]
+    width = np.dtype(f"u{src.itemsize}")
+    offsets = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    out = np.empty(int(offsets[-1]), dtype=width)
+    if out.size:
+        _gather_parallel(np.ascontiguousarray(src).view(width), np.ascontiguousarray(packed),
+                         offsets, out)
+    return out.view(src.dtype)

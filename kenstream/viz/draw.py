@@ -19,8 +19,8 @@ KEPT_COLOR = "#1f3b73"
 NEIGHBOR_COLORS = ("#d62728", "#ff7f0e", "#bcbd22", "#2ca02c", "#1f77b4")
 """Colour of a kept position with 0, 1, 2, 3, 4 kept neighbours (reset positions: white)."""
 
-_ENCODING_COLORS = {"bitmask": KEPT_COLOR, "indices": "#6a8fd0", "dense": "#ff7f0e",
-                    "unchanged": "#9e9e9e"}
+_ENCODING_COLORS = {"bitmask": KEPT_COLOR, "indices": "#6a8fd0", "coded": KEPT_COLOR,
+                    "dense": "#ff7f0e", "unchanged": "#9e9e9e"}
 
 
 # -- figures (matplotlib imported lazily) -----------------------------------------------

@@ -207,7 +207,8 @@ def _image(reader, tensor, *, base=None, color="value", max_pixels=1024, neighbo
     if rows * cols == 0:
         raise KenstreamError("has no elements; there is nothing to draw", tensor=tensor)
     br, bc = pixel_blocks(rows, cols, max_pixels)
-    blocks = TensorBlocks(tensor, reader, None, block_elems)
+    # The base decodes format 2's kept values (coded against it); the mask needs none.
+    blocks = TensorBlocks(tensor, reader, base if not neighbors else None, block_elems)
     base_rows = _base_rows(base, rec, tensor) if base is not None and color == "change" else None
     kept_sum = np.zeros((-(-rows // br), -(-cols // bc)))
     total = np.zeros_like(kept_sum)

@@ -31,10 +31,13 @@ def test_sharded_pair_roundtrip(tmp_path, dtype):
     recs = index["tensors"]
     assert recs["layer.1.norm.weight"]["encoding"] == "unchanged"
     assert recs["positions"]["encoding"] == "unchanged"
-    assert recs["steps"]["encoding"] == "dense" and recs["steps"]["reason"] == "non-float"
+    steps = recs["steps"]
+    assert steps["reason"] == "non-float" and steps["encoding"] == "coded"
+    assert steps["kept"] == 3 and steps["positions_bytes"] == 0 and steps["k"] is None
     assert recs["layer.1.conv.weight"]["rows"] == 6 and recs["layer.1.conv.weight"]["cols"] == 35
     assert recs["layer.0.attn.bias"]["rows"] == 1
-    assert recs["head.weight"]["reason"] == "new"
+    assert recs["head.weight"]["reason"] == "new" and recs["head.weight"]["base_name"] is None
+    assert recs["emb.weight"]["k"] == round(0.3 * 24) and recs["emb.weight"]["row_kept"] == 7
 
 
 def test_prefix_renamed_with_new_head_and_ties_values(tmp_path):
@@ -64,8 +67,8 @@ def test_bin_pair_include_and_exclude(tmp_path):
     exp = expected_model(base, ft, keep=0.5, selected=lambda n: not n.startswith("layer.0."))
     assert_same_model(tmp_path / "out2", exp)
     index = json.loads((tmp_path / "exc" / "kenstream-diff.json").read_text())
-    assert index["tensors"]["layer.0.mlp.weight"]["reason"] == "excluded"
-    assert index["tensors"]["layer.0.mlp.weight"]["encoding"] == "dense"
+    excluded = index["tensors"]["layer.0.mlp.weight"]
+    assert excluded["reason"] == "excluded" and excluded["kept"] == 53 * 24
 
 
 def test_load_yields_rebuilt_tensors(tmp_path):
@@ -170,12 +173,12 @@ def indices_pair():
     return base, ft
 
 
-def test_indices_encoding_end_to_end(tmp_path):
+def test_v1_indices_encoding_end_to_end(tmp_path):
     base, ft = indices_pair()
     b = save_dir(tmp_path / "base", base)
     f = save_dir(tmp_path / "ft", ft)
     index = kenstream.compress(b, f, tmp_path / "diff", k=4, ties="values", quiet=True,
-                               block_elems=5000)
+                               block_elems=5000, format_version=1)
     coarse, long_ = index["tensors"]["coarse.weight"], index["tensors"]["long.bias"]
     assert coarse["encoding"] == "indices" and coarse["row_kept"] is None  # counts vary
     assert long_["encoding"] == "indices" and long_["cols"] > 65536
@@ -187,3 +190,33 @@ def test_indices_encoding_end_to_end(tmp_path):
     kenstream.rebuild(b, tmp_path / "diff", tmp_path / "out", quiet=True, block_elems=5000)
     assert_same_model(tmp_path / "out", expected_model(base, ft, k=4, ties="values"))
     assert kenstream.verify(tmp_path / "diff", b, f, quiet=True, block_elems=5000)["ok"]
+
+
+def test_sparse_rows_and_varying_counts_in_format_2(tmp_path):
+    """Few kept positions (column gaps), rows keeping different counts, and a 1-D tensor of
+    70,000 values, in small frames: rebuilt exactly, and verify agrees."""
+    base, ft = indices_pair()
+    b = save_dir(tmp_path / "base", base)
+    f = save_dir(tmp_path / "ft", ft)
+    index = kenstream.compress(b, f, tmp_path / "diff", k=4, ties="values", quiet=True,
+                               frame_elems=5000, block_elems=12000)
+    coarse = index["tensors"]["coarse.weight"]
+    assert coarse["row_kept"] is None and coarse["frames"] == 12  # one row of 3000 a frame
+    kenstream.rebuild(b, tmp_path / "diff", tmp_path / "out", quiet=True)
+    assert_same_model(tmp_path / "out", expected_model(base, ft, k=4, ties="values"))
+    assert kenstream.verify(tmp_path / "diff", b, f, quiet=True)["ok"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_keep_one_is_lossless(tmp_path, dtype):
+    """keep 1 stores every tensor that changed, coded against the base: the rebuilt model
+    is the fine-tune, bit for bit, integer tensors and new tensors included."""
+    base, ft = big_pair(dtype)
+    b = save_dir(tmp_path / "base", base)
+    f = save_dir(tmp_path / "ft", ft)
+    index = kenstream.compress(b, f, tmp_path / "diff", keep=1.0, quiet=True,
+                               frame_elems=10_000)
+    assert all(r["positions_bytes"] == 0 for r in index["tensors"].values())
+    assert index["totals"]["diff_bytes"] < index["totals"]["finetuned_bytes"]
+    kenstream.rebuild(b, tmp_path / "diff", tmp_path / "out", quiet=True, threads=2)
+    assert_same_model(tmp_path / "out", {n: t.clone() for n, t in ft.items()})

@@ -1,4 +1,4 @@
-"""The bytes of a diff shard are what docs/format.md predicts, for a tiny case.
+"""The bytes of a format-1 diff shard are what docs/format.md predicts, for a tiny case.
 
 The prediction is assembled here from the document's rules (bit order, entry order,
 index widths, header padding) and the slow twin of the KEN rule; nothing is read back
@@ -39,7 +39,7 @@ def test_shard_bytes_match_the_document(tmp_path):
           "same": torch.ones(4)}
     b = save_dir(tmp_path / "b", base)
     f = save_dir(tmp_path / "f", ft)
-    kenstream.compress(b, f, tmp_path / "d", k=3, quiet=True)
+    kenstream.compress(b, f, tmp_path / "d", k=3, quiet=True, format_version=1)
 
     shards = sorted((tmp_path / "d").glob("kendiff-*.kdiff"))
     assert [p.name for p in shards] == ["kendiff-00001-of-00001.kdiff"]
@@ -102,7 +102,8 @@ def test_diff_within_two_percent_of_raw_encoding(tmp_path):
     f = save_dir(tmp_path / "f", ft)
     for keep, ties in ((0.5, "positions"), (0.03, "positions"), (0.25, "values")):
         out = tmp_path / f"d{keep}{ties}"
-        index = kenstream.compress(b, f, out, keep=keep, ties=ties, quiet=True)
+        index = kenstream.compress(b, f, out, keep=keep, ties=ties, quiet=True,
+                                   format_version=1)
         raw = 0
         for rec in index["tensors"].values():
             rows, cols, kept = rec["rows"], rec["cols"], rec["kept"]

@@ -15,7 +15,7 @@ from tests.format.golden import FINETUNED, K, doc_block, parse_hex, write_inputs
 def test_the_documented_example_is_what_compress_writes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_inputs(tmp_path)
-    kenstream.compress("base", "finetuned", "diff", k=K, quiet=True)
+    kenstream.compress("base", "finetuned", "diff", k=K, quiet=True, format_version=1)
     shard = tmp_path / "diff" / "kendiff-00001-of-00001.kdiff"
     assert shard.read_bytes() == parse_hex(doc_block("v1-shard"))
     index = json.loads((tmp_path / "diff" / "kenstream-diff.json").read_text())

@@ -1,6 +1,6 @@
 """Diffs written by kenstream 0.1.0 (format 1, checked in under tests/data/v1 before the
-package was reorganised): today's writer reproduces their shard bytes and index, and
-today's readers rebuild them exactly."""
+package was reorganised): today's format-1 writer reproduces their shard bytes and index,
+and today's readers rebuild them exactly."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def test_writer_reproduces_the_v1_bytes(tmp_path, case):
     out = tmp_path / "diff"
     with pytest.warns(UserWarning, match="wide.weight: shape .* stored whole"):
         kenstream.compress(pair / "base", pair / "finetuned", out, quiet=True,
-                           shard_size=make_fixtures.SHARD_SIZE, **CASES[case])
+                           shard_size=make_fixtures.SHARD_SIZE, format_version=1,
+                           **CASES[case])
     ref = DATA / "v1" / case
     shards = sorted(p.name for p in ref.glob("*.kdiff"))
     assert shards == sorted(p.name for p in out.glob("*.kdiff"))

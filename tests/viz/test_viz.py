@@ -28,6 +28,7 @@ from kenstream import viz  # noqa: E402
 from kenstream.viz import draw  # noqa: E402
 from kenstream.cli import main  # noqa: E402
 from kenstream.errors import KenstreamError  # noqa: E402
+from tests.format import reference_v2  # noqa: E402
 
 SHAPES = {
     "enc.layer.0.w": (6, 8),
@@ -55,8 +56,10 @@ def pair(tmp_path_factory):
 
 
 def stored_mask(diff, name) -> np.ndarray:
-    """Bool [rows, cols] kept mask decoded from the shard by hand (docs/format.md 2.2)."""
+    """Bool [rows, cols] kept mask decoded from the shard by hand (docs/format.md 2.2 and 6)."""
     rec = json.loads((diff / "kenstream-diff.json").read_text())["tensors"][name]
+    if "frames" in rec:
+        return reference_v2.stored_mask(diff, name)
     rows, cols = rec["rows"], rec["cols"]
     with safe_open(str(diff / rec["shard"]), "np") as sf:  # the position entries only
         entries = {k: sf.get_tensor(k) for k in sf.keys()

@@ -1,0 +1,131 @@
+"""Format 2's shard writer side: every stored tensor as independently coded frames.
+
+Frames are coded on a pool of threads (zstd and the numba codec release the GIL) while
+the main thread runs the selection kernel on the next block; their bytes are appended to
+the shard in order as they finish, and a tensor's frame table follows its last frame. At
+most a few frames per thread are in flight, so memory stays a few blocks whatever the
+model's size.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..format import spec
+from ..format.records import shard_metadata
+from ..format.v2 import encode_frame
+from .sink_v1 import record
+
+
+class _Tensor:
+    """What is known of a tensor being written: its frames' table rows and row counts."""
+
+    def __init__(self, item, begin: int):
+        self.item, self.begin = item, begin
+        self.table = []
+        self.low, self.high = None, None  # smallest and largest kept count of a row
+
+    def add(self, r0, frame) -> None:
+        self.table.append((r0, frame.positions, frame.values, frame.kept))
+        if frame.counts.size:
+            lo, hi = int(frame.counts.min()), int(frame.counts.max())
+            self.low = lo if self.low is None else min(self.low, lo)
+            self.high = hi if self.high is None else max(self.high, hi)
+
+
+class V2Sink:
+    """Receives the compress loop's tensors and blocks and writes them in format 2."""
+
+    version = 2
+    needs_kernel_for_full_rows = False
+
+    def __init__(self, writer, shard: str, progress, block_elems: int, *, level: int,
+                 frame_elems: int, threads: int):
+        self.writer, self.shard, self.progress = writer, shard, progress
+        self.block_elems, self.level, self.frame_elems = block_elems, level, frame_elems
+        self.records = {}
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads),
+                                        thread_name_prefix="kenstream-code")
+        self._queue = deque()  # (tensor, first row, future), in shard order
+        self._limit = 2 * max(1, threads) + 2
+        self._open = None
+
+    def blocks(self, item) -> list:
+        """Selection blocks: runs of whole frames of about ``block_elems`` values."""
+        frames = spec.frame_ranges(item.rows, item.cols, self.frame_elems)
+        per = max(1, self.block_elems // max(1, (frames[0][1] - frames[0][0]) * item.cols))
+        return [(frames[i][0], frames[min(i + per, len(frames)) - 1][1])
+                for i in range(0, len(frames), per)]
+
+    def unchanged(self, item) -> None:
+        self.records[item.name] = record(item, "unchanged", "identical", self.shard, 0, None,
+                                         0, 0, 0, 0, version=2)
+        self.progress.update(item.params)
+
+    def stored(self, item, rows, base_rows) -> None:
+        """The whole tensor, every position kept, coded against the base when there is one."""
+        for r0, r1 in self.blocks(item):
+            self.block(item, rows, base_rows, r0, r1, None)
+
+    def block(self, item, rows, base_rows, r0, r1, mask) -> None:
+        """Code rows r0..r1 (``mask``: their kept positions, None for all) as frames."""
+        if self._open is None or self._open.item is not item:
+            self._drain(0)
+            self._open = _Tensor(item, self.writer.data_bytes)
+            self.writer.begin(spec.entry_name(item.name, "frames"), "U8")
+        tensor = self._open
+        step = max(1, self.frame_elems // max(item.cols, 1))
+        for f0 in range(r0, max(r1, r0 + 1), step):
+            f1 = min(r1, f0 + step)
+            sub = None if mask is None else mask[f0 - r0:f1 - r0]
+            future = self._pool.submit(self._code, item, rows, base_rows, f0, f1, sub)
+            self._queue.append((tensor, f0, future))
+            self._drain(self._limit)
+        if r1 >= item.rows:
+            self._drain(0)
+            self._close(tensor)
+
+    def _code(self, item, rows, base_rows, r0, r1, mask):  # a pool thread
+        ft = rows.raw(r0, r1)
+        base = None if base_rows is None else base_rows.read(r0, r1)
+        frame = encode_frame(ft, base, mask, item.dtype, self.level)
+        rows.release(r0, r1)
+        if base_rows is not None:
+            base_rows.release(r0, r1)
+        return frame
+
+    def _drain(self, keep: int) -> None:
+        """Write finished frames, in order, until at most ``keep`` are in flight."""
+        while len(self._queue) > keep:
+            tensor, r0, future = self._queue.popleft()
+            frame = future.result()
+            self.writer.write(np.frombuffer(frame.data, np.uint8))
+            tensor.add(r0, frame)
+            rows = frame.counts.size
+            self.progress.update(rows * tensor.item.cols)
+
+    def _close(self, tensor) -> None:
+        item, writer = tensor.item, self.writer
+        pos = sum(t[1] for t in tensor.table)
+        val = sum(t[2] for t in tensor.table)
+        writer.end((pos + val,))
+        table = np.array(tensor.table, dtype="<u8").reshape(-1, spec.TABLE_ROW_BYTES // 8)
+        writer.append(spec.entry_name(item.name, "table"), "U64", table.shape, table)
+        kept = int(sum(t[3] for t in tensor.table))
+        row_kept = tensor.low if tensor.low == tensor.high else None
+        self.records[item.name] = record(item, "coded", item.reason, self.shard, kept,
+                                         row_kept, writer.data_bytes - tensor.begin,
+                                         len(tensor.table), pos, val, version=2)
+        self._open = None
+
+    def finish(self) -> dict:
+        """Write what is queued and the header; returns name -> TensorRecord."""
+        self._drain(0)
+        self.writer.finish(shard_metadata(self.records, 2))
+        return self.records
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

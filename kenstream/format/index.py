@@ -1,0 +1,283 @@
+"""The typed records of a diff's index ``kenstream-diff.json`` and of the plan files.
+
+Each is a frozen dataclass with one parser, ``from_json`` (every check of that record),
+and ``to_json``. Parsers raise :class:`DiffError`; callers add the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import DiffError
+from . import spec
+from .fields import count, is_int, is_shard_file_name, json_object, short, text
+from .records import TensorRecord
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Where an input came from, and a fingerprint of each of its weight files."""
+
+    source: str | None
+    kind: str | None
+    repo_id: str | None
+    revision: str | None
+    files: dict
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "kind": self.kind, "repo_id": self.repo_id,
+                "revision": self.revision, "files": dict(self.files)}
+
+    @classmethod
+    def from_json(cls, obj, what: str = "identity") -> "Identity":
+        obj = json_object(obj, what)
+        files = obj.get("files")
+        if files is None:
+            files = {}
+        if not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
+            raise DiffError(f"{what}.files is not a map of file names to fingerprints")
+        return cls(*(text(obj.get(key), f"{what}.{key}", optional=True)
+                     for key in ("source", "kind", "repo_id", "revision")), files)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The selection settings a diff was made with, as recorded (not re-validated)."""
+
+    method: str
+    k: int | None
+    keep: float | None
+    ties: str
+    include: str | None
+    exclude: str | None
+    seed: int
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "k": self.k, "keep": self.keep, "ties": self.ties,
+                "include": self.include, "exclude": self.exclude, "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, obj) -> "Selection":
+        obj = json_object(obj, "selection")
+        k = count(obj.get("k"), "selection k", optional=True)
+        keep = obj.get("keep")
+        if keep is not None and not ((is_int(keep) or isinstance(keep, float))
+                                     and 0 < keep <= 1):
+            raise DiffError(f"selection keep {short(keep)} is not a fraction")
+        seed = obj.get("seed", 0)
+        if not is_int(seed):
+            raise DiffError(f"selection seed {short(seed)} is not a whole number")
+        return cls(text(obj.get("method"), "selection method"), k, keep,
+                   text(obj.get("ties"), "selection ties"),
+                   text(obj.get("include"), "selection include", optional=True),
+                   text(obj.get("exclude"), "selection exclude", optional=True), seed)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return {"size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, obj, name: str) -> "ShardInfo":
+        if not (isinstance(obj, dict) and is_int(obj.get("size"))
+                and 0 <= obj["size"] <= spec.MAX_COUNT and isinstance(obj.get("sha256"), str)):
+            raise DiffError(f"shard {short(name)} has no size and sha256")
+        return cls(obj["size"], obj["sha256"])
+
+
+TOTAL_KEYS = ("params", "selected", "kept", "reset", "finetuned_bytes", "diff_bytes")
+TOTAL_KEYS_V2 = TOTAL_KEYS + ("positions_bytes", "values_bytes")
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Sums over the tensors (docs/format.md 3.1; the last two from version 2 on)."""
+
+    params: int = 0
+    selected: int = 0
+    kept: int = 0
+    reset: int = 0
+    finetuned_bytes: int = 0
+    diff_bytes: int = 0
+    positions_bytes: int = 0
+    values_bytes: int = 0
+    version: int = spec.FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        keys = TOTAL_KEYS if self.version == 1 else TOTAL_KEYS_V2
+        return {key: getattr(self, key) for key in keys}
+
+    @classmethod
+    def from_json(cls, obj, version: int = spec.FORMAT_VERSION) -> "Totals":
+        obj = {} if obj is None else json_object(obj, "totals")
+        keys = TOTAL_KEYS if version == 1 else TOTAL_KEYS_V2
+        return cls(**{key: count(obj.get(key, 0), f"totals {key}") for key in keys},
+                   version=version)
+
+
+@dataclass(frozen=True)
+class Coding:
+    """How format 2 codes values: the zstd level and the values a frame holds."""
+
+    level: int
+    frame_elems: int
+
+    def to_json(self) -> dict:
+        return {"level": self.level, "frame_elems": self.frame_elems}
+
+    @classmethod
+    def from_json(cls, obj) -> "Coding":
+        obj = json_object(obj, "coding")
+        level = obj.get("level")
+        if not is_int(level) or not -131072 <= level <= 22:
+            raise DiffError(f"coding level {short(level)} is not a zstd level")
+        frame_elems = count(obj.get("frame_elems"), "coding frame_elems")
+        if frame_elems < 1:
+            raise DiffError("coding frame_elems must be at least 1")
+        return cls(level, frame_elems)
+
+
+@dataclass(frozen=True)
+class DiffIndex:
+    """The index ``kenstream-diff.json`` (docs/format.md 3.1)."""
+
+    format_version: int
+    kenstream_version: str | None
+    command: list | None
+    selection: Selection
+    shard_size: int | None
+    base: Identity
+    finetuned: Identity | None
+    alignment: dict
+    shards: dict
+    tensors: dict
+    totals: Totals
+    coding: Coding | None = None
+
+    def to_json(self) -> dict:
+        out = {
+            "format": spec.FORMAT, "format_version": self.format_version, "complete": True,
+            "kenstream_version": self.kenstream_version, "command": self.command,
+            "selection": self.selection.to_json(), "shard_size": self.shard_size,
+            "base": self.base.to_json(),
+            "finetuned": None if self.finetuned is None else self.finetuned.to_json(),
+            "alignment": self.alignment,
+            "shards": {n: s.to_json() for n, s in self.shards.items()},
+            "tensors": {n: r.to_json() for n, r in self.tensors.items()},
+            "totals": self.totals.to_json(),
+        }
+        if self.coding is not None:
+            out["coding"] = self.coding.to_json()
+        return out
+
+    @classmethod
+    def from_json(cls, obj) -> "DiffIndex":
+        """Parse and check a whole index; O(number of tensors). Raises DiffError naming the
+        tensor (``exc.tensor``) when one record is malformed."""
+        if not isinstance(obj, dict) or obj.get("format") != spec.FORMAT:
+            raise DiffError("is not a kenstream diff index")
+        version = obj.get("format_version")
+        if not is_int(version) or version < 1:
+            raise DiffError("format_version is missing or not a number")
+        if version > max(spec.READ_VERSIONS):
+            raise DiffError(f"format version {version} is newer than this kenstream reads "
+                            f"({max(spec.READ_VERSIONS)})", hint="upgrade kenstream")
+        if obj.get("complete") is not True:
+            raise DiffError("index is marked unfinished",
+                            hint="finish it with kenstream compress ... --resume")
+        for key in ("tensors", "shards"):
+            json_object(obj.get(key), f"index field {key!r}")
+        command = obj.get("command")
+        if command is not None and not (isinstance(command, list)
+                                        and all(isinstance(a, str) for a in command)):
+            raise DiffError("index field 'command' is not a list of strings")
+        shards = {}
+        for name, meta in obj["shards"].items():
+            if not is_shard_file_name(name):
+                raise DiffError(f"shard name {short(name)} is not a plain kdiff file name")
+            shards[name] = ShardInfo.from_json(meta, name)
+        tensors = {}
+        for name, rec in obj["tensors"].items():
+            try:
+                tensors[name] = TensorRecord.from_json(rec, shards, version)
+            except DiffError as exc:
+                raise DiffError(f"record is malformed: {exc.message}", tensor=name) from None
+        alignment = obj.get("alignment")
+        finetuned = obj.get("finetuned")
+        return cls(version, text(obj.get("kenstream_version"), "kenstream_version",
+                                  optional=True),
+                   command, Selection.from_json(obj.get("selection")),
+                   count(obj.get("shard_size"), "shard_size", optional=True),
+                   Identity.from_json(obj.get("base"), "base"),
+                   None if finetuned is None else Identity.from_json(finetuned, "finetuned"),
+                   alignment if isinstance(alignment, dict) else {}, shards, tensors,
+                   Totals.from_json(obj.get("totals"), version),
+                   Coding.from_json(obj.get("coding")) if version >= 2 else None)
+
+
+@dataclass(frozen=True)
+class CompressPlan:
+    """The plan file ``kenstream-diff.partial.json`` of an unfinished compress run."""
+
+    settings: dict
+    shard_size: int
+    base: dict
+    finetuned: dict
+    shards: dict
+    command: list | None = None
+    format_version: int = spec.FORMAT_VERSION
+    coding: dict | None = None
+
+    def to_json(self) -> dict:
+        out = {"format": spec.FORMAT, "format_version": self.format_version,
+               "settings": self.settings, "shard_size": self.shard_size, "base": self.base,
+               "finetuned": self.finetuned, "shards": self.shards, "command": self.command}
+        if self.coding is not None:
+            out["coding"] = self.coding
+        return out
+
+    @classmethod
+    def from_json(cls, obj) -> "CompressPlan":
+        obj = json_object(obj, "plan")
+        if obj.get("format") != spec.FORMAT:
+            raise DiffError("is not a kenstream compress plan")
+        shards = json_object(obj.get("shards"), "plan shards")
+        if not all(is_shard_file_name(n) and isinstance(t, list)
+                   and all(isinstance(x, str) for x in t) for n, t in shards.items()):
+            raise DiffError("plan shards are not shard names with tensor lists")
+        Identity.from_json(obj.get("base"), "base")
+        Identity.from_json(obj.get("finetuned"), "finetuned")
+        coding = obj.get("coding")
+        if coding is not None:
+            Coding.from_json(coding)
+        return cls(json_object(obj.get("settings"), "plan settings"),
+                   count(obj.get("shard_size"), "plan shard_size"), obj["base"],
+                   obj["finetuned"], shards, obj.get("command"),
+                   count(obj.get("format_version"), "plan format_version"), coding)
+
+
+@dataclass(frozen=True)
+class RebuildPlan:
+    """The plan file of an unfinished rebuild: everything that shapes the output's bytes."""
+
+    diff: dict
+    shard_size: int
+    files: list
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return dict(self.extra, diff=self.diff, shard_size=self.shard_size, files=self.files)
+
+    @classmethod
+    def from_json(cls, obj) -> "RebuildPlan":
+        obj = json_object(obj, "rebuild plan")
+        files = obj.get("files")
+        if not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
+            raise DiffError("rebuild plan files are not a list of names")
+        extra = {k: v for k, v in obj.items() if k not in ("diff", "shard_size", "files")}
+        return cls(json_object(obj.get("diff"), "rebuild plan diff"),
+                   count(obj.get("shard_size"), "rebuild plan shard_size"), files, extra)

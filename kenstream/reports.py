@@ -1,0 +1,74 @@
+"""What the command line prints: sizes, the info report, the verify table.
+
+Names, paths and sources come from files a stranger may have written, so every one is
+passed through :func:`printable` before it reaches the terminal.
+"""
+
+from __future__ import annotations
+
+
+def printable(text) -> str:
+    """``text`` with control characters, lone surrogates and other unprintable code points
+    escaped (``\\n``, ``\\x1b``, ``\\ud800``), so a name cannot move the cursor, recolour
+    the terminal or break a line."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace")
+                   .decode("ascii") if not 0xD800 <= ord(c) <= 0xDFFF else f"\\u{ord(c):04x}"
+                   for c in text)
+
+
+def human(n: float) -> str:
+    """``1234567`` -> ``'1.2 MB'`` (decimal units)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{100.0 * part / whole:.1f}" if whole else "-"
+
+
+def print_info(report: dict, tensors: bool = False) -> None:
+    """The ``kenstream info`` report: totals, one line per layer, and with ``tensors`` one
+    line per tensor (bytes split into positions and values, and the ratio to the
+    fine-tune's own bytes)."""
+    t = report["totals"]
+    print(f"diff: {printable(report['path'])}   format {report.get('format_version')}")
+    print(f"base: {printable(report['base'])}   fine-tune: {printable(report['finetuned'])}")
+    sel = report["selection"]
+    rule = f"k={sel['k']}" if sel.get("k") is not None else f"keep={sel.get('keep')}"
+    coding = report.get("coding")
+    print(f"selection: {printable(sel['method'])} {rule} ties={printable(sel['ties'])}"
+          + (f"   coding: zstd level {coding['level']}, frames of {coding['frame_elems']:,} "
+             "values" if coding else ""))
+    print(f"parameters: {t['params']:,}   selected: {t['selected']:,}   kept: {t['kept']:,}   "
+          f"reset: {t['reset']:,} ({_share(t['reset'], t['selected'])}% of selected)")
+    print(f"diff bytes: {human(t['diff_bytes'])} (positions {human(t['positions_bytes'])}, "
+          f"values {human(t['values_bytes'])})   fine-tune bytes: "
+          f"{human(t['finetuned_bytes'])}   ratio: {t['diff_to_finetuned']:.3f}")
+    print(f"{'layer':>8} {'params':>14} {'kept %':>8} {'bytes':>12}")
+    for layer, row in report["layers"].items():
+        print(f"{printable(layer):>8} {row['params']:>14,} "
+              f"{_share(row['kept'], row['selected']):>8} {human(row['bytes']):>12}")
+    if not tensors:
+        print("(kenstream info DIFF --tensors lists every tensor)")
+        return
+    print(f"{'tensor':<48} {'encoding':>9} {'kept %':>7} {'positions':>11} {'values':>11} "
+          f"{'ratio':>6}")
+    for row in report["tensors"]:
+        kept = _share(row["kept"], row["params"]) if row["encoding"] != "unchanged" else "-"
+        print(f"{printable(row['name']):<48} {row['encoding']:>9} {kept:>7} "
+              f"{human(row['positions_bytes']):>11} {human(row['values_bytes']):>11} "
+              f"{row['ratio']:>6.3f}")
+
+
+def print_verify(report: dict) -> None:
+    """One line per tensor: kept fraction and relative reconstruction error."""
+    print(f"{'tensor':<60} {'kept':>7} {'rel.err':>9}")
+    for name, row in report["tensors"].items():
+        print(f"{printable(name):<60} {row['kept_fraction']:>7.3f} "
+              f"{row.get('rel_error', float('nan')):>9.4f}")
