@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from numba.cpython.unsafe.numbers import leading_zeros
+
 from ._jit import JIT, njit
 
 CONTEXTS = 8
@@ -37,19 +39,10 @@ UNUSED = 255
 """Rank-table entry of a rank no length was given."""
 MAX_WIDTH = 64
 
-_BITLEN16 = np.array([int(i).bit_length() for i in range(1 << 16)], dtype=np.uint8)
-
-
 @njit(**JIT)
 def _bitlen(z):
-    n = 0
-    if z >> np.uint64(32):
-        n += 32
-        z >>= np.uint64(32)
-    if z >> np.uint64(16):
-        n += 16
-        z >>= np.uint64(16)
-    return n + np.int64(_BITLEN16[np.int64(z)])
+    """Bits of the uint64 ``z`` (0 for 0): one count-leading-zeros instruction."""
+    return 64 - np.int64(leading_zeros(z))
 
 
 @njit(**JIT)
@@ -61,17 +54,53 @@ def _masks(w):
 
 
 @njit(**JIT)
-def _key(x, is_float, sign, mag, full):
-    if is_float and (x & sign):
-        return (~(x & mag)) & full
-    return x
+def _zigzag_lengths(a, p, w, is_float, z, lengths):
+    """z = zigzag(key(a) - key(p)) and its bit length, per value. No loop-carried state, so
+    the compiler vectorises it. key(x): float patterns with the sign bit set have their
+    magnitude bits flipped, which orders them (-0.0 just below +0.0) and is its own
+    inverse."""
+    _, mag, full = _masks(w)
+    flip = mag if is_float else np.uint64(0)
+    top = np.uint64(w - 1)
+    for i in range(a.shape[0]):
+        x = np.uint64(a[i])
+        y = np.uint64(p[i])
+        d = ((x ^ (flip * (x >> top))) - (y ^ (flip * (y >> top)))) & full
+        v = ((d << np.uint64(1)) & full) ^ (full * (d >> top))
+        z[i] = v
+        lengths[i] = _bitlen(v)
 
 
 @njit(**JIT)
-def _unkey(k, is_float, sign, full):
-    if is_float and (k & sign):
-        return ((~k) & full) | sign
-    return k
+def _write_bits(z, lengths, words):
+    """Append the L - 1 bits of each z below its top bit to ``words``; returns the bits."""
+    acc = np.uint64(0)
+    nb = np.uint64(0)
+    pos = 0
+    total = 0
+    low32 = np.uint64(0xFFFFFFFF)
+    for i in range(z.shape[0]):
+        # Branch-free for the usual widths: a length of 0 or 1 adds no raw bit.
+        k = max(np.int64(lengths[i]) - 1, 0)
+        total += k
+        v = np.uint64(z[i]) & ((np.uint64(1) << np.uint64(k)) - np.uint64(1))
+        if k > 32:  # only 64-bit values: write the low half first
+            acc |= (v & low32) << nb
+            v >>= np.uint64(32)
+            k -= 32
+            words[pos] = np.uint32(acc & low32)
+            pos += 1
+            acc >>= np.uint64(32)
+        acc |= v << nb
+        nb += np.uint64(k)
+        if nb >= np.uint64(32):
+            words[pos] = np.uint32(acc & low32)
+            pos += 1
+            acc >>= np.uint64(32)
+            nb -= np.uint64(32)
+    if nb > np.uint64(0):
+        words[pos] = np.uint32(acc & low32)
+    return total
 
 
 @njit(**JIT)
@@ -80,36 +109,12 @@ def encode_lengths(a, p, w, is_float, lengths, words):
     ``a`` against prediction ``p`` (unsigned ints of width ``w``, [n] each).
 
     ``words`` must hold at least ``ceil(n * (w - 1) / 32) + 1`` words. Returns the number
-    of raw bits written.
+    of raw bits written. Two passes: the per-value arithmetic (vectorised), then the bit
+    writer.
     """
-    sign, mag, full = _masks(w)
-    acc = np.uint64(0)
-    nb = 0
-    pos = 0
-    total = 0
-    for i in range(a.shape[0]):
-        d = (_key(np.uint64(a[i]), is_float, sign, mag, full)
-             - _key(np.uint64(p[i]), is_float, sign, mag, full)) & full
-        z = ((d << np.uint64(1)) & full) ^ (full if d & sign else np.uint64(0))
-        n = _bitlen(z)
-        lengths[i] = n
-        k = n - 1
-        if k > 0:
-            total += k
-            while k > 0:
-                take = min(k, 32)
-                acc |= (z & ((np.uint64(1) << np.uint64(take)) - np.uint64(1))) << np.uint64(nb)
-                z >>= np.uint64(take)
-                nb += take
-                k -= take
-                if nb >= 32:
-                    words[pos] = np.uint32(acc & np.uint64(0xFFFFFFFF))
-                    pos += 1
-                    acc >>= np.uint64(32)
-                    nb -= 32
-    if nb > 0:
-        words[pos] = np.uint32(acc & np.uint64(0xFFFFFFFF))
-    return total
+    z = np.empty_like(a)
+    _zigzag_lengths(a, p, w, is_float, z, lengths)
+    return _write_bits(z, lengths, words)
 
 
 @njit(**JIT)
@@ -123,36 +128,59 @@ def raw_bits_needed(lengths):
 
 
 @njit(**JIT)
+def _read_bits(lengths, words, z):
+    """z of each value from its length and the raw bits (the inverse of `_write_bits`)."""
+    acc = np.uint64(0)
+    nb = np.uint64(0)
+    pos = 0
+    low32 = np.uint64(0xFFFFFFFF)
+    for i in range(lengths.shape[0]):
+        n = np.int64(lengths[i])
+        # Branch-free for the usual widths: z = top bit (none for L = 0) | raw bits.
+        k = max(n - 1, 0)
+        v = np.uint64(0)
+        shift = np.uint64(0)
+        if k > 32:  # only 64-bit values: the low half first
+            if nb < np.uint64(32):
+                acc |= np.uint64(words[pos]) << nb
+                pos += 1
+                nb += np.uint64(32)
+            v = acc & low32
+            acc >>= np.uint64(32)
+            nb -= np.uint64(32)
+            shift = np.uint64(32)
+            k -= 32
+        if nb < np.uint64(k):
+            acc |= np.uint64(words[pos]) << nb
+            pos += 1
+            nb += np.uint64(32)
+        v |= (acc & ((np.uint64(1) << np.uint64(k)) - np.uint64(1))) << shift
+        acc >>= np.uint64(k)
+        nb -= np.uint64(k)
+        z[i] = v | (np.uint64(n > 0) << np.uint64(max(n - 1, 0)))
+
+
+@njit(**JIT)
+def _unzigzag(z, p, w, is_float, out):
+    _, mag, full = _masks(w)
+    flip = mag if is_float else np.uint64(0)
+    top = np.uint64(w - 1)
+    for i in range(z.shape[0]):
+        v = np.uint64(z[i])
+        d = (v >> np.uint64(1)) ^ (full * (v & np.uint64(1)))
+        y = np.uint64(p[i])
+        k = ((y ^ (flip * (y >> top))) + d) & full
+        out[i] = k ^ (flip * (k >> top))
+
+
+@njit(**JIT)
 def decode_lengths(lengths, words, p, w, is_float, out):
     """Inverse of :func:`encode_lengths`: ``out`` [n] (unsigned ints of width ``w``) from
     lengths, raw bits and the prediction. ``words`` must hold every raw bit plus one
     spare word (callers check the raw length against :func:`raw_bits_needed` first)."""
-    sign, mag, full = _masks(w)
-    acc = np.uint64(0)
-    nb = 0
-    pos = 0
-    for i in range(lengths.shape[0]):
-        n = np.int64(lengths[i])
-        if n <= 1:
-            z = np.uint64(n)
-        else:
-            k = n - 1
-            z = np.uint64(0)
-            got = 0
-            while got < k:
-                if nb == 0:
-                    acc = np.uint64(words[pos])
-                    pos += 1
-                    nb = 32
-                take = min(k - got, nb)
-                z |= (acc & ((np.uint64(1) << np.uint64(take)) - np.uint64(1))) << np.uint64(got)
-                acc >>= np.uint64(take)
-                nb -= take
-                got += take
-            z |= np.uint64(1) << np.uint64(k)
-        d = (z >> np.uint64(1)) ^ (full if z & np.uint64(1) else np.uint64(0))
-        kp = _key(np.uint64(p[i]), is_float, sign, mag, full)
-        out[i] = _unkey((kp + d) & full, is_float, sign, full)
+    z = np.empty(lengths.shape[0], np.uint64)
+    _read_bits(lengths, words, z)
+    _unzigzag(z, p, w, is_float, out)
 
 
 @njit(**JIT)
@@ -201,9 +229,14 @@ def context_pack(lengths, p, w, centre, table, nibbles, escapes):
     n = lengths.shape[0]
     shift = np.uint64(_context_shift(w))
     slots = MAX_WIDTH + 1
-    hist = np.zeros(CONTEXTS * slots, np.int64)
+    slot = np.empty(n, np.uint16)  # context * slots + length, computed once
     for i in range(n):
-        hist[_context(p[i], shift, centre) * slots + np.int64(lengths[i])] += 1
+        slot[i] = _context(p[i], shift, centre) * slots + np.int64(lengths[i])
+    # Four interleaved histograms: no store waits on the load before it.
+    hist4 = np.zeros((4, CONTEXTS * slots), np.int64)
+    for i in range(n):
+        hist4[i & 3, slot[i]] += 1
+    hist = hist4.sum(axis=0)
     rank = np.full(CONTEXTS * slots, ESCAPE, np.uint8)
     for c in range(CONTEXTS):
         order = np.argsort(-hist[c * slots:(c + 1) * slots], kind="mergesort")
@@ -215,39 +248,50 @@ def context_pack(lengths, p, w, centre, table, nibbles, escapes):
                 rank[c * slots + length] = r
                 table[c * RANKS + r] = length
     found = 0
-    for i in range(n):
-        length = np.int64(lengths[i])
-        r = rank[_context(p[i], shift, centre) * slots + length]
-        if r == ESCAPE:
-            escapes[found] = length
+    for j in range(n // 2):
+        r0 = rank[slot[2 * j]]
+        r1 = rank[slot[2 * j + 1]]
+        if r0 == ESCAPE:
+            escapes[found] = lengths[2 * j]
             found += 1
-        if i & 1:
-            nibbles[i >> 1] |= r << 4
-        else:
-            nibbles[i >> 1] = r
+        if r1 == ESCAPE:
+            escapes[found] = lengths[2 * j + 1]
+            found += 1
+        nibbles[j] = r0 | (r1 << 4)
+    if n & 1:
+        r0 = rank[slot[n - 1]]
+        if r0 == ESCAPE:
+            escapes[found] = lengths[n - 1]
+            found += 1
+        nibbles[n >> 1] = r0
     return found
 
 
 @njit(**JIT)
 def context_unpack(nibbles, escapes, table, p, w, centre, lengths):
     """Inverse of :func:`context_pack`. Returns the number of escapes read, or -1 when a
-    symbol names an unused rank, the escapes run out, or a length exceeds ``w``."""
+    symbol names an unused rank, the escapes do not match, or a length exceeds ``w``."""
     n = lengths.shape[0]
     shift = np.uint64(_context_shift(w))
     found = 0
-    for i in range(n):
+    for i in range(n):  # no branch: vectorised
         r = (np.int64(nibbles[i >> 1]) >> (4 * (i & 1))) & 15
-        if r == ESCAPE:
-            if found >= escapes.shape[0]:
-                return -1
-            length = np.int64(escapes[found])
-            found += 1
-        else:
-            length = np.int64(table[_context(p[i], shift, centre) * RANKS + r])
-        if length > w:
-            return -1
-        lengths[i] = length
-    return found
+        escape = r == ESCAPE
+        found += escape
+        length = table[_context(p[i], shift, centre) * RANKS + r]
+        lengths[i] = UNUSED if escape else length
+    if found != escapes.shape[0]:
+        return -1
+    if found:
+        used = 0
+        for i in range(n):
+            if (np.int64(nibbles[i >> 1]) >> (4 * (i & 1))) & 15 == ESCAPE:
+                lengths[i] = escapes[used]
+                used += 1
+    top = 0
+    for i in range(n):
+        top = max(top, np.int64(lengths[i]))
+    return found if top <= w else -1
 
 
 SCALE_RANGE = (0.5, 2.0)
@@ -274,13 +318,13 @@ def scale_f32(b, s, out):
 
 
 @njit(**JIT)
-def _length_sum(a, p, sign, mag, full):
+def _length_sum(a, p):
+    lengths = np.empty(a.shape[0], np.uint8)
+    words = np.zeros(a.shape[0] + 2, np.uint32)
+    encode_lengths(a, p, 32, True, lengths, words)
     total = 0
     for j in range(a.shape[0]):
-        d = (_key(np.uint64(a[j]), True, sign, mag, full)
-             - _key(np.uint64(p[j]), True, sign, mag, full)) & full
-        z = ((d << np.uint64(1)) & full) ^ (full if d & sign else np.uint64(0))
-        total += _bitlen(z)
+        total += np.int64(lengths[j])
     return total
 
 
@@ -314,7 +358,6 @@ def fit_scale(a, b):
         return np.float32(1.0)
     scaled = np.empty(m, np.uint32)
     scale_f32(sb, s, scaled)
-    sign, mag, full = _masks(32)
-    if _length_sum(sa, scaled, sign, mag, full) + m // 64 < _length_sum(sa, sb, sign, mag, full):
+    if _length_sum(sa, scaled) + m // 64 < _length_sum(sa, sb):
         return s
     return np.float32(1.0)

@@ -1,0 +1,191 @@
+"""Format 2's frames against the document: the writer's bytes decode, with the independent
+reader of tests/format/reference_v2.py, into the fine-tuned values; the codec kernels
+match their definition; damaged or forged frames are refused in one line."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from kenstream.errors import DiffError
+from kenstream.format.v2 import FrameDecoder, encode_frame
+from kenstream.kernels import codec
+from tests.format import reference_v2
+
+CODES = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "F64": np.float64,
+         "I64": np.int64, "I32": np.int32, "U8": np.uint8, "F8_E4M3": np.uint8}
+
+
+def pair(code, rng, rows=6, cols=40):
+    """(fine-tune, base) of ``code`` in storage dtype: small changes, some values equal,
+    and a few sign flips and extreme patterns."""
+    dt = CODES[code]
+    if code in ("F32", "F16", "F64"):
+        base = (rng.standard_normal((rows, cols)) * 0.02).astype(dt)
+        ft = (base.astype(np.float64) * 0.9999 + rng.standard_normal((rows, cols)) * 1e-4)
+        ft = ft.astype(dt)
+        ft[0, :3] = -base[0, :3]
+        ft[1, 0] = np.finfo(dt).max
+        ft[1, 1] = -0.0
+    elif code == "BF16":
+        base = (rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint32)
+                >> 16).astype(np.uint16)
+        ft = (base.astype(np.int64) + rng.integers(-3, 4, (rows, cols))).astype(np.uint16)
+        ft[0, 0] = 0x8000  # -0.0
+    else:
+        info = np.iinfo(dt)
+        base = rng.integers(info.min, info.max, (rows, cols), dtype=dt, endpoint=True)
+        ft = base.copy()
+        ft[::2] = (ft[::2].astype(np.int64) + 1).astype(dt)
+    ft[2] = base[2]  # a row equal to the base
+    return np.ascontiguousarray(ft), np.ascontiguousarray(base)
+
+
+def masks(rng, shape):
+    yield None
+    yield rng.random(shape) < 0.3
+    yield rng.random(shape) < 0.02  # sparse: column gaps
+    yield np.zeros(shape, bool)
+    yield np.ones(shape, bool)
+
+
+@pytest.mark.parametrize("code", sorted(CODES))
+def test_frames_decode_with_the_reference_reader(code):
+    rng = np.random.default_rng(len(code))
+    ft, base = pair(code, rng)
+    width = ft.itemsize
+    for mask in masks(rng, ft.shape):
+        for with_base in (True, False):
+            if mask is not None and not with_base:
+                continue  # a tensor without a base keeps every position (6.2)
+            frame = encode_frame(ft, base if with_base else None, mask, code, level=3)
+            positions = frame.data[:frame.positions]
+            values = frame.data[frame.positions:]
+            got_mask = reference_v2.frame_mask(positions, *ft.shape)
+            want = np.ones(ft.shape, bool) if mask is None else mask
+            assert np.array_equal(got_mask, want)
+            bits = np.dtype(f"u{width}")
+            base_kept = base.view(bits)[want].tolist() if with_base else []
+            got = reference_v2.frame_values(values, frame.kept, code, base_kept)
+            assert np.array_equal(np.array(got, dtype=np.uint64).astype(bits),
+                                  ft.view(bits)[want]), (code, with_base)
+            # and kenstream's own decoder agrees
+            dec = FrameDecoder(frame.data, *ft.shape, code, frame.kept, frame.positions)
+            packed, counts = dec.positions()
+            assert counts.sum() == frame.kept
+            fast = dec.values(base.view(bits)[want] if with_base else None)
+            assert np.array_equal(fast.view(bits), ft.view(bits)[want])
+
+
+def test_sparse_masks_use_column_gaps_and_dense_ones_the_bitmask():
+    rng = np.random.default_rng(1)
+    ft, base = pair("F32", rng, rows=8, cols=500)
+    sparse = rng.random(ft.shape) < 0.005
+    dense = rng.random(ft.shape) < 0.4
+    assert encode_frame(ft, base, sparse, "F32").data[0] == 2
+    assert encode_frame(ft, base, dense, "F32").data[0] == 1
+
+
+def test_lengths_and_raw_bits_follow_the_definition():
+    """encode_lengths against a plain-Python reading of docs/format.md 6.5."""
+    rng = np.random.default_rng(2)
+    for code, w, is_float in (("BF16", 16, True), ("F32", 32, True), ("I64", 64, False),
+                              ("F64", 64, True)):
+        ft, base = pair(code, rng)
+        bits = np.dtype(f"u{w // 8}")
+        a, p = ft.view(bits).reshape(-1), base.view(bits).reshape(-1)
+        lengths = np.empty(a.size, np.uint8)
+        words = np.zeros(a.size * w // 32 + 2, np.uint32)
+        total = codec.encode_lengths(a, p, w, is_float, lengths, words)
+        stream, at = int.from_bytes(words.tobytes(), "little"), 0
+        for i, (x, y) in enumerate(zip(a.tolist(), p.tolist())):
+            d = (reference_v2._key(x, w, is_float) - reference_v2._key(y, w, is_float)) % (1 << w)
+            d = d - (1 << w) if d >> (w - 1) else d
+            z = 2 * d if d >= 0 else -2 * d - 1
+            assert lengths[i] == z.bit_length(), (code, i)
+            if z.bit_length() > 1:
+                k = z.bit_length() - 1
+                assert (stream >> at) & ((1 << k) - 1) == z & ((1 << k) - 1)
+                at += k
+        assert total == at
+
+
+def test_weight_decay_is_predicted_and_still_exact():
+    """A float32 fine-tune whose untouched weights all shrank by one factor: the frame
+    records that scale, codes smaller than without it, and decodes exactly."""
+    rng = np.random.default_rng(3)
+    base = (rng.standard_normal((64, 512)) * 0.02).astype(np.float32)
+    ft = base * np.float32(1 - 1.2e-4)
+    ft[:8] += (rng.standard_normal((8, 512)) * 1e-3).astype(np.float32)
+    frame = encode_frame(ft, base, None, "F32")
+    scale = np.frombuffer(frame.data, np.float32, 1, 4)[0]
+    assert scale != 1.0 and abs(scale - (1 - 1.2e-4)) < 1e-5
+    got = reference_v2.frame_values(frame.data, frame.kept, "F32",
+                                    base.view(np.uint32).reshape(-1).tolist())
+    assert np.array_equal(np.array(got, np.uint32), ft.view(np.uint32).reshape(-1))
+    raw_bytes = struct.unpack_from("<BBHfIIII", frame.data)[7]
+    assert raw_bytes < 0.5 * _unscaled_raw_bytes(ft, base)
+
+
+def _unscaled_raw_bytes(ft, base) -> int:
+    """Raw bits the same values would need against the unscaled base."""
+    n = ft.size
+    lengths = np.empty(n, np.uint8)
+    words = np.zeros(n + 2, np.uint32)
+    bits = codec.encode_lengths(ft.view(np.uint32).reshape(-1), base.view(np.uint32).reshape(-1),
+                                32, True, lengths, words)
+    return (bits + 7) // 8
+
+
+# -- damaged frames -------------------------------------------------------------------------
+
+def _frame(rng):
+    ft, base = pair("BF16", rng, rows=16, cols=300)
+    mask = rng.random(ft.shape) < 0.3
+    return ft, base, mask, encode_frame(ft, base, mask, "BF16")
+
+
+def _decode(frame_bytes, ft, base, mask, kept, positions):
+    dec = FrameDecoder(frame_bytes, *ft.shape, "BF16", kept, positions)
+    packed, _ = dec.positions()
+    return dec.values(base[mask] if packed is not None else base.reshape(-1))
+
+
+def test_every_damaged_byte_is_refused_or_harmless():
+    """Each byte of a frame flipped in turn: the decoder raises DiffError or decodes the
+    very same values (a flipped reserved or unused byte); never anything else."""
+    rng = np.random.default_rng(4)
+    ft, base, mask, frame = _frame(rng)
+    want = ft[mask]
+    for at in range(len(frame.data)):
+        raw = bytearray(frame.data)
+        raw[at] ^= 1 << (at % 8)
+        try:
+            got = _decode(bytes(raw), ft, base, mask, frame.kept, frame.positions)
+        except DiffError:
+            continue
+        assert np.array_equal(got.view(np.uint16), want), at
+
+
+def test_zstd_frames_must_declare_the_expected_size():
+    """A positions payload that declares more bytes than the frame's mask is refused before
+    anything of that size is allocated."""
+    import zstandard
+
+    rng = np.random.default_rng(5)
+    ft, base, mask, frame = _frame(rng)
+    huge = zstandard.ZstdCompressor().compress(b"\x00" * (1 << 20))
+    forged = bytes([1]) + huge + frame.data[frame.positions:]
+    with pytest.raises(DiffError, match=r"holds 1048576 bytes, \d+ expected"):
+        _decode(forged, ft, base, mask, frame.kept, len(huge) + 1)
+
+
+def test_a_wrong_base_fails_the_checksum_or_the_lengths():
+    rng = np.random.default_rng(6)
+    ft, base, mask, frame = _frame(rng)
+    other = base.copy()
+    other[mask] ^= np.uint16(1)
+    with pytest.raises(DiffError, match="checksum|lengths|escapes|raw bits"):
+        _decode(frame.data, ft, other, mask, frame.kept, frame.positions)
