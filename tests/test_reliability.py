@@ -661,3 +661,49 @@ def test_subprocess_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert_one_error(proc.stderr, str(f / "model.safetensors"), "JSON")
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("where", ["raw-bits", "last-raw-byte", "symbols", "positions",
+                                   "table"])
+def test_damaged_frame_in_a_resigned_diff(diff, capsys, where):
+    """One byte of a format-2 tensor changed and the diff re-signed: every reader (rebuild,
+    verify, viz, load) refuses it in one line naming the tensor; nothing complete is
+    written."""
+    import struct
+
+    from tests.forge import read_header, resign
+
+    b, f, d = diff
+    index = json.loads((d / "kenstream-diff.json").read_text())
+    rec = index["tensors"]["a.weight"]
+    assert rec["encoding"] == "coded" and rec["positions_bytes"] > 0
+    shard = d / rec["shard"]
+    header = read_header(shard)
+    data_start = 8 + struct.unpack("<Q", shard.read_bytes()[:8])[0]
+    frames = header["a.weight::frames"]["data_offsets"][0] + data_start
+    table = header["a.weight::table"]["data_offsets"][0] + data_start
+    pos = rec["positions_bytes"]
+    raw = bytearray(shard.read_bytes())
+    nibbles, escapes, raw_bits = struct.unpack_from("<BBHfIIII", raw, frames + pos)[5:]
+    bits_at = frames + pos + 24 + 128 + nibbles + escapes
+    assert raw_bits > 4
+    at = {"raw-bits": bits_at + raw_bits // 2,  # a stored value's bits: only the crc sees it
+          "last-raw-byte": frames + pos + rec["values_bytes"] - 1,
+          "symbols": frames + pos + 24 + 128 + 5,
+          "positions": frames + 6,
+          "table": table + 8}[where]  # the positions length of frame 0
+    raw[at] ^= 0x10
+    shard.write_bytes(bytes(raw))
+    resign(d)
+    for argv in (["rebuild", b, d, "-o", d.parent / "rebuilt"], ["verify", d, "--base", b],
+                 ["viz", d, "--tensor", "a.weight", "--base", b, "-o", d.parent / "a.png"]):
+        code, err = cli(capsys, argv, [b, f, d])
+        assert code == 2, (argv[0], err)
+        assert_one_error(err, "tensor 'a.weight'")
+    assert_not_complete(d.parent / "rebuilt")
+    assert not (d.parent / "a.png").exists()
+    import kenstream
+    from kenstream.errors import DiffError
+
+    with pytest.raises(DiffError, match="a.weight"):
+        list(kenstream.load(b, d))

@@ -175,6 +175,24 @@ def measure(size: str, args) -> dict:
         drop_cache(inputs)
         return kernel_only(ft, index, args.threads)
 
+    def lossless():
+        drop_cache(inputs)
+        out = work / "diff-keep1"
+        got = timed_child(ks + ["compress", str(base), str(ft), "-o", str(out), "--keep", "1",
+                                "-j", str(args.threads), "-q", "--overwrite"])
+        size = json.loads((out / "kenstream-diff.json").read_text())["totals"]["diff_bytes"]
+        shutil.rmtree(out, ignore_errors=True)
+        return (*got, size)
+
+    def delta():
+        drop_cache(inputs)
+        out = work / "diff-delta"
+        got = timed_child(ks + ["compress", str(base), str(ft), "-o", str(out), "--keep",
+                                str(args.keep), "--method", "delta", "-j", str(args.threads),
+                                "-q", "--overwrite"])
+        shutil.rmtree(out, ignore_errors=True)
+        return got
+
     def verify():
         drop_cache(inputs + files_under(diff))
         return timed_child(ks + ["verify", str(diff), "--base", str(base), "--finetuned",
@@ -184,6 +202,8 @@ def measure(size: str, args) -> dict:
     index = json.loads((diff / "kenstream-diff.json").read_text())
     copy_times, rebuild_times, rss_r = zip(*runs("copy and rebuild", copy_and_rebuild))
     verify_times, rss_v = zip(*runs("verify", verify))
+    lossless_times, rss_l, lossless_sizes = zip(*runs("compress --keep 1", lossless))
+    delta_times, rss_d = zip(*runs("compress --method delta", delta))
     kernel_times, k_params = zip(*runs("kernel only", kernel))
     t_c, t_copy, t_r, t_k = (min(t) for t in (compress_times, copy_times, rebuild_times,
                                               kernel_times))
@@ -198,6 +218,9 @@ def measure(size: str, args) -> dict:
             "rss_c": rss_c, "kernel": t_k, "kernel_params": k_params, "floor": floor,
             "rebuild": t_r, "rss_r": rss_r, "copy": t_copy, "slow": slow,
             "verify": min(verify_times), "rss_v": rss_v, "verify_runs": verify_times,
+            "lossless": min(lossless_times), "rss_l": max(rss_l), "lossless_size": lossless_sizes[0],
+            "lossless_runs": lossless_times, "delta": min(delta_times), "rss_d": max(rss_d),
+            "delta_runs": delta_times,
             "bound": 3 * largest * 4 + 300e6, "compress_runs": compress_times,
             "kernel_runs": kernel_times, "rebuild_runs": rebuild_times, "copy_runs": copy_times}
 
@@ -215,6 +238,8 @@ def report(m: dict, args) -> None:
         ("read both inputs once", m["floor"], params / m["floor"], None),
         ("rebuild", m["rebuild"], params / m["rebuild"], m["rss_r"]),
         ("verify --finetuned", m["verify"], params / m["verify"], m["rss_v"]),
+        ("compress --keep 1", m["lossless"], params / m["lossless"], m["rss_l"]),
+        ("compress --method delta", m["delta"], params / m["delta"], m["rss_d"]),
         ("copy base", m["copy"], params / m["copy"], None),
         ("slow reference (sample)", None, m["slow"], None),
     ]
@@ -227,7 +252,8 @@ def report(m: dict, args) -> None:
         runs = lambda key: ", ".join(f"{t:.1f}" for t in m[key])
         print(f"(fastest of {len(m['compress_runs'])} runs; compress {runs('compress_runs')} s, "
               f"kernel only {runs('kernel_runs')} s, rebuild {runs('rebuild_runs')} s, "
-              f"verify {runs('verify_runs')} s, "
+              f"verify {runs('verify_runs')} s, keep 1 {runs('lossless_runs')} s, "
+              f"delta {runs('delta_runs')} s, "
               f"copy {runs('copy_runs')} s)")
     print()
     print(f"compress rate / kernel-only rate : {e2e_rate / kernel_rate:.2f}   (target >= 0.80)")
@@ -237,6 +263,9 @@ def report(m: dict, args) -> None:
     print(f"peak RSS compress / rebuild      : {m['rss_c'] / 1e6:.0f} / {m['rss_r'] / 1e6:.0f} MB; "
           f"bound 3 x largest tensor (f32) + 300 MB = {m['bound'] / 1e9:.2f} GB")
     print(f"peak RSS verify / rebuild        : {m['rss_v'] / m['rss_r']:.3f}   (target <= 1.10)")
+    print(f"keep 1 compress / read floor     : {m['lossless'] / m['floor']:.2f}   (target <= 2); "
+          f"lossless diff {m['lossless_size'] / m['input_bytes'] * 2:.3f} of the fine-tune")
+    print(f"delta compress / read floor      : {m['delta'] / m['floor']:.2f}   (target <= 2)")
 
 
 def compare(ms: list) -> None:
@@ -245,7 +274,8 @@ def compare(ms: list) -> None:
     print()
     print(f"peak RSS against {first['size']} (target: within 15 %):")
     for m in ms[1:]:
-        for key, what in (("rss_c", "compress"), ("rss_r", "rebuild"), ("rss_v", "verify")):
+        for key, what in (("rss_c", "compress"), ("rss_r", "rebuild"), ("rss_v", "verify"),
+                          ("rss_l", "keep 1")):
             grow = m[key] / first[key] - 1
             print(f"  {what:<9} {m['size']}: {m[key] / 1e6:.0f} MB vs {first[key] / 1e6:.0f} MB "
                   f"({grow:+.1%}; {m['params'] / first['params']:.1f}x the parameters)")

@@ -37,7 +37,8 @@ def _as_f64(arr, code) -> np.ndarray:
 
 def verify(diff, base, finetuned=None, *, force=False, quiet=False,
            block_elems: int = spec.DEFAULT_BLOCK_ELEMS) -> dict:
-    """Check shard hashes and the base's identity; with ``finetuned``, every value.
+    """Check shard hashes, the base's identity and that every tensor decodes (every frame's
+    checks and checksum); with ``finetuned``, also every value against it.
 
     Returns ``{"ok", "problems", "tensors": {name: {"encoding", "kept_fraction",
     "rel_error"}}}`` and raises VerifyError (exit 1) listing the first problem when
@@ -61,7 +62,7 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False,
                     else:
                         if ft is not None:
                             problems.append(f"{name}: not in the fine-tune")
-                        blocks.release()
+                        _decode_all(blocks)
                     if ft is not None:
                         progress.update(rec.params)
                     tensors[name] = row
@@ -74,6 +75,16 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False,
         err.report = report
         raise err
     return report
+
+
+def _decode_all(blocks: TensorBlocks) -> None:
+    """Decode every block (the content checks and checksums of every frame) and drop it."""
+    out = np.empty(blocks.shape(0), dtype=blocks.dtype)
+    for i, (r0, r1) in enumerate(blocks.ranges):
+        if i + 1 < len(blocks.ranges):
+            blocks.prefetch(i + 1)
+        blocks.build(i, out[:r1 - r0])
+    blocks.release()
 
 
 def _compare(name, blocks: TensorBlocks, ft, problems) -> dict:

@@ -273,7 +273,7 @@ class FrameDecoder:
         if codec.context_unpack(nibbles, escapes, table, p, w, centre, lengths) != escapes.size:
             raise DiffError("frame lengths name unused ranks or escapes that do not match")
         need = codec.raw_bits_needed(lengths)
-        if (need + 7) // 8 != lraw:
+        if (need + 7) // 8 != lraw or (need % 8 and sec[len(sec) - 1] >> (need % 8)):
             raise DiffError("frame raw bits do not match its lengths")
         words = np.zeros(lraw // 4 + 2, np.uint32)
         words.view(np.uint8)[:lraw] = np.frombuffer(sec, np.uint8, lraw, at + lnib + lesc)
