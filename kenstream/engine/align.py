@@ -3,13 +3,21 @@
 Real pairs differ by a consistent prefix: a ``BertModel`` base has ``encoder.layer.0...``
 where a ``BertForSequenceClassification`` fine-tune has ``bert.encoder.layer.0...``. Exact
 names are paired first; the remaining names are then paired through the one prefix
-(added on either side) that pairs the most of them.
+(added on either side) that pairs the most of them. Last, an output head the fine-tune
+unties from its input embedding (``lm_head.weight`` present only in the fine-tune, the
+base tying it to ``embed_tokens``) is paired with that embedding: it was the head's value.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+HEADS = ("lm_head.weight",)
+"""Output heads that a base may tie to its input embedding (storing only the embedding)."""
+EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight",
+              "embed_in.weight", "tok_embeddings.weight")
+"""Names (ends of names) of input embeddings a tied head shares."""
 
 
 @dataclass
@@ -22,9 +30,10 @@ class Alignment:
     finetuned_prefix: str = ""
     base_prefix: str = ""
     exact: int = 0
+    tied: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        return {
+        out = {
             "exact": self.exact,
             "matched": len(self.pairs),
             "finetuned_prefix": self.finetuned_prefix,
@@ -32,6 +41,9 @@ class Alignment:
             "new": list(self.new),
             "dropped": list(self.dropped),
         }
+        if self.tied:
+            out["tied"] = dict(self.tied)
+        return out
 
 
 def _prefixes(name: str):
@@ -88,3 +100,19 @@ def align(finetuned_names, base_names) -> Alignment:
         base_prefix=base_prefix if extra else "",
         exact=len(exact),
     )
+
+
+def tie_heads(alignment: Alignment, base_names) -> Alignment:
+    """Pair each unpaired fine-tune output head with the base's input embedding, when the
+    base has no head of its own (it ties them). Recorded in ``alignment.tied``."""
+    embeddings = [n for n in base_names if n.endswith(EMBEDDINGS)]
+    if len(embeddings) != 1 or any(n.endswith(HEADS) for n in base_names):
+        return alignment
+    for name in list(alignment.new):
+        if name.endswith(HEADS):
+            alignment.pairs[name] = embeddings[0]
+            alignment.tied[name] = embeddings[0]
+            alignment.new.remove(name)
+            break
+    return alignment
+

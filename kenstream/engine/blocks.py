@@ -50,10 +50,15 @@ class TensorBlocks:
         self.base = None
         if base is not None and rec.base_name is not None and rec.encoding != "dense":
             binfo = base.info(rec.base_name)
-            if tuple(binfo.shape) != tuple(rec.shape):
-                raise DiffError(f"base tensor {rec.base_name!r} has shape {list(binfo.shape)}, "
-                                f"diff expects {list(rec.shape)}", file=diff.path, tensor=name)
-            self.base = TensorRows(base, rec.base_name, self.rows, self.cols, rec.dtype)
+            shape, want = tuple(binfo.shape), tuple(rec.shape)
+            resized = rec.base_rows is not None
+            if (shape[1:] != want[1:] or shape[0] < rec.with_base) if resized else shape != want:
+                raise DiffError(f"base tensor {rec.base_name!r} has shape {list(shape)}, "
+                                f"diff expects {list(want)}"
+                                + (f" with {rec.base_rows} rows from the base" if resized
+                                   else ""), file=diff.path, tensor=name)
+            base_rows = shape[0] if resized else self.rows
+            self.base = TensorRows(base, rec.base_name, base_rows, self.cols, rec.dtype)
 
     def shape(self, i: int) -> tuple:
         r0, r1 = self.ranges[i]
@@ -73,7 +78,7 @@ class TensorBlocks:
         return self._base_range(*self.ranges[i])
 
     def _base_range(self, r0: int, r1: int) -> np.ndarray | None:
-        if self.rec.encoding == "dense" or self.rec.base_name is None:
+        if self.rec.encoding == "dense" or r0 >= self.rec.with_base:
             return None
         if self.base is None:
             raise DiffError("needs the base to be decoded", tensor=self.name,

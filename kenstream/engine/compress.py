@@ -22,7 +22,7 @@ from ..io.outputs import copy_files, prepare_output
 from ..io.safetensors_file import SafetensorsFile
 from ..progress import bar, say
 from ..settings import DIFF_SHARD_SIZE, Settings, parse_size
-from .align import align
+from .align import align, tie_heads
 from .cards import diff_card
 from .plan import make_items, plan_shards
 from .stream import write_shard
@@ -101,6 +101,8 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", metho
         # Planned before the output is touched, so unrelated models leave nothing behind and
         # the plan file follows the directory's creation at once.
         alignment = align(f.names(), b.names())
+        if version >= 2:
+            tie_heads(alignment, b.names())
         items = make_items(f, b, alignment, settings, version=version,
                            frame_elems=frame_elems)
         shards = plan_shards(out, items, limit)
@@ -118,10 +120,7 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", metho
             plan = _resumed_plan(plan, partial)
         else:
             write_json_atomic(partial, plan.to_json())
-        say(f"aligned {len(alignment.pairs)} tensors ({alignment.exact} by exact name"
-            + (f", prefix {alignment.finetuned_prefix or alignment.base_prefix!r}"
-               if alignment.finetuned_prefix or alignment.base_prefix else "")
-            + f"); {len(alignment.new)} new, {len(alignment.dropped)} only in the base", quiet)
+        say(_plan_report(alignment, items), quiet)
 
         records = {}
         with bar(sum(i.params for i in items), "compress", quiet) as progress:
@@ -154,6 +153,23 @@ def _coding(version, level, frame_elems):
         return 2, Coding.from_json({"level": level, "frame_elems": frame_elems})
     except DiffError as exc:
         raise SelectionError(exc.message) from None
+
+
+def _plan_report(alignment, items) -> str:
+    """One status line: how names were paired and what happens to special tensors."""
+    prefix = alignment.finetuned_prefix or alignment.base_prefix
+    parts = [f"aligned {len(alignment.pairs)} tensors ({alignment.exact} by exact name"
+             + (f", prefix {prefix!r}" if prefix else "") + ")",
+             f"{len(alignment.new)} new", f"{len(alignment.dropped)} only in the base"]
+    for head, embedding in alignment.tied.items():
+        parts.append(f"{head} untied from the base's {embedding}")
+    resized = [i for i in items if i.base_rows is not None]
+    if resized:
+        parts.append(f"{len(resized)} resized (rows beyond the base's stored whole)")
+    quantized = sum(1 for i in items if i.reason == "quantized")
+    if quantized:
+        parts.append(f"{quantized} tensors of quantized units kept whole")
+    return "; ".join(parts)
 
 
 def build_index(plan: CompressPlan, alignment, items, records, shards) -> DiffIndex:

@@ -35,51 +35,91 @@ class Item:
     rows: int
     cols: int
     frames: int = 0
+    base_rows: int | None = None  # a resized matrix: rows from here on have no base
 
     @property
     def params(self) -> int:
         return self.rows * self.cols
+
+    @property
+    def with_base(self) -> int:
+        """How many leading rows have a base."""
+        if self.base_name is None:
+            return 0
+        return self.rows if self.base_rows is None else self.base_rows
+
+
+QUANTIZED_WEIGHTS = ("weight", "qweight")
+"""Last name parts of a module's weight: stored as F8 or integers, the module is quantized."""
+
+
+def quantized_modules(ft) -> set:
+    """Module prefixes (``model.layers.0.mlp.down_proj.``) whose weight is quantized: an F8
+    or integer ``weight`` / ``qweight``. Every tensor under such a prefix (the weight, its
+    scales, zeros, group indices, bias, ``weight.absmax`` ...) is one unit: dequantising
+    needs all of them together, so none may be split from the others."""
+    out = set()
+    for name in ft.names():
+        head, _, last = name.rpartition(".")
+        if last in QUANTIZED_WEIGHTS and ft.info(name).dtype not in SELECTABLE:
+            out.add(head + ".")
+    return out
+
+
+def _resized(shape, bshape) -> bool:
+    """A matrix whose base has other rows but the same columns (a resized vocabulary)."""
+    return len(shape) == 2 and len(bshape) == 2 and shape[1] == bshape[1] \
+        and shape[0] != bshape[0]
 
 
 def make_items(ft, base, alignment, settings, *, version: int = spec.FORMAT_VERSION,
                frame_elems: int = spec.DEFAULT_FRAME_ELEMS) -> list:
     """Decide every fine-tune tensor's fate; raises MismatchError for unrelated models.
 
-    Format 2 cuts stacked tensors into rows by `spec.rows_cols_v2` and every stored
-    tensor into frames of about ``frame_elems`` values.
+    Format 2 cuts stacked tensors into rows by `spec.rows_cols_v2`, every stored tensor
+    into frames of about ``frame_elems`` values, keeps quantized units whole (reason
+    ``quantized``) and codes a resized matrix against the rows it shares with its base.
     """
     items = []
     reshaped = []  # warned about only once the pair is known to be one model
+    quantized = quantized_modules(ft) if version >= 2 else set()
     for name in ft.names():
         info = ft.info(name)
         shape = tuple(int(d) for d in info.shape)
         rows, cols = spec.rows_cols(shape) if version == 1 else spec.rows_cols_v2(name, shape)
-        frames = 0 if version == 1 else len(spec.frame_ranges(rows, cols, frame_elems))
         base_name = alignment.pairs.get(name)
         nbytes = int(info.nbytes)
+        base_rows = None
+        if base_name is not None and version >= 2:
+            bshape = tuple(base.info(base_name).shape)
+            if _resized(shape, bshape):
+                base_rows = min(rows, bshape[0])
+        frames = 0 if version == 1 else len(spec.frame_ranges(rows, cols, frame_elems,
+                                                                base_rows))
 
-        def store(reason, base_name=base_name):
-            items.append(Item(name, base_name, "store", reason, info.dtype, shape, None, nbytes,
-                              rows, cols, frames))
+        def item(action, reason, k, estimate, base_name=base_name):
+            items.append(Item(name, base_name, action, reason, info.dtype, shape, k, estimate,
+                              rows, cols, frames, base_rows if base_name else None))
 
         if base_name is None:
-            store("new")
+            item("store", "new", None, nbytes)
             continue
         binfo = base.info(base_name)
-        if tuple(binfo.shape) != shape:
+        if tuple(binfo.shape) != shape and base_rows is None:
             reshaped.append(f"{name}: shape {list(shape)} differs from the base's "
                             f"{list(binfo.shape)}; stored whole")
-            store("reshaped", None)
+            item("store", "reshaped", None, nbytes, None)
+        elif any(name.startswith(prefix) for prefix in quantized):
+            item("store", "quantized", None, nbytes)
         elif info.dtype not in SELECTABLE or binfo.dtype not in SELECTABLE:
-            store("non-float")
+            item("store", "non-float", None, nbytes)
         elif not settings.wants(name):
-            store("excluded")
+            item("store", "excluded", None, nbytes)
         else:
             k = settings.k_for(cols)
             kept = rows * min(k, cols)
             est = min(encoded_sizes(rows, cols, kept, dtypes.itemsize(info.dtype), False))
-            items.append(Item(name, base_name, "select", "selected", info.dtype, shape, k, est,
-                              rows, cols, frames))
+            item("select", "selected", k, est)
     matched = len(alignment.pairs)
     if matched == 0:
         raise MismatchError("no tensor name of the fine-tune matches the base", file=ft.root)

@@ -24,7 +24,7 @@ def record(item, encoding, reason, shard, kept, row_kept, nbytes, *extra, versio
     return TensorRecord(item.base_name, encoding, reason, item.dtype, tuple(item.shape),
                         item.rows, item.cols, item.k if selected else None, kept, row_kept,
                         shard if nbytes or encoding != "unchanged" else None, nbytes, *extra,
-                        version=version)
+                        base_rows=item.base_rows if version >= 2 else None, version=version)
 
 
 class V1Sink:

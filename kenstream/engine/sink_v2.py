@@ -54,11 +54,18 @@ class V2Sink:
         self._open = None
 
     def blocks(self, item) -> list:
-        """Selection blocks: runs of whole frames of about ``block_elems`` values."""
-        frames = spec.frame_ranges(item.rows, item.cols, self.frame_elems)
+        """Selection blocks: runs of whole frames of about ``block_elems`` values, none
+        across the first row without a base."""
+        frames = spec.frame_ranges(item.rows, item.cols, self.frame_elems, item.base_rows)
         per = max(1, self.block_elems // max(1, (frames[0][1] - frames[0][0]) * item.cols))
-        return [(frames[i][0], frames[min(i + per, len(frames)) - 1][1])
-                for i in range(0, len(frames), per)]
+        out, run = [], []
+        for r0, r1 in frames:
+            if run and (len(run) == per or r0 == item.base_rows):
+                out.append((run[0][0], run[-1][1]))
+                run = []
+            run.append((r0, r1))
+        out.append((run[0][0], run[-1][1]))
+        return out
 
     def unchanged(self, item) -> None:
         self.records[item.name] = record(item, "unchanged", "identical", self.shard, 0, None,
@@ -66,9 +73,9 @@ class V2Sink:
         self.progress.update(item.params)
 
     def stored(self, item, rows, base_rows) -> None:
-        """The whole tensor, every position kept, coded against the base when there is one."""
+        """The whole tensor, every position kept, coded against the base where there is one."""
         for r0, r1 in self.blocks(item):
-            self.block(item, rows, base_rows, r0, r1, None)
+            self.block(item, rows, base_rows if r0 < item.with_base else None, r0, r1, None)
 
     def block(self, item, rows, base_rows, r0, r1, mask) -> None:
         """Code rows r0..r1 (``mask``: their kept positions, None for all) as frames."""

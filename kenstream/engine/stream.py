@@ -55,8 +55,10 @@ def _tensor(sink, item, following, ft, base, settings, block_elems) -> None:
     if item.base_name is None:
         sink.stored(item, rows, None)
         return
-    base_rows = TensorRows(base, item.base_name, item.rows, item.cols, item.dtype)
-    if identical(rows, base_rows, block_elems=block_elems):
+    resized = item.base_rows is not None
+    base_total = base.info(item.base_name).shape[0] if resized else item.rows
+    base_rows = TensorRows(base, item.base_name, base_total, item.cols, item.dtype)
+    if not resized and identical(rows, base_rows, block_elems=block_elems):
         sink.unchanged(item)
         return
     if item.action == "store":
@@ -71,6 +73,9 @@ def _tensor(sink, item, following, ft, base, settings, block_elems) -> None:
             rows.prefetch(*ranges[n + 1])
         elif following is not None:
             _prefetch_start(following, ft, base, sink)
+        if r0 >= item.with_base:  # a resized tensor's new rows: kept whole, no base
+            sink.block(item, rows, None, r0, r1, None)
+            continue
         mask = None if whole else _select(item, rows, base_rows, r0, r1, settings)
         sink.block(item, rows, base_rows, r0, r1, mask)
 

@@ -26,7 +26,9 @@ class TensorRecord:
     """What the diff holds for one fine-tune tensor.
 
     ``version`` is the format version the record belongs to (not stored in the record);
-    ``frames``, ``positions_bytes`` and ``values_bytes`` exist from version 2 on.
+    ``frames``, ``positions_bytes`` and ``values_bytes`` exist from version 2 on, and
+    ``base_rows`` (stored only when set) for a tensor whose base has other rows (a resized
+    vocabulary): rows from ``base_rows`` on have no base.
     """
 
     base_name: str | None
@@ -44,6 +46,7 @@ class TensorRecord:
     frames: int | None = None
     positions_bytes: int | None = None
     values_bytes: int | None = None
+    base_rows: int | None = None
     version: int = 1
 
     @property
@@ -68,7 +71,16 @@ class TensorRecord:
         if self.version >= 2:
             out.update(frames=self.frames, positions_bytes=self.positions_bytes,
                        values_bytes=self.values_bytes)
+            if self.base_rows is not None:
+                out["base_rows"] = self.base_rows
         return out
+
+    @property
+    def with_base(self) -> int:
+        """How many leading rows have a base (all but a resized tensor's new rows)."""
+        if self.base_name is None:
+            return 0
+        return self.rows if self.base_rows is None else self.base_rows
 
     @classmethod
     def from_json(cls, obj, shards=None, version: int = 1) -> "TensorRecord":
@@ -112,8 +124,13 @@ class TensorRecord:
             raise DiffError(f"names unknown shard {short(shard)}")
         reason = text(rec.get("reason"), "reason")
         extra = _v2_fields(rec, enc, rows, nbytes) if version >= 2 else (None, None, None)
+        base_rows = rec.get("base_rows") if version >= 2 else None
+        if base_rows is not None and not (is_int(base_rows) and 0 <= base_rows <= rows
+                                          and base_name is not None and enc == "coded"):
+            raise DiffError(f"base_rows {short(base_rows)} is not a count of at most {rows} "
+                            "rows of a coded tensor with a base")
         return cls(base_name, enc, reason, code, tuple(shape), rows, cols, k, kept, row_kept,
-                   shard, nbytes, *extra, version=version)
+                   shard, nbytes, *extra, base_rows, version=version)
 
 
 def _v2_fields(rec: dict, enc: str, rows: int, nbytes: int) -> tuple:

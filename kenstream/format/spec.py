@@ -119,9 +119,14 @@ def row_blocks(rows: int, cols: int, block_elems: int = DEFAULT_BLOCK_ELEMS):
         yield 0, 0
 
 
-def frame_ranges(rows: int, cols: int, frame_elems: int) -> list:
+def frame_ranges(rows: int, cols: int, frame_elems: int, split: int | None = None) -> list:
     """(r0, r1) of each frame: whole rows, about ``frame_elems`` values each (one row at
-    least); one empty frame for a tensor without rows."""
+    least); one empty frame for a tensor without rows. With ``split`` (the rows that have a
+    base, of a resized tensor), no frame straddles row ``split``: the frames of rows
+    ``split ...`` follow those of ``0 ... split``, counted afresh."""
     step = max(1, int(frame_elems) // max(cols, 1))
+    if split is not None and 0 <= split < rows:
+        return ([(r0, min(split, r0 + step)) for r0 in range(0, split, step)]
+                + [(r0, min(rows, r0 + step)) for r0 in range(split, rows, step)])
     out = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
     return out or [(0, 0)]

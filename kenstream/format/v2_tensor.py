@@ -29,7 +29,7 @@ class V2Tensor:
     def __init__(self, name: str, rec, entries: dict, frame_elems: int):
         self.name, self.rec = name, rec
         self.roles = () if rec.encoding == "unchanged" else ("frames",)
-        self.ranges = spec.frame_ranges(rec.rows, rec.cols, frame_elems)
+        self.ranges = spec.frame_ranges(rec.rows, rec.cols, frame_elems, rec.base_rows)
         self._cache = {}
         if rec.encoding == "unchanged":
             self.table = np.zeros((0, 4), np.int64)
@@ -50,8 +50,9 @@ class V2Tensor:
         if int(table[:, 1].sum()) != rec.positions_bytes or \
                 int(table[:, 2].sum()) != rec.values_bytes:
             self._bad("frame lengths do not add up to the record's")
-        if rec.base_name is None and (table[:, 3] != sizes).any():
-            self._bad("a tensor without a base must keep every position")
+        without = np.array([r0 >= rec.with_base for r0, _ in self.ranges])
+        if (table[without, 3] != sizes[without]).any():
+            self._bad("rows without a base must keep every position")
         self.table = table
         self.offsets = np.concatenate(([0], np.cumsum(table[:, 1] + table[:, 2])))
 
