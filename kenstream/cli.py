@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True)
     p.add_argument("--finetuned", help="also compare every kept value with this fine-tune")
     p.add_argument("--force", action="store_true", help="verify even if the base differs")
+    p.add_argument("-j", "--threads", type=int, default=None,
+                   help="blocks checked at once (default: every core)")
     p.add_argument("--json", action="store_true")
     _common(p)
 
@@ -130,7 +132,7 @@ def _run(args, argv) -> int:
     if args.command == "verify":
         try:
             report = ks.verify(args.diff, args.base, args.finetuned, force=args.force,
-                               quiet=args.quiet)
+                               quiet=args.quiet, threads=args.threads)
         except KenstreamError as exc:
             if args.json and hasattr(exc, "report"):
                 print(json.dumps(exc.report, indent=2))

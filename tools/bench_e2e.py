@@ -90,21 +90,25 @@ def copy_floor(src: Path, dst: Path) -> float:
 
 def kernel_only(ft_dir: Path, index: dict, threads: int) -> tuple:
     """Seconds the selection kernel alone spends on the selected tensors (held in RAM)."""
+    import zlib
+
     import numba
 
-    from kenstream import select_mask
+    from kenstream import kernels
     from kenstream.io.checkpoint import Checkpoint
 
     numba.set_num_threads(threads)
     total_t, params = 0.0, 0
+    sel = index["selection"]
     with Checkpoint.open(str(ft_dir)) as ft:
         for name, rec in index["tensors"].items():
-            if rec["encoding"] not in ("bitmask", "indices"):
+            if rec["k"] is None:  # not selected
                 continue
             arr = np.array(ft.array(name)).reshape(rec["rows"], rec["cols"])
             ft.release(name)
             t0 = time.perf_counter()
-            select_mask(arr, rec["k"], ties=index["selection"]["ties"])
+            kernels.select(sel["method"], arr, rec["k"], ties=sel["ties"], seed=sel["seed"],
+                           salt=zlib.crc32(name.encode()))
             total_t += time.perf_counter() - t0
             params += arr.size
             del arr

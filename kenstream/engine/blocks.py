@@ -98,13 +98,25 @@ class TensorBlocks:
                 self.codec.build(out, base_rows, r0)
         except DiffError as exc:
             raise self._explained(exc)
+        self.release_block(i)
+
+    def release_block(self, i: int) -> None:
+        """Drop the pages block ``i`` read: its base rows and diff bytes (again, if a
+        caller read them after `build`)."""
+        r0, r1 = self.ranges[i]
         if self.base is not None:
             self.base.release(r0, r1)
         for role in self.codec.roles:
             self.diff.release(self.name, role, *self.codec.byte_span(role, r0, r1))
 
     def kept(self, i: int) -> np.ndarray:
-        """Bool [n, cols]: the positions of block ``i`` that come from the diff."""
+        """Bool [n, cols]: the positions of block ``i`` that come from the diff (safe to
+        call for several blocks at once)."""
+        if self.rec.version >= 2:
+            try:
+                return self.codec.frame_mask(i)
+            except DiffError as exc:
+                raise self._explained(exc)
         return self.codec.kept_rows(*self.ranges[i])
 
     def kept_rows(self, r0: int, r1: int) -> np.ndarray:

@@ -1,10 +1,11 @@
 """Format 2's shard writer side: every stored tensor as independently coded frames.
 
-Frames are coded on a pool of threads (zstd and the numba codec release the GIL) while
-the main thread runs the selection kernel on the next block; their bytes are appended to
-the shard in order as they finish, and a tensor's frame table follows its last frame. At
-most a few frames per thread are in flight, so memory stays a few blocks whatever the
-model's size.
+Frames are coded on a pool of threads (zstd and the numba codec release the GIL); their
+bytes are appended to the shard in order as they finish, and a tensor's frame table
+follows its last frame. Tensors stored whole stream through the pool continuously; a
+selected block's frames are coded between two runs of the selection kernel, which uses
+every core itself. At most a few frames per thread are in flight, so memory stays a few
+blocks whatever the model's size.
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ class V2Sink:
             future = self._pool.submit(self._code, item, rows, base_rows, f0, f1, sub)
             self._queue.append((tensor, f0, future))
             self._drain(self._limit)
+        if mask is not None:
+            # The selection kernel runs on every core and spins while it waits for its
+            # slowest thread: coding beside it would stall it. Code this block's frames on
+            # every core now, and select the next one after.
+            self._drain(0)
         if r1 >= item.rows:
             self._drain(0)
             self._close(tensor)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .. import dtypes
+from .. import dtypes, kernels
 from ..errors import VerifyError
 from ..format import spec
 from ..io.checkpoint import Checkpoint
@@ -28,21 +29,29 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).view(np.dtype(f"u{a.itemsize}"))
 
 
-def _as_f64(arr, code) -> np.ndarray:
-    """Values of ``arr`` (storage dtype of ``code``) as float64, for error norms."""
-    if code == "F64" or not dtypes.is_float(code):
-        return np.asarray(arr, dtype=np.float64)
-    return dtypes.widen_to_f32(np.ascontiguousarray(arr), code).astype(np.float64)
+def _floats(arr, code) -> np.ndarray | None:
+    """Values of ``arr`` (storage dtype of ``code``) as float32 (float64 for F64), for
+    error norms; None for integer dtypes, which have none."""
+    if code == "F64":
+        return np.asarray(arr, dtype=np.float64).reshape(-1)
+    if not dtypes.is_float(code):
+        return None
+    return dtypes.widen_to_f32(np.ascontiguousarray(arr), code).reshape(-1)
 
 
-def verify(diff, base, finetuned=None, *, force=False, quiet=False,
+def _sq(x: np.ndarray) -> float:
+    return float(np.dot(x, x))
+
+
+def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None,
            block_elems: int = spec.DEFAULT_BLOCK_ELEMS) -> dict:
     """Check shard hashes, the base's identity and that every tensor decodes (every frame's
     checks and checksum); with ``finetuned``, also every value against it.
 
     Returns ``{"ok", "problems", "tensors": {name: {"encoding", "kept_fraction",
     "rel_error"}}}`` and raises VerifyError (exit 1) listing the first problem when
-    anything mismatches. Cost: reads every input once; memory a few row blocks.
+    anything mismatches. Blocks are checked on ``threads`` threads (default: every core).
+    Cost: reads every input once; memory a few row blocks a thread.
     """
     problems, tensors = [], OrderedDict()
     with DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
@@ -51,18 +60,20 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False,
         ft = Checkpoint.open(str(finetuned)) if finetuned is not None else None
         try:
             total = sum(r.params for r in d.records.values())
-            with bar(total if ft else 0, "verify", quiet or ft is None) as progress:
+            workers = kernels.get_threads() if threads is None else max(1, threads)
+            with bar(total if ft else 0, "verify", quiet or ft is None) as progress, \
+                    ThreadPoolExecutor(workers, thread_name_prefix="kenstream-verify") as pool:
                 for name, rec in d.records.items():
                     row = {"encoding": rec.encoding,
                            "kept_fraction": 0.0 if rec.encoding == "unchanged"
                            else rec.kept / max(1, rec.params)}
                     blocks = TensorBlocks(name, d, b, block_elems)
                     if ft is not None and name in ft:
-                        row.update(_compare(name, blocks, ft, problems))
+                        row.update(_compare(name, blocks, ft, problems, pool))
                     else:
                         if ft is not None:
                             problems.append(f"{name}: not in the fine-tune")
-                        _decode_all(blocks)
+                        _decode_all(blocks, pool)
                     if ft is not None:
                         progress.update(rec.params)
                     tensors[name] = row
@@ -77,19 +88,59 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False,
     return report
 
 
-def _decode_all(blocks: TensorBlocks) -> None:
+def _decode_all(blocks: TensorBlocks, pool) -> None:
     """Decode every block (the content checks and checksums of every frame) and drop it."""
-    out = np.empty(blocks.shape(0), dtype=blocks.dtype)
-    for i, (r0, r1) in enumerate(blocks.ranges):
-        if i + 1 < len(blocks.ranges):
-            blocks.prefetch(i + 1)
-        blocks.build(i, out[:r1 - r0])
+    def build(i):
+        blocks.build(i, np.empty(blocks.shape(i), dtype=blocks.dtype))
+
+    for _ in pool.map(build, range(len(blocks.ranges))):
+        pass
     blocks.release()
 
 
-def _compare(name, blocks: TensorBlocks, ft, problems) -> dict:
-    """Kept positions equal the fine-tune and the rest equal the base, bit for bit;
-    returns the tensor's relative reconstruction error ||rebuilt - ft|| / ||ft - base||."""
+_CHUNK = 1 << 16  # values compared at once: temporaries stay well under a block's size
+
+
+def _check_block(blocks: TensorBlocks, ft_rows: TensorRows, i: int):
+    """(problems found, ||ft - base||^2, ||rebuilt - ft||^2) of block ``i``, compared in
+    chunks of rows so that no temporary is larger than a few hundred kilobytes."""
+    rec = blocks.rec
+    r0, r1 = blocks.ranges[i]
+    base_rows = blocks.base_rows(i)
+    kept_all = blocks.kept(i)  # before build, which releases the diff's pages it read
+    built = np.empty(blocks.shape(i), dtype=blocks.dtype)
+    blocks.build(i, built, base_rows)
+    ft_all = ft_rows.raw(r0, r1)
+    found = set()
+    change = error = 0.0
+    step = max(1, _CHUNK // max(rec.cols, 1))
+    for c0 in range(0, r1 - r0, step):
+        c1 = min(r1 - r0, c0 + step)
+        kept = kept_all[c0:c1]
+        got, want = _bits(built[c0:c1]), _bits(ft_all[c0:c1])
+        base = None if base_rows is None else base_rows[c0:c1]
+        expected = want if base is None else np.where(kept, want, _bits(base))
+        if not np.array_equal(got, expected):
+            if not np.array_equal(got[kept], want[kept]):
+                found.add("a kept value differs from the fine-tune")
+            if base is not None and not np.array_equal(got[~kept], expected[~kept]):
+                found.add("a reset value differs from the base")
+        if rec.encoding == "unchanged" and not np.array_equal(got, want):
+            found.add("recorded unchanged but the fine-tune differs from the base")
+        ftf = _floats(ft_all[c0:c1], rec.dtype) if base is not None else None
+        if ftf is not None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                change += _sq(ftf - _floats(base, rec.dtype))
+                error += _sq(_floats(built[c0:c1], rec.dtype) - ftf)
+    ft_rows.release(r0, r1)
+    blocks.release_block(i)  # the comparison read the base rows again
+    return found, change, error
+
+
+def _compare(name, blocks: TensorBlocks, ft, problems, pool) -> dict:
+    """Kept positions equal the fine-tune and the rest equal the base, bit for bit, block
+    by block on the pool's threads; returns the tensor's relative reconstruction error
+    ||rebuilt - ft|| / ||ft - base||."""
     rec = blocks.rec
     info = ft.info(name)
     if tuple(info.shape) != tuple(rec.shape) or info.dtype != rec.dtype:
@@ -98,33 +149,14 @@ def _compare(name, blocks: TensorBlocks, ft, problems) -> dict:
         blocks.release()
         return {}
     ft_rows = TensorRows(ft, name, rec.rows, rec.cols)
-    found = set()
-    change = error = 0.0
-    out = np.empty(blocks.shape(0), dtype=blocks.dtype)
-    for i, (r0, r1) in enumerate(blocks.ranges):
-        if i + 1 < len(blocks.ranges):
-            blocks.prefetch(i + 1)
-            ft_rows.prefetch(*blocks.ranges[i + 1])
-        base_rows = blocks.base_rows(i)
-        built = out[:r1 - r0]
-        blocks.build(i, built, base_rows)
-        kept = blocks.kept(i)
-        got, want = _bits(built), _bits(ft_rows.raw(r0, r1))
-        if not np.array_equal(got[kept], want[kept]):
-            found.add("a kept value differs from the fine-tune")
-        if rec.encoding == "unchanged" and not np.array_equal(got, want):
-            found.add("recorded unchanged but the fine-tune differs from the base")
-        if base_rows is not None:
-            reset = ~kept
-            if not np.array_equal(got[reset], _bits(base_rows)[reset]):
-                found.add("a reset value differs from the base")
-            ftf = _as_f64(ft_rows.raw(r0, r1), rec.dtype)
-            change += float(np.sum(np.square(ftf - _as_f64(base_rows, rec.dtype))))
-            error += float(np.sum(np.square(_as_f64(built, rec.dtype) - ftf)))
-        ft_rows.release(r0, r1)
+    found, change, error = set(), 0.0, 0.0
+    for got in pool.map(lambda i: _check_block(blocks, ft_rows, i), range(len(blocks.ranges))):
+        found |= got[0]
+        change += got[1]
+        error += got[2]
     blocks.release()
     problems.extend(f"{name}: {what}" for what in sorted(found))
-    if rec.encoding == "dense":
+    if rec.encoding == "dense" or rec.base_name is None:
         return {"rel_error": 0.0}
     change, error = math.sqrt(change), math.sqrt(error)
     return {"rel_error": error / change if change > 0 else (0.0 if error == 0 else math.inf)}

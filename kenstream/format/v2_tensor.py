@@ -134,6 +134,14 @@ class V2Tensor:
         else:
             merge_into(out, base, packed, values, counts)
 
+    def frame_mask(self, i: int) -> np.ndarray:
+        """Bool [n, cols] of frame ``i``'s kept positions. Thread-safe (no cache)."""
+        packed, _ = self._positions(i)
+        r0, r1 = self.ranges[i]
+        if packed is None:
+            return np.ones((r1 - r0, self.rec.cols), bool)
+        return np.unpackbits(packed, axis=1, count=self.rec.cols, bitorder="little").view(bool)
+
     def kept_rows(self, r0: int, r1: int) -> np.ndarray:
         """Bool [r1 - r0, cols]: which positions of rows r0..r1 come from the diff."""
         rows, cols = self.rec.rows, self.rec.cols
