@@ -72,10 +72,13 @@ def rows_cols(shape) -> tuple[int, int]:
 def row_blocks(rows: int, cols: int, block_elems: int = DEFAULT_BLOCK_ELEMS):
     """(r0, r1) ranges of about ``block_elems`` parameters (at least one row each).
 
-    Always yields at least one range, ``(0, 0)`` for a tensor without rows.
+    Always yields at least one range: ``(0, 0)`` for a tensor without rows, and one range
+    of every row for a tensor whose rows are empty (``cols == 0``: there are no parameters
+    to split, and stepping through ``2**58`` empty rows would never end).
     """
-    step = max(1, int(block_elems) // max(cols, 1))
+    if cols == 0 or rows == 0:
+        yield 0, rows
+        return
+    step = max(1, int(block_elems) // cols)
     for r0 in range(0, rows, step):
         yield r0, min(rows, r0 + step)
-    if rows == 0:
-        yield 0, 0

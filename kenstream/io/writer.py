@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import OutputError
 from ..format.spec import TEMP_SUFFIX
+from .safefs import create_exclusive
 
 _CHUNK = 1 << 24
 _WRITEBACK = 1 << 26  # how often a drop-behind writer starts writeback (64 MiB)
@@ -61,7 +62,9 @@ class ShardWriter:
         self._drop = drop_behind and hasattr(os, "posix_fadvise")
         self._windows = [8 + self.reserve, 8 + self.reserve]  # [previous, current] starts
         try:
-            self._fh = open(self.temp, "wb")
+            # Created afresh: a leftover temporary file, or a link planted at its name, is
+            # replaced rather than written through.
+            self._fh = create_exclusive(self.temp)
             self._fh.seek(8 + self.reserve)
         except OSError as exc:
             raise OutputError.from_os(exc, "create", file=self.path) from exc
