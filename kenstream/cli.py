@@ -14,6 +14,7 @@ import warnings
 from . import __version__
 from .errors import KenstreamError, OutputError
 from .settings import DIFF_SHARD_SIZE, METHODS, MODEL_SHARD_SIZE, TIES
+from .text import printable
 
 
 def _common(p):
@@ -94,11 +95,11 @@ def _human(n: float) -> str:
 
 def print_info(report: dict) -> None:
     t = report["totals"]
-    print(f"diff: {report['path']}")
-    print(f"base: {report['base']}   fine-tune: {report['finetuned']}")
+    print(f"diff: {printable(report['path'])}")
+    print(f"base: {printable(report['base'])}   fine-tune: {printable(report['finetuned'])}")
     sel = report["selection"]
     rule = f"k={sel['k']}" if sel.get("k") is not None else f"keep={sel.get('keep')}"
-    print(f"selection: {sel['method']} {rule} ties={sel['ties']}")
+    print(printable(f"selection: {sel['method']} {rule} ties={sel['ties']}"))
     print(f"parameters: {t.get('params', 0):,}   selected: {t.get('selected', 0):,}   "
           f"kept: {t.get('kept', 0):,}   reset: {t.get('reset', 0):,} "
           f"({t['reset_percent']:.1f}% of selected)")
@@ -128,7 +129,7 @@ def _run(args, argv) -> int:
                             command=["kenstream"] + _recorded(argv))
         t = index["totals"]
         if not args.quiet:
-            print(f"wrote {args.output}: kept {t['kept']:,} of {t['selected']:,} selected "
+            print(f"wrote {printable(args.output)}: kept {t['kept']:,} of {t['selected']:,} selected "
                   f"parameters, {_human(t['diff_bytes'])} "
                   f"({t['diff_bytes'] / max(t['finetuned_bytes'], 1):.1%} of the fine-tune)")
         return 0
@@ -137,7 +138,7 @@ def _run(args, argv) -> int:
                            force=args.force, resume=args.resume, overwrite=args.overwrite,
                            quiet=args.quiet)
         if not args.quiet:
-            print(f"wrote {args.output}: {len(index['weight_map'])} tensors, "
+            print(f"wrote {printable(args.output)}: {len(index['weight_map'])} tensors, "
                   f"{_human(index['metadata']['total_size'])}")
         return 0
     if args.command == "verify":
@@ -154,7 +155,7 @@ def _run(args, argv) -> int:
             if args.finetuned:
                 print(f"{'tensor':<60} {'kept':>7} {'rel.err':>9}")
                 for name, row in report["tensors"].items():
-                    print(f"{name:<60} {row['kept_fraction']:>7.3f} "
+                    print(f"{printable(name):<60} {row['kept_fraction']:>7.3f} "
                           f"{row.get('rel_error', float('nan')):>9.4f}")
             print("verify: OK")
         return 0
@@ -176,9 +177,16 @@ def _run(args, argv) -> int:
     raise AssertionError(args.command)  # argparse guarantees a known command
 
 
-def _one_line(text: str) -> str:
-    # Names and paths come from files; a newline in one must not split the error line.
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+# Commands that write an output which --resume can finish.
+_RESUMABLE = ("compress", "rebuild")
+
+
+def _interrupted(command, exc) -> tuple[str, int]:
+    """The line and exit code for a run stopped by Ctrl-C (130) or SIGTERM (143)."""
+    what = "terminated" if getattr(exc, "exit_code", 130) == 143 else "interrupted"
+    if command in _RESUMABLE:
+        return f"error: {what}; rerun with --resume to continue", getattr(exc, "exit_code", 130)
+    return f"error: {what}", getattr(exc, "exit_code", 130)
 
 
 def main(argv=None) -> int:
@@ -188,7 +196,7 @@ def main(argv=None) -> int:
     debug = getattr(args, "debug", False)
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
-        print(f"warning: {message}", file=sys.stderr)
+        print(f"warning: {printable(message)}", file=sys.stderr)
 
     with warnings.catch_warnings():
         if not debug:
@@ -198,19 +206,51 @@ def main(argv=None) -> int:
         except KenstreamError as exc:
             if debug:
                 raise
-            print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+            print(f"error: {printable(exc)}", file=sys.stderr)
             return exc.exit_code
         except OSError as exc:
             if debug:
                 raise
             # An OSError that no layer turned into a KenstreamError: still one line.
             err = OutputError.from_os(exc, "I/O", file=exc.filename)
-            print(f"error: {_one_line(str(err))}", file=sys.stderr)
+            print(f"error: {printable(err)}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("error: interrupted; rerun with --resume to continue", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as exc:
+            line, code = _interrupted(args.command, exc)
+            print(line, file=sys.stderr)
+            return code
 
 
 def entry() -> None:
-    sys.exit(main())
+    """The ``kenstream`` program: `main` with the process's signals handled.
+
+    A Ctrl-C or SIGTERM before `main` has its own handler in place (while modules load, or
+    arguments parse) still ends in one line, not a traceback; once `main` has returned
+    they are ignored, so a finished run is not reported as interrupted. An exception
+    that is no KenstreamError is a bug: its traceback is shown and the exit code is 3,
+    never 1 (which means "verification found a mismatch").
+    """
+    try:
+        from . import faults
+
+        faults.install()
+        code = main()
+    except KeyboardInterrupt as exc:
+        code = getattr(exc, "exit_code", 130)
+        print("error: terminated" if code == 143 else "error: interrupted", file=sys.stderr)
+    except SystemExit as exc:  # argparse's usage errors and --help
+        code = exc.code
+    except Exception:  # noqa: BLE001 - a bug: say so, with the evidence
+        import traceback
+
+        traceback.print_exc()
+        print("error: internal error in kenstream (please report it with the traceback above)",
+              file=sys.stderr)
+        code = 3
+    try:
+        from . import faults
+
+        faults.ignore_interrupts()
+    except KeyboardInterrupt:
+        pass
+    sys.exit(code)
