@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", default=DIFF_SHARD_SIZE,
                    help="maximum diff shard size (e.g. 500MB)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run")
+    p.add_argument("--strict-resume", action="store_true",
+                   help="record full sha256 hashes of the inputs, so that --resume refuses "
+                        "inputs changed anywhere (costs one extra read of the inputs)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _common(p)
 
@@ -112,9 +115,10 @@ def print_info(report: dict) -> None:
 
 
 def _recorded(argv) -> list:
-    """The command line to record in a diff: how to make it, so without --resume (which
-    changes no byte of the result, and keeps a resumed diff identical to a whole run's)."""
-    return [a for a in argv if a != "--resume"]
+    """The command line to record in a diff: how to make it, so without --resume and
+    --strict-resume (which change no byte of the result, and keep a resumed diff identical
+    to a whole run's)."""
+    return [a for a in argv if a not in ("--resume", "--strict-resume")]
 
 
 def _run(args, argv) -> int:
@@ -125,8 +129,8 @@ def _run(args, argv) -> int:
                             ties=args.ties, method=args.method, include=args.include,
                             exclude=args.exclude, seed=args.seed, threads=args.threads,
                             shard_size=args.shard_size, resume=args.resume,
-                            overwrite=args.overwrite, quiet=args.quiet,
-                            command=["kenstream"] + _recorded(argv))
+                            strict_resume=args.strict_resume, overwrite=args.overwrite,
+                            quiet=args.quiet, command=["kenstream"] + _recorded(argv))
         t = index["totals"]
         if not args.quiet:
             print(f"wrote {printable(args.output)}: kept {t['kept']:,} of {t['selected']:,} selected "

@@ -107,3 +107,22 @@ class TensorBlocks:
                 self.prefetch(i + 1)
             self.build(i, out[r0:r1])
         return out.reshape(self.rec.shape)
+
+
+def check_shapes(d, b) -> None:
+    """Every record that takes values from the base names a base tensor of its shape.
+
+    Run before anything is allocated: sizes then come from bytes that exist (the base's
+    tensors), never from a record alone (a forged shape ``[1, 2**58]``). Cost O(tensors),
+    headers only."""
+    for name, rec in d.records.items():
+        if rec.encoding == "dense":
+            continue
+        try:
+            binfo = b.info(rec.base_name)
+        except KenstreamError:
+            raise DiffError(f"its base tensor {rec.base_name!r} is not in the base",
+                            file=d.path, tensor=name) from None
+        if tuple(binfo.shape) != tuple(rec.shape):
+            raise DiffError(f"base tensor {rec.base_name!r} has shape {list(binfo.shape)}, "
+                            f"diff expects {list(rec.shape)}", file=d.path, tensor=name)

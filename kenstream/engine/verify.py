@@ -20,7 +20,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.diff_reader import DiffReader
 from ..io.rows import TensorRows
 from ..progress import bar
-from .blocks import TensorBlocks
+from .blocks import TensorBlocks, check_shapes
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -47,6 +47,7 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False,
     with DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
         d.check_hashes()
         d.check_base(b, force=force)
+        check_shapes(d, b)
         ft = Checkpoint.open(str(finetuned)) if finetuned is not None else None
         try:
             total = sum(r.params for r in d.records.values())

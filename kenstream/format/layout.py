@@ -101,11 +101,25 @@ def worst_record(item, shard: str, bound: int) -> TensorRecord:
                         max(item.cols, 1000), shard, big)
 
 
-def header_reserve(items, shard: str, ties: str = "positions") -> int:
+def header_reserve(items, shard: str, ties: str = "positions", bound: int | None = None) -> int:
     """Upper bound on the header length of a shard holding ``items`` (tight: slack is
-    padding). Cost O(len(items))."""
-    bound = max(sum(max_bytes(i, ties) for i in items), 1)
+    padding). ``bound`` is the largest offset to allow for (default: the items' bytes).
+    Cost O(len(items))."""
+    if bound is None:
+        bound = max(sum(max_bytes(i, ties) for i in items), 1)
     total = 2 + sum(max(_entry_options(i, ties, bound)) for i in items)
     records = {i.name: worst_record(i, shard, bound) for i in items}
     meta = {"__metadata__": shard_metadata(records)}
     return total + len(json.dumps(meta, separators=(",", ":"))) - 1
+
+
+EMPTY_HEADER = header_reserve([], spec.shard_name(1, 1))
+"""Header bytes of a shard holding nothing (braces and the metadata's fixed fields)."""
+
+
+def header_cost(item, ties: str = "positions") -> int:
+    """Most bytes ``item`` adds to any shard's header: its entries and its record, with
+    every offset and count at its widest, and the comma before it. A shard holding items
+    ``I`` has a header of at most ``EMPTY_HEADER + sum(header_cost(i) for i in I)``."""
+    alone = header_reserve([item], spec.shard_name(1, 1), ties, bound=spec.MAX_COUNT)
+    return alone - EMPTY_HEADER + 1

@@ -1,17 +1,18 @@
-"""The typed records of a diff: tensor records, the index, shard metadata, plan files.
+"""The typed records of a diff: tensor records, the index, shard metadata.
 
 Each record is a frozen dataclass with one parser, ``from_json``, which holds every check
 of that record (types, ranges, consistency), and ``to_json``, which gives back the JSON
 value the writer stores. Parsers raise :class:`DiffError` with the offending field in the
 message; callers add the file (``exc.located(file=...)``). Unknown keys are ignored, as
-docs/format.md requires of readers.
+docs/format.md requires of readers. The plan files of unfinished runs are in
+:mod:`.plans`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .. import dtypes
 from ..errors import DiffError
@@ -331,60 +332,3 @@ def parse_shard_metadata(meta) -> dict:
             raise DiffError(f"shard metadata record is malformed: {exc.message}",
                             tensor=name) from None
     return out
-
-
-@dataclass(frozen=True)
-class CompressPlan:
-    """The plan file ``kenstream-diff.partial.json`` of an unfinished compress run."""
-
-    settings: dict
-    shard_size: int
-    base: dict
-    finetuned: dict
-    shards: dict
-    command: list | None = None
-    format_version: int = spec.FORMAT_VERSION
-
-    def to_json(self) -> dict:
-        return {"format": spec.FORMAT, "format_version": self.format_version,
-                "settings": self.settings, "shard_size": self.shard_size, "base": self.base,
-                "finetuned": self.finetuned, "shards": self.shards, "command": self.command}
-
-    @classmethod
-    def from_json(cls, obj) -> "CompressPlan":
-        obj = _object(obj, "plan")
-        if obj.get("format") != spec.FORMAT:
-            raise DiffError("is not a kenstream compress plan")
-        shards = _object(obj.get("shards"), "plan shards")
-        if not all(is_shard_file_name(n) and isinstance(t, list)
-                   and all(isinstance(x, str) for x in t) for n, t in shards.items()):
-            raise DiffError("plan shards are not shard names with tensor lists")
-        Identity.from_json(obj.get("base"), "base")
-        Identity.from_json(obj.get("finetuned"), "finetuned")
-        return cls(_object(obj.get("settings"), "plan settings"),
-                   _count(obj.get("shard_size"), "plan shard_size"), obj["base"],
-                   obj["finetuned"], shards, obj.get("command"),
-                   _count(obj.get("format_version"), "plan format_version"))
-
-
-@dataclass(frozen=True)
-class RebuildPlan:
-    """The plan file of an unfinished rebuild: everything that shapes the output's bytes."""
-
-    diff: dict
-    shard_size: int
-    files: list
-    extra: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return dict(self.extra, diff=self.diff, shard_size=self.shard_size, files=self.files)
-
-    @classmethod
-    def from_json(cls, obj) -> "RebuildPlan":
-        obj = _object(obj, "rebuild plan")
-        files = obj.get("files")
-        if not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
-            raise DiffError("rebuild plan files are not a list of names")
-        extra = {k: v for k, v in obj.items() if k not in ("diff", "shard_size", "files")}
-        return cls(_object(obj.get("diff"), "rebuild plan diff"),
-                   _count(obj.get("shard_size"), "rebuild plan shard_size"), files, extra)

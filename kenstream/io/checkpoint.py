@@ -12,22 +12,15 @@ In a folder, the weights are chosen by :func:`pick_weight_file`: safetensors bef
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 from pathlib import Path, PurePosixPath
 
 from kenstream.errors import CheckpointError, CorruptFileError, SourceNotFoundError
+from kenstream.io.extras import extra_files
 from kenstream.io.fingerprint import fingerprint
 from kenstream.io.jsonfile import read_json_file
 from kenstream.io.safetensors_file import SafetensorsFile, TensorInfo, _DuplicateKey, _no_duplicates
-
-EXTRA_PATTERNS = (
-    "config.json", "generation_config.json", "tokenizer*.json", "tokenizer.model",
-    "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
-    "added_tokens.json", "preprocessor_config.json", "chat_template*",
-)
-"""Non-weight files a rebuilt model folder needs beside its weights."""
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -246,10 +239,10 @@ class Checkpoint:
         self._reader(name).prefetch(name, start, stop)
 
     def extra_files(self) -> list[Path]:
-        """Config, tokenizer and generation files beside the weights, sorted by name."""
-        found = [p for p in self.root.iterdir()
-                 if p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in EXTRA_PATTERNS)]
-        return sorted(found, key=lambda p: p.name)
+        """Config, tokenizer and generation files beside the weights, sorted by name; links
+        leading out of the folder (or of a hub cache repository) are skipped with a warning
+        (see :func:`kenstream.io.extras.extra_files`)."""
+        return extra_files(self.root)
 
     def identity(self) -> dict:
         """JSON-able identity: source, kind, repo_id, revision and a fingerprint per weight file.

@@ -19,6 +19,7 @@ from ..format.layout import OPTIONAL_ROLES, expected_entries
 from ..format.records import DiffIndex, TensorRecord, parse_shard_metadata
 from .fingerprint import sha256_file
 from .jsonfile import read_json_file
+from .outputs import HOUSEKEEPING
 from .safetensors_file import SafetensorsFile
 
 RESUME_HINT = "finish it with kenstream compress ... --resume"
@@ -47,7 +48,7 @@ class DiffReader:
         self._shards = {}
 
     def _refuse_unindexed(self):
-        names = [p.name for p in self.path.iterdir()]
+        names = [p.name for p in self.path.iterdir() if p.name not in HOUSEKEEPING]
         if spec.PARTIAL_NAME in names:
             raise DiffError("is an unfinished diff (the compress run was interrupted)",
                             file=self.path, hint=RESUME_HINT)
