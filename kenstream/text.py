@@ -39,3 +39,13 @@ def printable(text) -> str:
         return text  # the common case, without a per-character walk
     return "".join(_escape(ch) if unicodedata.category(ch) in _UNSAFE else ch for ch in text)
 
+
+def shortened(text, limit: int = 120) -> str:
+    """`printable` ``text`` cut to at most ``limit`` characters by an ellipsis in the middle,
+    for pictures: laying out a megabyte-long label takes matplotlib minutes."""
+    text = printable(text if len(str(text)) <= 4 * limit else
+                     str(text)[:2 * limit] + str(text)[-2 * limit:])
+    if len(text) <= limit:
+        return text
+    half = (limit - 1) // 2
+    return text[:half] + "\u2026" + text[len(text) - (limit - 1 - half):]

@@ -19,11 +19,65 @@ import torch
 
 import kenstream
 from kenstream.cli import main
+from kenstream.errors import KenstreamError
 from tests.ckpt import save_dir
 from tests.expect import assert_same_model, expected_model
-from tests.forge import read_header
+from tests.forge import edit_records, read_header, resign
+from tests.io.test_untrusted_inputs import bounded
 from tests.test_reliability import (assert_one_error, cli, compress_argv, diff, nudged,  # noqa: F401
                                     pair, tensors)
+
+
+# -- 9. records claiming sizes beyond the bytes that exist ------------------------------------
+
+def _unchanged_giant(records):
+    records["c.bias"].update(shape=[1, 2**58], rows=1, cols=2**58, encoding="unchanged",
+                             kept=0, shard=None, k=None, row_kept=None, reason="identical",
+                             nbytes=0)
+
+
+def _indices_giant(shard: Path):
+    """Rewrite ``c.bias`` as an ``indices`` tensor of shape [1, 2**58] keeping one value,
+    entries and all, so that every entry check passes."""
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    for role in ("mask", "values"):
+        header.pop(f"c.bias::{role}")
+    end = len(data)
+    header["c.bias::index"] = {"dtype": "U32", "shape": [1], "data_offsets": [end, end + 4]}
+    header["c.bias::values"] = {"dtype": "F32", "shape": [1],
+                                "data_offsets": [end + 4, end + 8]}
+    data += struct.pack("<I", 3) + struct.pack("<f", 0.5)
+    records = json.loads(header["__metadata__"]["records"])
+    records["c.bias"].update(shape=[1, 2**58], rows=1, cols=2**58, encoding="indices",
+                             kept=1, row_kept=1, k=1, nbytes=8)
+    header["__metadata__"]["records"] = json.dumps(records, sort_keys=True,
+                                                   separators=(",", ":"))
+    head = json.dumps(header).encode()
+    head += b" " * (-(8 + len(head)) % 8)
+    shard.write_bytes(struct.pack("<Q", len(head)) + head + data)
+
+
+@pytest.mark.parametrize("forgery", ["unchanged", "indices"])
+def test_resigned_giant_shape_is_refused_everywhere(diff, tmp_path, forgery):
+    b, f, d = diff
+    shard = next(d.glob("*.kdiff"))
+    if forgery == "unchanged":
+        edit_records(shard, _unchanged_giant)
+    else:
+        _indices_giant(shard)
+    resign(d)
+    for argv in (["verify", d, "--base", b, "--finetuned", f],
+                 ["rebuild", b, d, "-o", tmp_path / "rebuilt"],
+                 ["viz", d, "--tensor", "c.bias", "-o", tmp_path / "c.png"]):
+        proc = bounded(argv)
+        assert proc.returncode == 2, (argv[0], proc.stderr)
+        assert_one_error(proc.stderr, "tensor 'c.bias'")
+    assert not (tmp_path / "rebuilt" / "model.safetensors.index.json").exists()
+    with pytest.raises(KenstreamError, match="c.bias"):
+        list(kenstream.load(b, d))
+
 
 
 # -- 7. headers within the reader's limit ------------------------------------------------------

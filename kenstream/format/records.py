@@ -117,6 +117,11 @@ class TensorRecord:
         want = {"dense": rows * cols, "unchanged": 0}.get(enc)
         if not _is_int(kept) or not 0 <= kept <= rows * cols or (want is not None and kept != want):
             raise DiffError(f"kept {_short(kept)} is impossible for a {enc} {rows}x{cols} tensor")
+        if enc in spec.SELECTED_ENCODINGS and kept < rows:
+            # Every rule keeps k >= 1 values a row; this also bounds ``rows`` by bytes that
+            # exist (the kept values), so no per-row array is sized by the record alone.
+            raise DiffError(f"kept {kept} is fewer than one value a row for a selected "
+                            f"{rows}x{cols} tensor")
         row_kept = rec.get("row_kept")
         if row_kept is not None and not (_is_int(row_kept) and 0 <= row_kept <= cols):
             raise DiffError(f"row_kept {_short(row_kept)} is not a count of columns")
