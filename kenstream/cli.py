@@ -16,6 +16,7 @@ from .errors import KenstreamError, OutputError
 from .reports import human, print_info, print_verify
 from .format.spec import DEFAULT_LEVEL, FORMAT_VERSION, READ_VERSIONS
 from .settings import DIFF_SHARD_SIZE, METHODS, MODEL_SHARD_SIZE, TIES
+from .text import printable
 
 
 def _common(p):
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diff format to write; 1 only for kenstream 0.1 readers (raw values, "
                         "not entropy-coded)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run")
+    p.add_argument("--strict-resume", action="store_true",
+                   help="record full sha256 hashes of the inputs, so that --resume refuses "
+                        "inputs changed anywhere (costs one extra read of the inputs)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _common(p)
 
@@ -99,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recorded(argv) -> list:
-    """The command line to record in a diff: how to make it, so without --resume (which
-    changes no byte of the result, and keeps a resumed diff identical to a whole run's)."""
-    return [a for a in argv if a != "--resume"]
+    """The command line to record in a diff: how to make it, so without --resume and
+    --strict-resume (which change no byte of the result, and keep a resumed diff identical
+    to a whole run's)."""
+    return [a for a in argv if a not in ("--resume", "--strict-resume")]
 
 
 def _run(args, argv) -> int:
@@ -113,12 +118,12 @@ def _run(args, argv) -> int:
                             exclude=args.exclude, seed=args.seed, threads=args.threads,
                             shard_size=args.shard_size, level=args.level,
                             format_version=args.format_version, resume=args.resume,
-                            overwrite=args.overwrite, quiet=args.quiet,
-                            command=["kenstream"] + _recorded(argv))
+                            strict_resume=args.strict_resume, overwrite=args.overwrite,
+                            quiet=args.quiet, command=["kenstream"] + _recorded(argv))
         t = index["totals"]
         if not args.quiet:
-            print(f"wrote {args.output}: kept {t['kept']:,} of {t['selected']:,} selected "
-                  f"parameters, {human(t['diff_bytes'])} "
+            print(f"wrote {printable(args.output)}: kept {t['kept']:,} of {t['selected']:,} "
+                  f"selected parameters, {human(t['diff_bytes'])} "
                   f"({t['diff_bytes'] / max(t['finetuned_bytes'], 1):.1%} of the fine-tune)")
         return 0
     if args.command == "rebuild":
@@ -126,7 +131,7 @@ def _run(args, argv) -> int:
                            force=args.force, resume=args.resume, overwrite=args.overwrite,
                            quiet=args.quiet, threads=args.threads)
         if not args.quiet:
-            print(f"wrote {args.output}: {len(index['weight_map'])} tensors, "
+            print(f"wrote {printable(args.output)}: {len(index['weight_map'])} tensors, "
                   f"{human(index['metadata']['total_size'])}")
         return 0
     if args.command == "verify":
@@ -162,9 +167,16 @@ def _run(args, argv) -> int:
     raise AssertionError(args.command)  # argparse guarantees a known command
 
 
-def _one_line(text: str) -> str:
-    # Names and paths come from files; a newline in one must not split the error line.
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+# Commands that write an output which --resume can finish.
+_RESUMABLE = ("compress", "rebuild")
+
+
+def _interrupted(command, exc) -> tuple[str, int]:
+    """The line and exit code for a run stopped by Ctrl-C (130) or SIGTERM (143)."""
+    what = "terminated" if getattr(exc, "exit_code", 130) == 143 else "interrupted"
+    if command in _RESUMABLE:
+        return f"error: {what}; rerun with --resume to continue", getattr(exc, "exit_code", 130)
+    return f"error: {what}", getattr(exc, "exit_code", 130)
 
 
 def main(argv=None) -> int:
@@ -174,7 +186,7 @@ def main(argv=None) -> int:
     debug = getattr(args, "debug", False)
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
-        print(f"warning: {message}", file=sys.stderr)
+        print(f"warning: {printable(message)}", file=sys.stderr)
 
     with warnings.catch_warnings():
         if not debug:
@@ -184,19 +196,51 @@ def main(argv=None) -> int:
         except KenstreamError as exc:
             if debug:
                 raise
-            print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+            print(f"error: {printable(exc)}", file=sys.stderr)
             return exc.exit_code
         except OSError as exc:
             if debug:
                 raise
             # An OSError that no layer turned into a KenstreamError: still one line.
             err = OutputError.from_os(exc, "I/O", file=exc.filename)
-            print(f"error: {_one_line(str(err))}", file=sys.stderr)
+            print(f"error: {printable(err)}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("error: interrupted; rerun with --resume to continue", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as exc:
+            line, code = _interrupted(args.command, exc)
+            print(line, file=sys.stderr)
+            return code
 
 
 def entry() -> None:
-    sys.exit(main())
+    """The ``kenstream`` program: `main` with the process's signals handled.
+
+    A Ctrl-C or SIGTERM before `main` has its own handler in place (while modules load, or
+    arguments parse) still ends in one line, not a traceback; once `main` has returned
+    they are ignored, so a finished run is not reported as interrupted. An exception
+    that is no KenstreamError is a bug: its traceback is shown and the exit code is 3,
+    never 1 (which means "verification found a mismatch").
+    """
+    try:
+        from . import faults
+
+        faults.install()
+        code = main()
+    except KeyboardInterrupt as exc:
+        code = getattr(exc, "exit_code", 130)
+        print("error: terminated" if code == 143 else "error: interrupted", file=sys.stderr)
+    except SystemExit as exc:  # argparse's usage errors and --help
+        code = exc.code
+    except Exception:  # noqa: BLE001 - a bug: say so, with the evidence
+        import traceback
+
+        traceback.print_exc()
+        print("error: internal error in kenstream (please report it with the traceback above)",
+              file=sys.stderr)
+        code = 3
+    try:
+        from . import faults
+
+        faults.ignore_interrupts()
+    except KeyboardInterrupt:
+        pass
+    sys.exit(code)

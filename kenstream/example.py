@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .text import printable
+
 BERT_SMALL = dict(vocab=2000, hidden=128, inter=512, layers=4, positions=128, labels=3)
 
 
@@ -85,11 +87,23 @@ def write_pair(directory, cfg=BERT_SMALL) -> tuple:
 
 def run_demo(directory, *, keep=0.5, quiet=False) -> int:
     """Generate the example pair and run the whole tool on it, saying what happens."""
+    from .io.outputs import claim_output
+
+    directory = Path(directory)
+    # The folder must be new, empty, or a previous demo (its marker lists the pair's files):
+    # the demo never replaces files it did not write.
+    pair = [f"{sub}/{name}" for sub in ("base", "finetuned")
+            for name in ("model.safetensors", "config.json")]
+    with claim_output(directory, inputs=[], resume=False, overwrite=True, plan="", index="",
+                      files=pair):
+        return _demo(directory, keep, quiet)
+
+
+def _demo(directory: Path, keep, quiet) -> int:
     import kenstream as ks
     from .reports import print_info
 
-    directory = Path(directory)
-    print(f"1. writing a small BERT-shaped base / fine-tune pair under {directory}/")
+    print(f"1. writing a small BERT-shaped base / fine-tune pair under {printable(directory)}/")
     base, ft = write_pair(directory)
     diff, rebuilt = directory / "diff", directory / "rebuilt"
     print(f"2. compress: keep {keep:.0%} of every row of every changed matrix (KEN rule); the "
@@ -101,12 +115,13 @@ def run_demo(directory, *, keep=0.5, quiet=False) -> int:
     print(f"   done in {time.perf_counter() - t0:.1f} s")
     print("3. info:")
     print_info(ks.info(diff))
-    print(f"4. rebuild: base + diff -> {rebuilt}/ (a standard model directory)")
+    print(f"4. rebuild: base + diff -> {printable(rebuilt)}/ (a standard model directory)")
     ks.rebuild(base, diff, rebuilt, overwrite=True, quiet=quiet)
     print("5. verify: hashes, base identity, and every kept value against the fine-tune")
     report = ks.verify(diff, base, ft, quiet=quiet)
     worst = max((r.get("rel_error", 0.0) for r in report["tensors"].values()), default=0.0)
     print(f"   OK: {len(report['tensors'])} tensors checked bit for bit; largest relative "
           f"reconstruction error ||rebuilt - ft|| / ||ft - base|| = {worst:.3f}")
-    print(f"Try: kenstream info {diff}    kenstream verify {diff} --base {base} --finetuned {ft}")
+    print(printable(f"Try: kenstream info {diff}    kenstream verify {diff} --base {base} "
+                    f"--finetuned {ft}"))
     return 0

@@ -6,17 +6,7 @@ passed through :func:`printable` before it reaches the terminal.
 
 from __future__ import annotations
 
-
-def printable(text) -> str:
-    """``text`` with control characters, lone surrogates and other unprintable code points
-    escaped (``\\n``, ``\\x1b``, ``\\ud800``), so a name cannot move the cursor, recolour
-    the terminal or break a line."""
-    text = str(text)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace")
-                   .decode("ascii") if not 0xD800 <= ord(c) <= 0xDFFF else f"\\u{ord(c):04x}"
-                   for c in text)
+from .text import printable
 
 
 def human(n: float) -> str:

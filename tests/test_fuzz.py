@@ -24,12 +24,18 @@ import struct
 import traceback
 from pathlib import Path
 
+import zipfile
+
+import matplotlib
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
+matplotlib.use("Agg")
+
 import kenstream
+import kenstream.viz
 from kenstream.errors import KenstreamError
 from kenstream.io.checkpoint import Checkpoint
 from tests.ckpt import save_dir, toy_pair
@@ -172,14 +178,13 @@ def read_everything(ref) -> dict:
     return out
 
 
-def test_fuzz_safetensors_headers(tmp_path):
-    rng = random.Random(20240611)
-    raw = _source_file(tmp_path / "source.safetensors")
-    path = tmp_path / "model.safetensors"
+def fuzz_reading(path: Path, cases: int, write, check) -> tuple:
+    """For each case, ``write(case)`` puts a mutated file at ``path``; reading it whole must
+    raise a KenstreamError or give what ``check(case, got)`` accepts (it returns a list of
+    failures). Returns (failures, refused, opened)."""
     failures, refused, opened = [], 0, 0
-    for case in range(2500):
-        mutated = mutate_safetensors(raw, rng)
-        path.write_bytes(mutated)
+    for case in range(cases):
+        write(case)
         try:
             got = read_everything(path)
         except KenstreamError:
@@ -189,9 +194,25 @@ def test_fuzz_safetensors_headers(tmp_path):
             failures.append(unexpected(f"case {case}", exc))
             continue
         opened += 1
-        for name, data in got.items():  # accepted: then it must be what the file says
-            if data != independent_bytes(mutated, name):
-                failures.append(f"case {case}: tensor {name!r} read from the wrong bytes")
+        failures.extend(check(case, got))
+    return failures, refused, opened
+
+
+def test_fuzz_safetensors_headers(tmp_path):
+    rng = random.Random(20240611)
+    raw = _source_file(tmp_path / "source.safetensors")
+    path = tmp_path / "model.safetensors"
+    written = {}
+
+    def write(case):
+        written["bytes"] = mutate_safetensors(raw, rng)
+        path.write_bytes(written["bytes"])
+
+    def check(case, got):  # accepted: then it must be what the file says
+        return [f"case {case}: tensor {name!r} read from the wrong bytes"
+                for name, data in got.items() if data != independent_bytes(written["bytes"], name)]
+
+    failures, refused, opened = fuzz_reading(path, 2500, write, check)
     assert not failures, "\n".join(failures[:5])
     assert refused > 1500 and opened > 20  # the loop exercised both outcomes
 
@@ -224,6 +245,98 @@ def test_fuzz_shard_index(tmp_path):
     assert refused > 200
 
 
+# -- .bin containers ---------------------------------------------------------------------------
+
+_METHODS = [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA]
+
+
+def _bin_state(rng: random.Random) -> dict:
+    """A state dict whose tensors take the forms torch.save can hold: contiguous, views of
+    all kinds (transposed, sliced, expanded, strided), meta, empty, of several dtypes."""
+    g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    base = torch.randn(6, 8, generator=g)
+    forms = {
+        "plain": lambda: base.clone(),
+        "transposed": lambda: base.t(),
+        "sliced": lambda: base[1:4, 2:7],
+        "strided": lambda: base[::2, ::3],
+        "expanded": lambda: torch.zeros(1).expand(rng.choice([3, 4000, 200000]),
+                                                  rng.choice([5, 200000])),
+        "as_strided": lambda: torch.as_strided(base.reshape(-1), (5, 5), (1, 1)),
+        "meta": lambda: torch.empty(3, 4, device="meta"),
+        "empty": lambda: torch.zeros(0, 3),
+        "bf16": lambda: base.to(torch.bfloat16),
+        "ints": lambda: torch.arange(7, dtype=torch.int64),
+        "scalar": lambda: torch.tensor(1.5, dtype=torch.float16),
+    }
+    names = rng.sample(sorted(forms), rng.randint(1, 4))
+    return {name: forms[name]() for name in names}
+
+
+def _repack(raw: bytes, rng: random.Random) -> bytes:
+    """The zip ``raw`` with its members re-compressed, edited, cut or dropped."""
+    import io
+
+    with zipfile.ZipFile(io.BytesIO(raw)) as src:
+        members = [(i.filename, src.read(i)) for i in src.infolist()]
+    action = rng.random()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as dst:
+        for k, (name, data) in enumerate(members):
+            method = rng.choice(_METHODS) if action < 0.5 else zipfile.ZIP_STORED
+            if "/data/" in name and 0.5 <= action < 0.7 and rng.random() < 0.5:
+                data = data[:rng.randrange(len(data) + 1)] if rng.random() < 0.5 \
+                    else data + bytes(rng.randrange(1, 64))
+            if name.endswith("data.pkl") and 0.7 <= action < 0.9:
+                data = mutate_text(data, rng)
+            if action >= 0.9 and rng.random() < 0.2:
+                continue
+            dst.writestr(name, data, compress_type=method)
+    return out.getvalue()
+
+
+def torch_reference(path: Path) -> dict | None:
+    """name -> bytes of every tensor, as torch itself reads the file (no memory map, which
+    checks each storage against its member); None if torch refuses it or it holds a tensor
+    kenstream must not read (no data, or fewer bytes than elements)."""
+    try:
+        state = torch.load(path, weights_only=True, mmap=False, map_location="cpu")
+    except Exception:  # noqa: BLE001
+        return None
+    out = {}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or \
+                t.numel() * t.element_size() > t.untyped_storage().nbytes():
+            return None
+        out[name] = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return out
+
+
+def test_fuzz_bin_containers(tmp_path):
+    rng = random.Random(15)
+    path = tmp_path / "pytorch_model.bin"
+    wanted = {}
+
+    def write(case):
+        torch.save(_bin_state(rng), path)
+        if rng.random() < 0.8:
+            path.write_bytes(_repack(path.read_bytes(), rng))
+        if rng.random() < 0.1:
+            raw = path.read_bytes()
+            path.write_bytes(raw[:rng.randrange(len(raw))])
+        wanted["tensors"] = torch_reference(path)
+
+    def check(case, got):
+        if wanted["tensors"] is None:
+            return [f"case {case}: read a file torch itself refuses, or a view without its bytes"]
+        return [] if got == wanted["tensors"] else [
+            f"case {case}: tensors differ from torch's own reading"]
+
+    failures, refused, opened = fuzz_reading(path, 300, write, check)
+    assert not failures, "\n".join(failures[:5])
+    assert refused > 100 and opened > 30  # the loop exercised both outcomes
+
+
 # -- diff indexes and shards ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -238,27 +351,60 @@ def made(tmp_path_factory):
     kenstream.compress(b, f, d, keep=0.3, shard_size="600B", quiet=True)
     assert len(list(d.glob("*.kdiff"))) >= 3
     kenstream.rebuild(b, d, root / "rebuilt", quiet=True)
-    return b, f, d, rebuilt_state(root / "rebuilt")
+    return b, f, d, (rebuilt_state(root / "rebuilt"), loaded_state(b, d))
 
 
 def rebuilt_state(directory: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.iterdir()) if p.is_file()}
+            for p in sorted(directory.iterdir()) if p.is_file() and not p.name.startswith(".")}
 
 
-def exercise(b, f, d, out, case, failures, reference=None) -> int:
-    """Run info, verify and rebuild on diff ``d``; count refusals, record anything else."""
+def loaded_state(b, d) -> dict:
+    """name -> (dtype, shape, sha256 of the bytes) of every tensor ``kenstream.load`` yields."""
+    return {name: (str(t.dtype), tuple(t.shape), hashlib.sha256(
+                t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest())
+            for name, t in kenstream.load(b, d)}
+
+
+def _viz(d, out: Path, rng: random.Random) -> None:
+    """One picture of diff ``d``: a raw matrix or neighbours view of a tensor the index
+    names (or any name), or now and then the summary figure."""
+    try:
+        names = list(json.loads((d / "kenstream-diff.json").read_text())["tensors"])
+    except Exception:  # noqa: BLE001 - the index is the thing being broken
+        names = []
+    name = rng.choice(names) if names and rng.random() < 0.9 else "model.emb.weight"
+    if rng.random() < 0.05:
+        kenstream.viz.render(d, None, "summary", out / "summary.png")
+    else:
+        view = rng.choice(["matrix", "neighbors"])
+        kenstream.viz.render(d, name, view, out / "view.png", raw=True, max_pixels=16)
+
+
+def exercise(b, f, d, out, case, failures, reference=None, rng=None) -> int:
+    """Run info, verify, rebuild, load and viz on diff ``d``; count refusals, record
+    anything else. ``reference`` (rebuilt files, loaded tensors) is what a diff with its
+    records and shards intact must give."""
     refusals = 0
-    for op in ("info", "verify", "rebuild"):
+    rng = rng or random.Random(case)
+    for op in ("info", "verify", "rebuild", "load", "viz"):
         try:
             if op == "info":
                 kenstream.info(d)
             elif op == "verify":
                 kenstream.verify(d, b, f, quiet=True)
-            else:
+            elif op == "rebuild":
                 kenstream.rebuild(b, d, out, overwrite=True, quiet=True)
-                if reference is not None and rebuilt_state(out) != reference:
+                if reference is not None and rebuilt_state(out) != reference[0]:
                     failures.append(f"{case}: rebuild succeeded with a different model")
+            elif op == "load":
+                got = loaded_state(b, d)
+                if reference is not None and got != reference[1]:
+                    failures.append(f"{case}: load succeeded with a different model")
+            else:
+                pictures = out.parent / "pictures"
+                pictures.mkdir(exist_ok=True)
+                _viz(d, pictures, rng)
         except KenstreamError:
             refusals += 1
         except Exception as exc:  # noqa: BLE001
@@ -298,10 +444,10 @@ def test_fuzz_diff_index(made, tmp_path):
         except ValueError:
             same_model = False
         refusals += exercise(b, f, d, tmp_path / "out", f"case {case}", failures,
-                             reference if same_model else None)
+                             reference if same_model else None, rng)
         unchanged_models += same_model
     assert not failures, "\n".join(failures[:5])
-    assert refusals > 1500 and unchanged_models > 50
+    assert refusals > 2500 and unchanged_models > 50
 
 
 def _forge_shard(shard: Path, rng: random.Random) -> None:
@@ -348,6 +494,7 @@ def test_fuzz_forged_shards(made, tmp_path):
             except (ValueError, KeyError, TypeError, AttributeError):
                 pass
         (d / "kenstream-diff.json").write_text(json.dumps(index))
-        refusals += exercise(b, f, d, tmp_path / "out", f"forged case {case}", failures)
+        refusals += exercise(b, f, d, tmp_path / "out", f"forged case {case}", failures,
+                             rng=rng)
     assert not failures, "\n".join(failures[:5])
-    assert refusals > 300
+    assert refusals > 500

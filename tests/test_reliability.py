@@ -539,13 +539,22 @@ def test_rebuild_output_inside_diff(diff, capsys):
 
 
 def test_existing_output_needs_overwrite(pair, capsys):
+    """A non-empty folder is refused without --overwrite; --overwrite replaces a diff that
+    kenstream wrote and keeps the files someone added to it since."""
     b, f, out = pair
     out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    code, err = cli(capsys, compress_argv(b, f, out), [b, f, out])
+    assert code == 2
+    assert_one_error(err, str(out), "not empty")
+    assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    assert cli(capsys, compress_argv(b, f, out), [b, f])[0] == 0
     (out / "notes.txt").write_text("mine")
     code, err = cli(capsys, compress_argv(b, f, out), [b, f, out])
     assert code == 2
     assert_one_error(err, str(out), "not empty", "--overwrite")
-    # with --overwrite: kenstream writes its diff and leaves files that are not its own
     code, err = cli(capsys, compress_argv(b, f, out, "--overwrite"), [b, f])
     assert code == 0, err
     assert (out / "notes.txt").read_text() == "mine"

@@ -13,7 +13,7 @@ from .. import dtypes
 from ..errors import DiffError, KenstreamError
 from ..format import spec
 from ..format.v1 import V1Tensor
-from ..format.v2_tensor import V2Tensor
+from ..format.v2_tensor import V2Tensor, check_frame_size
 from ..io.rows import TensorRows
 
 
@@ -49,15 +49,9 @@ class TensorBlocks:
                        else list(spec.row_blocks(self.rows, self.cols, block_elems)))
         self.base = None
         if base is not None and rec.base_name is not None and rec.encoding != "dense":
-            binfo = base.info(rec.base_name)
-            shape, want = tuple(binfo.shape), tuple(rec.shape)
-            resized = rec.base_rows is not None
-            if (shape[1:] != want[1:] or shape[0] < rec.with_base) if resized else shape != want:
-                raise DiffError(f"base tensor {rec.base_name!r} has shape {list(shape)}, "
-                                f"diff expects {list(want)}"
-                                + (f" with {rec.base_rows} rows from the base" if resized
-                                   else ""), file=diff.path, tensor=name)
-            base_rows = shape[0] if resized else self.rows
+            shape = tuple(base.info(rec.base_name).shape)
+            _check_base_shape(diff, name, rec, shape)
+            base_rows = shape[0] if rec.base_rows is not None else self.rows
             self.base = TensorRows(base, rec.base_name, base_rows, self.cols, rec.dtype)
 
     def shape(self, i: int) -> tuple:
@@ -157,3 +151,36 @@ class TensorBlocks:
                 self.prefetch(i + 1)
             self.build(i, out[r0:r1])
         return out.reshape(self.rec.shape)
+
+
+def check_shapes(d, b) -> None:
+    """Every record that takes values from the base names a base tensor of its shape.
+
+    Run before anything is allocated: sizes then come from bytes that exist (the base's
+    tensors), never from a record alone (a forged shape ``[1, 2**58]``). Cost O(tensors),
+    headers only."""
+    for name, rec in d.records.items():
+        if d.index.coding is not None:
+            try:
+                check_frame_size(name, rec, d.index.coding.frame_elems)
+            except DiffError as exc:
+                raise exc.located(file=d.path)
+        if rec.encoding == "dense" or rec.base_name is None:
+            continue
+        try:
+            binfo = b.info(rec.base_name)
+        except KenstreamError:
+            raise DiffError(f"its base tensor {rec.base_name!r} is not in the base",
+                            file=d.path, tensor=name) from None
+        _check_base_shape(d, name, rec, tuple(binfo.shape))
+
+
+def _check_base_shape(d, name, rec, shape) -> None:
+    """The base tensor's shape is the record's (or, for a resized one, the same columns and
+    at least the rows the record takes from it)."""
+    want = tuple(rec.shape)
+    resized = rec.base_rows is not None
+    if (shape[1:] != want[1:] or shape[0] < rec.with_base) if resized else shape != want:
+        raise DiffError(f"base tensor {rec.base_name!r} has shape {list(shape)}, diff expects "
+                        f"{list(want)}" + (f" with {rec.base_rows} rows from the base"
+                                           if resized else ""), file=d.path, tensor=name)

@@ -12,16 +12,18 @@ from pathlib import Path
 from .. import __version__, kernels
 from ..errors import DiffError, OutputError, SelectionError
 from ..format import spec
-from ..format.index import (Coding, CompressPlan, DiffIndex, Identity, Selection, ShardInfo,
-                            Totals)
+from ..format.index import Coding, DiffIndex, Identity, Selection, ShardInfo, Totals
+from ..format.plans import CompressPlan
 from ..format.records import parse_shard_metadata
 from ..io.checkpoint import Checkpoint
+from ..io.extras import copy_files
 from ..io.fingerprint import sha256_file
 from ..io.jsonfile import read_json_file, read_plan, write_json_atomic, write_text_atomic
-from ..io.outputs import copy_files, prepare_output
+from ..io.outputs import claim_output
 from ..io.safetensors_file import SafetensorsFile
 from ..progress import bar, say
 from ..settings import DIFF_SHARD_SIZE, Settings, parse_size
+from ..text import printable
 from .align import align, tie_heads
 from .cards import diff_card
 from .plan import make_items, plan_shards
@@ -57,6 +59,7 @@ def _resumed_plan(plan: CompressPlan, partial: Path) -> CompressPlan:
 
     The identities and command line are taken from the interrupted run, so that the
     finished diff is byte-identical to an uninterrupted one however the paths are spelled.
+    With full hashes recorded (``--strict-resume``), every input file must still have them.
     """
     try:
         previous = CompressPlan.from_json(read_plan(partial))
@@ -65,23 +68,39 @@ def _resumed_plan(plan: CompressPlan, partial: Path) -> CompressPlan:
                           hint="delete the output directory and start again") from None
     checks = (("settings", "selection settings"), ("shard_size", "--shard-size values"),
               ("format_version", "format versions"), ("coding", "--level or frame sizes"),
-              ("base", "base files"), ("finetuned", "fine-tune files"), ("shards", "shard plans"))
+              ("base", "base files"), ("finetuned", "fine-tune files"), ("shards", "shard plans"),
+              ("strict", "--strict-resume settings"))
     for key, what in checks:
         was, now = getattr(previous, key), getattr(plan, key)
         if key in ("base", "finetuned"):  # the same files, however the path is spelled
             was, now = was.get("files"), now.get("files")
+        if key == "strict":  # recorded or not; the hashes themselves are compared below
+            was, now = was is not None, now is not None
         if was != now:
             raise OutputError(f"--resume: the {what} differ from the interrupted run's",
                               file=partial, hint="repeat the original command with --resume")
+    for side in ("base", "finetuned"):
+        for name, digest in sorted((plan.strict or {}).get(side, {}).items()):
+            if previous.strict.get(side, {}).get(name) != digest:
+                raise OutputError(f"--resume --strict-resume: {side} file {name} changed since "
+                                  "the interrupted run (sha256)", file=partial,
+                                  hint="restore that file, or start again without --resume")
     return CompressPlan(plan.settings, plan.shard_size, previous.base, previous.finetuned,
-                        plan.shards, previous.command, plan.format_version, plan.coding)
+                        plan.shards, previous.command, plan.format_version, plan.strict,
+                        plan.coding)
+
+
+def _full_hashes(ckpt) -> dict:
+    """sha256 of every weight file of ``ckpt`` (``--strict-resume``): reads every byte."""
+    return {p.relative_to(ckpt.root).as_posix(): sha256_file(p) for p in ckpt.files}
 
 
 def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", method="ken",
              include=None, exclude=None, seed=0, threads=None, shard_size=DIFF_SHARD_SIZE,
              level=spec.DEFAULT_LEVEL, format_version=spec.FORMAT_VERSION,
              frame_elems=spec.DEFAULT_FRAME_ELEMS, block_elems=spec.DEFAULT_BLOCK_ELEMS,
-             resume=False, overwrite=False, quiet=False, command=None) -> dict:
+             resume=False, strict_resume=False, overwrite=False, quiet=False, command=None,
+             header_limit=None) -> dict:
     """Prune ``finetuned`` against ``base`` and write the diff directory ``out``.
 
     Returns the index (also written as ``out/kenstream-diff.json``) as JSON. ``keep=1``
@@ -89,7 +108,10 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", metho
     ``threads`` threads select and code (the caller's numba thread count is restored
     after); ``level`` is the zstd level of format 2, whose frames hold about
     ``frame_elems`` values; tensors stream in row blocks of about ``block_elems`` values.
-    Peak memory is a few row blocks.
+    Peak memory is a few row blocks. ``strict_resume`` records the inputs' full sha256 in
+    the plan file, so that ``resume`` refuses inputs changed anywhere (one extra read of
+    every input file). No shard's header may exceed ``header_limit`` bytes (default: the
+    reader's limit, ``MAX_HEADER_BYTES``).
     """
     settings = Settings(method=method, k=k, keep=keep, ties=ties, include=include,
                         exclude=exclude, seed=seed)
@@ -105,41 +127,56 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", metho
             tie_heads(alignment, b.names())
         items = make_items(f, b, alignment, settings, version=version,
                            frame_elems=frame_elems)
-        shards = plan_shards(out, items, limit)
+        shards = plan_shards(out, items, limit, settings.ties, header_limit, version)
+        extras = f.extra_files()
+        strict = None
+        if strict_resume:
+            say("--strict-resume: hashing every input file", quiet)
+            strict = {"base": _full_hashes(b), "finetuned": _full_hashes(f)}
         plan = CompressPlan(settings.to_json(), limit, b.identity(), f.identity(),
                             {n: [i.name for i in g] for n, g in shards},
                             list(command) if command is not None else None, version,
-                            None if coding is None else coding.to_json())
-        state = prepare_output(out, inputs=[b, f], resume=resume, overwrite=overwrite,
-                               marker=spec.PARTIAL_NAME, index=spec.INDEX_NAME)
-        if state == "complete":
-            say(f"{out} is already a complete diff; nothing to resume", quiet)
-            return read_json_file(out / spec.INDEX_NAME)
-        partial = out / spec.PARTIAL_NAME
-        if state == "resume":
-            plan = _resumed_plan(plan, partial)
-        else:
-            write_json_atomic(partial, plan.to_json())
-        say(_plan_report(alignment, items), quiet)
-
-        records = {}
-        with bar(sum(i.params for i in items), "compress", quiet) as progress:
-            for name, group in shards:
-                path = shards.path(name)
-                if state == "resume" and path.exists():
-                    records.update(read_shard_records(path, [i.name for i in group]))
-                    progress.update(sum(i.params for i in group))
-                    continue
-                records.update(write_shard(
-                    shards, name, group, f, b, settings, progress, version=version,
-                    block_elems=block_elems, level=level, frame_elems=frame_elems,
-                    threads=kernels.get_threads()))
-        copy_files(f.extra_files(), out)
-        write_text_atomic(out / "README.md", diff_card(plan.base, plan.command))
-        index = build_index(plan, alignment, items, records, shards)
-        shards.write_index(spec.INDEX_NAME, index.to_json())
-        partial.unlink(missing_ok=True)
+                            strict, None if coding is None else coding.to_json())
+        files = [*shards.names, spec.INDEX_NAME, spec.PARTIAL_NAME, "README.md",
+                 *(p.name for p in extras)]
+        with claim_output(out, inputs=[b, f], resume=resume, overwrite=overwrite,
+                          plan=spec.PARTIAL_NAME, index=spec.INDEX_NAME, files=files) as claim:
+            if claim.state == "complete":
+                say(f"{printable(out)} is already a complete diff; nothing to resume", quiet)
+                return read_json_file(out / spec.INDEX_NAME)
+            partial = out / spec.PARTIAL_NAME
+            if claim.state == "resume":
+                plan = _resumed_plan(plan, partial)
+                claim.record(files)
+            else:
+                write_json_atomic(partial, plan.to_json())
+            say(_plan_report(alignment, items), quiet)
+            coder = dict(version=version, block_elems=block_elems, level=level,
+                         frame_elems=frame_elems, threads=kernels.get_threads())
+            index = _write(out, claim.state, plan, shards, items, alignment, extras, f, b,
+                           settings, coder, quiet)
     return index.to_json()
+
+
+def _write(out, state, plan, shards, items, alignment, extras, f, b, settings, coder,
+           quiet) -> DiffIndex:
+    """Write (or reuse) every shard, then the config files, the card, the index."""
+    records = {}
+    with bar(sum(i.params for i in items), "compress", quiet) as progress:
+        for name, group in shards:
+            path = shards.path(name)
+            if state == "resume" and path.exists():
+                records.update(read_shard_records(path, [i.name for i in group]))
+                progress.update(sum(i.params for i in group))
+                continue
+            records.update(write_shard(shards, name, group, f, b, settings, progress,
+                                       **coder))
+    copy_files(extras, out)
+    write_text_atomic(out / "README.md", diff_card(plan.base, plan.command))
+    index = build_index(plan, alignment, items, records, shards)
+    shards.write_index(spec.INDEX_NAME, index.to_json())
+    (out / spec.PARTIAL_NAME).unlink(missing_ok=True)
+    return index
 
 
 def _coding(version, level, frame_elems):
@@ -159,10 +196,10 @@ def _plan_report(alignment, items) -> str:
     """One status line: how names were paired and what happens to special tensors."""
     prefix = alignment.finetuned_prefix or alignment.base_prefix
     parts = [f"aligned {len(alignment.pairs)} tensors ({alignment.exact} by exact name"
-             + (f", prefix {prefix!r}" if prefix else "") + ")",
+             + (f", prefix {printable(prefix)!r}" if prefix else "") + ")",
              f"{len(alignment.new)} new", f"{len(alignment.dropped)} only in the base"]
     for head, embedding in alignment.tied.items():
-        parts.append(f"{head} untied from the base's {embedding}")
+        parts.append(f"{printable(head)} untied from the base's {printable(embedding)}")
     resized = [i for i in items if i.base_rows is not None]
     if resized:
         parts.append(f"{len(resized)} resized (rows beyond the base's stored whole)")

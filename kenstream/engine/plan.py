@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from .. import dtypes
 from ..errors import MismatchError
 from ..format import spec
-from ..format.layout import encoded_sizes
-from ..io.writer import ShardSet
+from ..format.layout import EMPTY_HEADER, encoded_sizes, header_cost
+from ..io import safetensors_file
+from ..io.writer import ShardSet, header_budget
 
 # Float dtypes the selection kernels read; F8 tensors are compared and stored whole.
 SELECTABLE = ("F64", "F32", "F16", "BF16")
@@ -131,7 +132,14 @@ def make_items(ft, base, alignment, settings, *, version: int = spec.FORMAT_VERS
     return items
 
 
-def plan_shards(out, items, shard_size: int) -> ShardSet:
-    """Diff shards: plan items in fine-tune order, filled by estimated size."""
+def plan_shards(out, items, shard_size: int, ties: str = "positions",
+                header_limit: int | None = None, version: int = spec.FORMAT_VERSION) -> ShardSet:
+    """Diff shards: plan items in fine-tune order, filled by estimated size and by header
+    size, so that no shard's header passes ``header_limit`` (default: the reader's
+    ``MAX_HEADER_BYTES``; a shard of ~276k tensors would). Cost O(len(items))."""
+    if header_limit is None:
+        header_limit = safetensors_file.MAX_HEADER_BYTES  # looked up now: tests lower it
+    cost, budget = header_budget(header_limit, EMPTY_HEADER, lambda item: item.name,
+                                 lambda item: header_cost(item, ties, version))
     return ShardSet.plan(out, items, lambda item: item.estimate, shard_size,
-                         lambda i, n: spec.shard_name(i + 1, n))
+                         lambda i, n: spec.shard_name(i + 1, n), cost, budget)

@@ -6,18 +6,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import dtypes, kernels
-from ..errors import DiffError, OutputError
+from ..errors import OutputError
 from ..format import spec
-from ..format.index import RebuildPlan
+from ..format.plans import RebuildPlan
+from ..io import safetensors_file
 from ..io.checkpoint import Checkpoint
 from ..io.diff_reader import DiffReader
+from ..io.extras import copy_files, extra_files
 from ..io.jsonfile import read_json_file, read_plan, write_json_atomic
-from ..io.outputs import copy_files, is_extra, prepare_output
+from ..io.outputs import claim_output
 from ..io.safetensors_file import SafetensorsFile
-from ..io.writer import BufferRing, ShardSet, WriteBehind, header_bytes
+from ..io.writer import (BufferRing, ShardSet, WriteBehind, entry_cost, header_budget,
+                         header_bytes)
 from ..progress import bar, say
 from ..settings import MODEL_SHARD_SIZE, parse_size
-from .blocks import TensorBlocks
+from ..text import printable
+from .blocks import TensorBlocks, check_shapes
 
 PARTIAL_NAME = "kenstream-rebuild.partial.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -34,6 +38,7 @@ def load(base, diff, *, force: bool = False, verify_hashes: bool = True,
         if verify_hashes:
             d.check_hashes()
         d.check_base(b, force=force)
+        check_shapes(d, b)
         for name, rec in d.records.items():
             blocks = TensorBlocks(name, d, b, block_elems)
             arr = blocks.rebuilt()
@@ -56,70 +61,100 @@ def _check_reused(path: Path, names) -> None:
 
 def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwrite=False,
             resume=False, quiet=False, threads=None,
-            block_elems: int = spec.DEFAULT_BLOCK_ELEMS) -> dict:
+            block_elems: int = spec.DEFAULT_BLOCK_ELEMS,
+            header_limit: int | None = None) -> dict:
     """Write the rebuilt model to ``out`` (safetensors shards + standard index + config files).
 
     ``threads`` blocks are decoded at once (default: every core numba sees). Returns the
-    written ``model.safetensors.index.json`` content.
+    written ``model.safetensors.index.json`` content. No output file's header exceeds
+    ``header_limit`` bytes (default: the reader's ``MAX_HEADER_BYTES``).
     """
     limit = parse_size(shard_size)
     out = Path(out)
     with DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
-        state = prepare_output(out, inputs=[b, _DiffInput(d.path)], resume=resume,
-                               overwrite=overwrite, marker=PARTIAL_NAME, index=INDEX_NAME)
-        if state == "complete":
-            say(f"{out} is already rebuilt; nothing to resume", quiet)
-            return read_json_file(out / INDEX_NAME)
-        say("checking diff shard hashes", quiet)
-        d.check_hashes()
-        diffs = d.check_base(b, force=force)
-        if diffs:
-            say(f"warning: --force: base differs from the recorded one in {len(diffs)} file(s)",
-                False)
         records = d.records
-        shards = ShardSet.plan(out, records, lambda n: records[n].params * records[n].itemsize,
-                               limit, _model_file)
-        plan = RebuildPlan({n: s.to_json() for n, s in d.index.shards.items()}, limit,
-                           list(shards.names))
-        partial = out / PARTIAL_NAME
-        if state == "resume":
-            if RebuildPlan.from_json(read_plan(partial)) != plan:
-                raise DiffError("--resume: the diff or --shard-size differ from the interrupted run",
-                                file=partial)
-        else:
-            write_json_atomic(partial, plan.to_json())
-        # Config and tokenizer first: a run killed after the last shard's rename still
-        # leaves a loadable, complete model directory.
-        copy_files(sorted(p for p in d.path.iterdir() if p.is_file() and is_extra(p.name)), out)
-        weight_map = {}
-        total = sum(r.params for r in records.values())
-        largest = max((_first_block_bytes(r, d.index, block_elems) for r in records.values()),
-                      default=0)
-        workers = kernels.get_threads() if threads is None else max(1, threads)
-        ring = BufferRing(workers + 2, largest)
-        with bar(total, "rebuild", quiet) as progress, \
-                ThreadPoolExecutor(workers, thread_name_prefix="kenstream-build") as pool:
-            for name, group in shards:
-                for tensor in group:
-                    weight_map[tensor] = name
-                path = shards.path(name)
-                if state == "resume" and path.exists():
-                    _check_reused(path, group)
-                    progress.update(sum(records[n].params for n in group))
-                    continue
-                entries, offset = {}, 0
-                for tensor in group:
-                    rec = records[tensor]
-                    size = rec.params * rec.itemsize
-                    entries[tensor] = (rec.dtype, rec.shape, offset, offset + size)
-                    offset += size
-                reserve = len(header_bytes(entries, {"format": "pt"}))
-                with shards.open(name, reserve, drop_behind=True) as writer:
-                    _write_group(writer, group, d, b, progress, ring, block_elems, pool)
-        total_size = sum(r.params * r.itemsize for r in records.values())
-        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-        shards.write_index(INDEX_NAME, index)
-        partial.unlink(missing_ok=True)
+        shards = _plan_files(out, records, limit, header_limit)
+        extras = extra_files(d.path)
+        files = [*shards.names, INDEX_NAME, PARTIAL_NAME, *(p.name for p in extras)]
+        with claim_output(out, inputs=[b, _DiffInput(d.path)], resume=resume,
+                          overwrite=overwrite, plan=PARTIAL_NAME, index=INDEX_NAME,
+                          files=files) as claim:
+            if claim.state == "complete":
+                say(f"{printable(out)} is already rebuilt; nothing to resume", quiet)
+                return read_json_file(out / INDEX_NAME)
+            say("checking diff shard hashes", quiet)
+            d.check_hashes()
+            diffs = d.check_base(b, force=force)
+            if diffs:
+                say(f"warning: --force: base differs from the recorded one in {len(diffs)} "
+                    "file(s)", False)
+            check_shapes(d, b)
+            plan = RebuildPlan({n: s.to_json() for n, s in d.index.shards.items()}, limit,
+                               list(shards.names), b.identity()["files"], bool(force))
+            partial = out / PARTIAL_NAME
+            if claim.state == "resume":
+                differs = RebuildPlan.from_json(read_plan(partial)).differs(plan)
+                if differs:
+                    raise OutputError(f"--resume: the {differs} differ from the interrupted "
+                                      "run's", file=partial,
+                                      hint="repeat the original command with --resume, or "
+                                           "start again with --overwrite")
+                claim.record(files)
+            else:
+                write_json_atomic(partial, plan.to_json())
+            workers = kernels.get_threads() if threads is None else max(1, threads)
+            index = _write_files(shards, d, b, extras, out, claim.state, quiet, block_elems,
+                                 workers)
+            partial.unlink(missing_ok=True)
+    return index
+
+
+def _plan_files(out, records, limit, header_limit) -> ShardSet:
+    """Output shards by bytes, and by header bytes (at most ``header_limit``)."""
+    if header_limit is None:
+        header_limit = safetensors_file.MAX_HEADER_BYTES
+    cost, budget = header_budget(header_limit, len(header_bytes({}, {"format": "pt"})),
+                                 lambda n: n,
+                                 lambda n: entry_cost(n, records[n].dtype, records[n].shape))
+    return ShardSet.plan(out, records, lambda n: records[n].params * records[n].itemsize,
+                         limit, _model_file, cost, budget)
+
+
+def _write_files(shards, d, b, extras, out, state, quiet, block_elems, workers) -> dict:
+    """Copy the config files, write every output shard not already there, then the index.
+
+    Blocks are built (decoded) on ``workers`` threads at once."""
+    records = d.records
+    # Config and tokenizer first: a run killed after the last shard's rename still
+    # leaves a loadable, complete model directory.
+    copy_files(extras, out)
+    weight_map = {}
+    total = sum(r.params for r in records.values())
+    largest = max((_first_block_bytes(r, d.index, block_elems) for r in records.values()),
+                  default=0)
+    ring = BufferRing(workers + 2, largest)
+    with bar(total, "rebuild", quiet) as progress, \
+            ThreadPoolExecutor(workers, thread_name_prefix="kenstream-build") as pool:
+        for name, group in shards:
+            for tensor in group:
+                weight_map[tensor] = name
+            path = shards.path(name)
+            if state == "resume" and path.exists():
+                _check_reused(path, group)
+                progress.update(sum(records[n].params for n in group))
+                continue
+            entries, offset = {}, 0
+            for tensor in group:
+                rec = records[tensor]
+                size = rec.params * rec.itemsize
+                entries[tensor] = (rec.dtype, rec.shape, offset, offset + size)
+                offset += size
+            reserve = len(header_bytes(entries, {"format": "pt"}))
+            with shards.open(name, reserve, drop_behind=True) as writer:
+                _write_group(writer, group, d, b, progress, ring, block_elems, pool)
+    total_size = sum(r.params * r.itemsize for r in records.values())
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    shards.write_index(INDEX_NAME, index)
     return index
 
 
@@ -164,7 +199,7 @@ def _write_group(writer, group: list, d: DiffReader, b, progress, ring: BufferRi
 
 
 class _DiffInput:
-    """Lets prepare_output treat the diff directory as an input that must not be touched."""
+    """Lets claim_output treat the diff directory as an input that must not be touched."""
 
     def __init__(self, path):
         self.root = Path(path)

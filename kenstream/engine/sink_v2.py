@@ -11,14 +11,21 @@ blocks whatever the model's size.
 from __future__ import annotations
 
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from ..format import spec
 from ..format.records import shard_metadata
-from ..format.v2 import encode_frame
+from ..format.v2 import Frame, encode_frame
 from .sink_v1 import record
+
+
+def _done(value):
+    """A finished future holding ``value``."""
+    future = Future()
+    future.set_result(value)
+    return future
 
 
 class _Tensor:
@@ -85,6 +92,11 @@ class V2Sink:
             self._open = _Tensor(item, self.writer.data_bytes)
             self.writer.begin(spec.entry_name(item.name, "frames"), "U8")
         tensor = self._open
+        if item.params == 0:  # no values: one empty frame, whatever the rows (2**58 x 0)
+            self._queue.append((tensor, 0, _done(Frame(b"", 0, 0, 0, np.zeros(0, np.int64)))))
+            self._drain(0)
+            self._close(tensor)
+            return
         step = max(1, self.frame_elems // max(item.cols, 1))
         for f0 in range(r0, max(r1, r0 + 1), step):
             f1 = min(r1, f0 + step)

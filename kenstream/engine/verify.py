@@ -21,7 +21,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.diff_reader import DiffReader
 from ..io.rows import TensorRows
 from ..progress import bar
-from .blocks import TensorBlocks
+from .blocks import TensorBlocks, check_shapes
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -57,6 +57,7 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None
     with DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
         d.check_hashes()
         d.check_base(b, force=force)
+        check_shapes(d, b)
         ft = Checkpoint.open(str(finetuned)) if finetuned is not None else None
         try:
             total = sum(r.params for r in d.records.values())
@@ -106,6 +107,8 @@ def _check_block(blocks: TensorBlocks, ft_rows: TensorRows, i: int):
     chunks of rows so that no temporary is larger than a few hundred kilobytes."""
     rec = blocks.rec
     r0, r1 = blocks.ranges[i]
+    if rec.params == 0:  # nothing to compare, however many (empty) rows
+        return set(), 0.0, 0.0
     base_rows = blocks.base_rows(i)
     kept_all = blocks.kept(i)  # before build, which releases the diff's pages it read
     built = np.empty(blocks.shape(i), dtype=blocks.dtype)

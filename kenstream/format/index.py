@@ -1,4 +1,4 @@
-"""The typed records of a diff's index ``kenstream-diff.json`` and of the plan files.
+"""The typed records of a diff's index ``kenstream-diff.json``.
 
 Each is a frozen dataclass with one parser, ``from_json`` (every check of that record),
 and ``to_json``. Parsers raise :class:`DiffError`; callers add the file.
@@ -6,7 +6,7 @@ and ``to_json``. Parsers raise :class:`DiffError`; callers add the file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import DiffError
 from . import spec
@@ -217,67 +217,3 @@ class DiffIndex:
                    alignment if isinstance(alignment, dict) else {}, shards, tensors,
                    Totals.from_json(obj.get("totals"), version),
                    Coding.from_json(obj.get("coding")) if version >= 2 else None)
-
-
-@dataclass(frozen=True)
-class CompressPlan:
-    """The plan file ``kenstream-diff.partial.json`` of an unfinished compress run."""
-
-    settings: dict
-    shard_size: int
-    base: dict
-    finetuned: dict
-    shards: dict
-    command: list | None = None
-    format_version: int = spec.FORMAT_VERSION
-    coding: dict | None = None
-
-    def to_json(self) -> dict:
-        out = {"format": spec.FORMAT, "format_version": self.format_version,
-               "settings": self.settings, "shard_size": self.shard_size, "base": self.base,
-               "finetuned": self.finetuned, "shards": self.shards, "command": self.command}
-        if self.coding is not None:
-            out["coding"] = self.coding
-        return out
-
-    @classmethod
-    def from_json(cls, obj) -> "CompressPlan":
-        obj = json_object(obj, "plan")
-        if obj.get("format") != spec.FORMAT:
-            raise DiffError("is not a kenstream compress plan")
-        shards = json_object(obj.get("shards"), "plan shards")
-        if not all(is_shard_file_name(n) and isinstance(t, list)
-                   and all(isinstance(x, str) for x in t) for n, t in shards.items()):
-            raise DiffError("plan shards are not shard names with tensor lists")
-        Identity.from_json(obj.get("base"), "base")
-        Identity.from_json(obj.get("finetuned"), "finetuned")
-        coding = obj.get("coding")
-        if coding is not None:
-            Coding.from_json(coding)
-        return cls(json_object(obj.get("settings"), "plan settings"),
-                   count(obj.get("shard_size"), "plan shard_size"), obj["base"],
-                   obj["finetuned"], shards, obj.get("command"),
-                   count(obj.get("format_version"), "plan format_version"), coding)
-
-
-@dataclass(frozen=True)
-class RebuildPlan:
-    """The plan file of an unfinished rebuild: everything that shapes the output's bytes."""
-
-    diff: dict
-    shard_size: int
-    files: list
-    extra: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return dict(self.extra, diff=self.diff, shard_size=self.shard_size, files=self.files)
-
-    @classmethod
-    def from_json(cls, obj) -> "RebuildPlan":
-        obj = json_object(obj, "rebuild plan")
-        files = obj.get("files")
-        if not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
-            raise DiffError("rebuild plan files are not a list of names")
-        extra = {k: v for k, v in obj.items() if k not in ("diff", "shard_size", "files")}
-        return cls(json_object(obj.get("diff"), "rebuild plan diff"),
-                   count(obj.get("shard_size"), "rebuild plan shard_size"), files, extra)

@@ -114,18 +114,34 @@ def coded_bound(item) -> int:
     return item.rows * item.cols * (dtypes.itemsize(item.dtype) + 3) + 1024 * (item.frames + 1)
 
 
-def header_reserve(items, shard: str, ties: str = "positions", version: int = 1) -> int:
+def header_reserve(items, shard: str, ties: str = "positions", version: int = 1,
+                   bound: int | None = None) -> int:
     """Upper bound on the header length of a shard holding ``items`` (tight: slack is
-    padding). Cost O(len(items))."""
+    padding). ``bound`` is the largest offset to allow for (default: the most bytes the
+    items can take). Cost O(len(items))."""
     if version >= 2:
-        bound = max(sum(coded_bound(i) for i in items), 1)
+        if bound is None:
+            bound = max(sum(coded_bound(i) for i in items), 1)
         total = 2 + sum(_fragment(spec.entry_name(i.name, "frames"), "U8", [bound], bound)
                         + _fragment(spec.entry_name(i.name, "table"), "U64",
                                     [i.frames, spec.TABLE_ROW_BYTES // 8], bound)
                         for i in items)
     else:
-        bound = max(sum(max_bytes(i, ties) for i in items), 1)
+        if bound is None:
+            bound = max(sum(max_bytes(i, ties) for i in items), 1)
         total = 2 + sum(max(_entry_options(i, ties, bound)) for i in items)
     records = {i.name: worst_record(i, shard, bound, version) for i in items}
     meta = {"__metadata__": shard_metadata(records, version)}
     return total + len(json.dumps(meta, separators=(",", ":"))) - 1
+
+
+EMPTY_HEADER = header_reserve([], spec.shard_name(1, 1))
+"""Header bytes of a shard holding nothing (braces and the metadata's fixed fields)."""
+
+
+def header_cost(item, ties: str = "positions", version: int = 1) -> int:
+    """Most bytes ``item`` adds to any shard's header: its entries and its record, with
+    every offset and count at its widest, and the comma before it. A shard holding items
+    ``I`` has a header of at most ``EMPTY_HEADER + sum(header_cost(i) for i in I)``."""
+    alone = header_reserve([item], spec.shard_name(1, 1), ties, version, bound=spec.MAX_COUNT)
+    return alone - EMPTY_HEADER + 1

@@ -4,7 +4,8 @@
 every check of a record (types, ranges, consistency with its format version), and
 ``to_json``, which gives back the JSON the writer stores. Parsers raise
 :class:`DiffError` with the offending field in the message; callers add the file
-(``exc.located(file=...)``). Unknown keys are ignored, as readers must.
+(``exc.located(file=...)``). Unknown keys are ignored, as readers must. The index is in
+:mod:`.index`, the plan files of unfinished runs in :mod:`.plans`.
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ class TensorRecord:
         want = {"dense": rows * cols, "unchanged": 0}.get(enc)
         if not is_int(kept) or not 0 <= kept <= rows * cols or (want is not None and kept != want):
             raise DiffError(f"kept {short(kept)} is impossible for a {enc} {rows}x{cols} tensor")
+        if enc in spec.SELECTED_ENCODINGS and kept < rows:
+            # Every rule keeps k >= 1 values a row; this also bounds ``rows`` by bytes that
+            # exist (the kept values), so no per-row array is sized by the record alone.
+            raise DiffError(f"kept {kept} is fewer than one value a row for a selected "
+                            f"{rows}x{cols} tensor")
         row_kept = rec.get("row_kept")
         if row_kept is not None and not (is_int(row_kept) and 0 <= row_kept <= cols):
             raise DiffError(f"row_kept {short(row_kept)} is not a count of columns")

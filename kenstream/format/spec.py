@@ -110,23 +110,28 @@ def valid_rows(shape, rows: int, cols: int, version: int) -> bool:
 def row_blocks(rows: int, cols: int, block_elems: int = DEFAULT_BLOCK_ELEMS):
     """(r0, r1) ranges of about ``block_elems`` parameters (at least one row each).
 
-    Always yields at least one range, ``(0, 0)`` for a tensor without rows.
+    Always yields at least one range: ``(0, 0)`` for a tensor without rows, and one range
+    of every row for a tensor whose rows are empty (``cols == 0``: there are no parameters
+    to split, and stepping through ``2**58`` empty rows would never end).
     """
-    step = max(1, int(block_elems) // max(cols, 1))
+    if cols == 0 or rows == 0:
+        yield 0, rows
+        return
+    step = max(1, int(block_elems) // cols)
     for r0 in range(0, rows, step):
         yield r0, min(rows, r0 + step)
-    if rows == 0:
-        yield 0, 0
 
 
 def frame_ranges(rows: int, cols: int, frame_elems: int, split: int | None = None) -> list:
     """(r0, r1) of each frame: whole rows, about ``frame_elems`` values each (one row at
-    least); one empty frame for a tensor without rows. With ``split`` (the rows that have a
-    base, of a resized tensor), no frame straddles row ``split``: the frames of rows
+    least); one frame of every row for a tensor without values (no rows, or empty rows:
+    stepping through ``2**58`` empty rows would never end). With ``split`` (the rows that
+    have a base, of a resized tensor), no frame straddles row ``split``: the frames of rows
     ``split ...`` follow those of ``0 ... split``, counted afresh."""
-    step = max(1, int(frame_elems) // max(cols, 1))
+    if rows == 0 or cols == 0:
+        return [(0, rows)]
+    step = max(1, int(frame_elems) // cols)
     if split is not None and 0 <= split < rows:
         return ([(r0, min(split, r0 + step)) for r0 in range(0, split, step)]
                 + [(r0, min(rows, r0 + step)) for r0 in range(split, rows, step)])
-    out = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
-    return out or [(0, 0)]
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]

@@ -98,6 +98,8 @@ class V1Tensor:
                 counts = entries["counts"].astype(np.int64)
                 if int(counts.sum()) != rec.kept:
                     self._bad("row counts do not add up to the kept count")
+                if counts.size and int(counts.max()) > cols:
+                    self._bad("a row count is larger than the row")
             elif rec.row_kept is None or rec.row_kept * rows != rec.kept:
                 self._bad("row_kept does not match the kept count")
             else:
@@ -162,6 +164,8 @@ class V1Tensor:
         index = self.index[start:stop].astype(np.int64)
         row_of = np.repeat(np.arange(r1 - r0, dtype=np.int64), self.counts[r0:r1])
         out[row_of, index] = True
+        if np.count_nonzero(out) != stop - start:  # a forged index repeats a column
+            self._bad("a row lists a column number twice")
         return out
 
     def kept_values(self, r0: int, r1: int) -> np.ndarray:

@@ -193,7 +193,8 @@ class FrameDecoder:
         if not len(sec):
             if kept != rows * cols:
                 raise DiffError("frame stores no positions but does not keep every one")
-            return None, np.full(rows, cols, np.int64)
+            # No values: no per-row counts either (the rows may number 2**58).
+            return None, np.full(rows if cols else 0, cols, np.int64)
         kind, payload = sec[0], sec[1:]
         width = (cols + 7) // 8
         if kind == POS_NONE and not len(payload) and kept == 0:

@@ -17,6 +17,22 @@ from ..kernels.pack import gather_packed, merge_into
 from . import spec
 from .v2 import FrameDecoder
 
+MAX_ROW_VALUES = 1 << 28
+"""A frame holds whole rows; a row of more values than this is refused, so no record can
+make a reader allocate more than ~2 GB for one frame (real rows are far shorter)."""
+
+
+def check_frame_size(name: str, rec, frame_elems: int) -> None:
+    """Refuse a record whose largest frame would hold more than ``MAX_ROW_VALUES`` values
+    (beyond ``frame_elems``): a forged shape, never a real row. O(1)."""
+    if rec.version < 2 or rec.encoding == "unchanged":
+        return
+    rows = max(1, min(rec.rows, max(1, frame_elems // max(rec.cols, 1))))
+    largest = rows * rec.cols
+    if largest > max(frame_elems, MAX_ROW_VALUES):
+        raise DiffError(f"a frame of {largest} values is larger than any real tensor's row "
+                        "(record forged?)", tensor=name)
+
 
 class V2Tensor:
     """The frames of one format-2 tensor: ranges, kept masks and rebuilt rows per frame.
@@ -34,6 +50,7 @@ class V2Tensor:
         if rec.encoding == "unchanged":
             self.table = np.zeros((0, 4), np.int64)
             return
+        check_frame_size(name, rec, frame_elems)
         self.data = entries["frames"].reshape(-1)
         table = entries["table"].reshape(-1, 4)
         if table.shape[0] != len(self.ranges):
@@ -84,8 +101,9 @@ class V2Tensor:
     def _positions(self, i: int):
         if self.rec.encoding == "unchanged":
             r0, r1 = self.ranges[i]
-            width = (self.rec.cols + 7) // 8
-            return np.zeros((r1 - r0, width), np.uint8), np.zeros(r1 - r0, np.int64)
+            rows = r1 - r0 if self.rec.cols else 0  # no per-row arrays for empty rows
+            return (np.zeros((rows, (self.rec.cols + 7) // 8), np.uint8),
+                    np.zeros(rows, np.int64))
         try:
             return self._decoder(i).positions()
         except DiffError as exc:

@@ -12,22 +12,15 @@ In a folder, the weights are chosen by :func:`pick_weight_file`: safetensors bef
 
 from __future__ import annotations
 
-import fnmatch
-import json
 import os
 import re
 from pathlib import Path, PurePosixPath
 
 from kenstream.errors import CheckpointError, CorruptFileError, SourceNotFoundError
+from kenstream.io.extras import extra_files
 from kenstream.io.fingerprint import fingerprint
+from kenstream.io.jsonfile import read_json_file
 from kenstream.io.safetensors_file import SafetensorsFile, TensorInfo, _DuplicateKey, _no_duplicates
-
-EXTRA_PATTERNS = (
-    "config.json", "generation_config.json", "tokenizer*.json", "tokenizer.model",
-    "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
-    "added_tokens.json", "preprocessor_config.json", "chat_template*",
-)
-"""Non-weight files a rebuilt model folder needs beside its weights."""
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -62,18 +55,19 @@ def pick_weight_file(filenames) -> str | None:
 def read_weight_map(index_path) -> dict[str, str]:
     """``weight_map`` of a shard index (tensor name -> shard file), validated for shape.
 
-    Raises ``CorruptFileError`` for invalid JSON, a missing or malformed ``weight_map``,
-    or a shard path that is absolute or climbs out of the index's folder.
+    Raises ``CorruptFileError`` for a path that is not a regular file, invalid JSON, a
+    missing or malformed ``weight_map``, or a shard path that is absolute or climbs out of
+    the index's folder.
     """
     index_path = Path(index_path)
     try:
-        data = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+        # A regular file of sane size only: a FIFO or a link to /dev/zero must not hang.
+        data = read_json_file(index_path, "index", error=CorruptFileError,
+                              pairs_hook=_no_duplicates)
     except _DuplicateKey as dup:
         # Plain JSON keeps the last of two equal keys; a tensor mapped twice is ambiguous.
         raise CorruptFileError("index lists this name twice", file=index_path,
                                tensor=dup.key) from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CorruptFileError(f"index is not valid UTF-8 JSON ({exc})", file=index_path) from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CorruptFileError("index has no weight_map of tensor names to shard files", file=index_path)
@@ -235,16 +229,20 @@ class Checkpoint:
         out stay valid."""
         self._reader(name).release(name, start, stop)
 
+    def check_intact(self, name: str) -> None:
+        """Raise CorruptFileError if the file holding ``name`` shrank since it was opened."""
+        self._reader(name).check_intact(name)
+
     def prefetch(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Start reading bytes ``start:stop`` of ``name`` ahead of use, where the reader
         can (safetensors)."""
         self._reader(name).prefetch(name, start, stop)
 
     def extra_files(self) -> list[Path]:
-        """Config, tokenizer and generation files beside the weights, sorted by name."""
-        found = [p for p in self.root.iterdir()
-                 if p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in EXTRA_PATTERNS)]
-        return sorted(found, key=lambda p: p.name)
+        """Config, tokenizer and generation files beside the weights, sorted by name; links
+        leading out of the folder (or of a hub cache repository) are skipped with a warning
+        (see :func:`kenstream.io.extras.extra_files`)."""
+        return extra_files(self.root)
 
     def identity(self) -> dict:
         """JSON-able identity: source, kind, repo_id, revision and a fingerprint per weight file.

@@ -20,6 +20,7 @@ from ..format.index import DiffIndex
 from ..format.records import TensorRecord, parse_shard_metadata
 from .fingerprint import sha256_file
 from .jsonfile import read_json_file
+from .outputs import HOUSEKEEPING
 from .safetensors_file import SafetensorsFile
 
 RESUME_HINT = "finish it with kenstream compress ... --resume"
@@ -47,9 +48,10 @@ class DiffReader:
         self.records: dict[str, TensorRecord] = self.index.tensors
         self._shards = {}
         self.forced_base = False  # set when check_base let a different base through
+        self._checked = set()  # shards whose hash and records check_hashes has checked
 
     def _refuse_unindexed(self):
-        names = [p.name for p in self.path.iterdir()]
+        names = [p.name for p in self.path.iterdir() if p.name not in HOUSEKEEPING]
         if spec.PARTIAL_NAME in names:
             raise DiffError("is an unfinished diff (the compress run was interrupted)",
                             file=self.path, hint=RESUME_HINT)
@@ -82,18 +84,32 @@ class DiffReader:
             sf = self._shards[name] = SafetensorsFile(self._shard_path(name))
         return sf
 
-    def check_hashes(self, progress=None) -> None:
+    def check_hashes(self, progress=None, tensors=None) -> None:
         """Check the diff's integrity; raise DiffError at the first problem.
 
         Every shard's sha256 must match the index, and every tensor record in the index
         must equal the copy its shard's metadata carries (format.md 1). The hashes cover
         the shards only; comparing records makes an edited index fail here too, instead
         of rebuilding a different model. Cost: reads every shard once.
+
+        ``tensors`` (names) limits the check to the shards holding them, and to the records
+        those shards carry (all shards if one of them is in none, being ``unchanged``);
+        shards already checked by this reader are not read again. For readers of a few
+        tensors (viz).
         """
+        everything = list(self.index.shards)
+        wanted = everything
+        if tensors is not None:
+            held = [self.records[t].shard for t in tensors if t in self.records]
+            if None not in held:
+                wanted = sorted(set(held))
+        wanted = [n for n in wanted if n not in self._checked]
+        if not wanted:
+            return
         stored = {}
-        for name, meta in self.index.shards.items():
+        for name in wanted:
             path = self._shard_path(name)
-            if sha256_file(path) != meta.sha256:
+            if sha256_file(path) != self.index.shards[name].sha256:
                 raise DiffError("sha256 does not match the index (tampered or damaged)",
                                 file=path, hint="fetch the diff again")
             try:
@@ -108,18 +124,21 @@ class DiffReader:
             if progress is not None:
                 progress(name)
         where = self.path / spec.INDEX_NAME
+        whole = len(wanted) == len(everything)
         for tensor, rec in self.records.items():
             shard, copy = stored.pop(tensor, (None, None))
             if copy is None:
-                raise DiffError("record is in no shard's metadata (index edited?)", file=where,
-                                tensor=tensor, hint="fetch the diff again")
-            if copy != rec:
+                if whole or rec.shard in wanted:
+                    raise DiffError("record is in no shard's metadata (index edited?)",
+                                    file=where, tensor=tensor, hint="fetch the diff again")
+            elif copy != rec:
                 raise DiffError(f"record differs from the copy in {shard} (index edited?)",
                                 file=where, tensor=tensor, hint="fetch the diff again")
         if stored:
             tensor, (shard, _) = next(iter(stored.items()))
             raise DiffError(f"shard {shard} records a tensor the index lacks (index edited?)",
                             file=where, tensor=tensor, hint="fetch the diff again")
+        self._checked.update(wanted)
 
     def check_base(self, base, *, force: bool = False) -> list:
         """Compare the base's file fingerprints with the recorded ones.

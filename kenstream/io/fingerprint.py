@@ -11,6 +11,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from .safefs import open_regular
+
 HEAD_BYTES = 1 << 20
 SAMPLE_BYTES = 64 << 10
 SAMPLES = 16
@@ -33,9 +35,9 @@ def fingerprint(path) -> str:
     :func:`sha256_file` where that matters.
     """
     path = Path(path)
-    size = os.stat(path).st_size
-    digest = hashlib.sha256(size.to_bytes(8, "little"))
-    with open(path, "rb") as f:
+    with _open(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        digest = hashlib.sha256(size.to_bytes(8, "little"))
         if size <= HEAD_BYTES + SAMPLES * SAMPLE_BYTES:
             _feed(digest, f, size)
         else:
@@ -48,11 +50,18 @@ def fingerprint(path) -> str:
 
 
 def sha256_file(path) -> str:
-    """Hex sha256 of every byte of ``path``, read in 1 MiB chunks (memory O(1 MiB))."""
+    """Hex sha256 of every byte of ``path``, read in 1 MiB chunks (memory O(1 MiB)).
+
+    Only a regular file is read, and only as many bytes as it had when opened: a FIFO or a
+    device (``/dev/zero``) is refused rather than read forever."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        _feed(digest, f, None)
+    with _open(path) as f:
+        _feed(digest, f, os.fstat(f.fileno()).st_size)
     return digest.hexdigest()
+
+
+def _open(path):
+    return os.fdopen(open_regular(path), "rb")
 
 
 def _feed(digest, f, limit):

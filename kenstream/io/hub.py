@@ -25,7 +25,8 @@ import huggingface_hub as hfh
 from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
 from kenstream.errors import CheckpointError, SourceNotFoundError
-from kenstream.io.checkpoint import EXTRA_PATTERNS, pick_weight_file, read_weight_map
+from kenstream.io.checkpoint import pick_weight_file, read_weight_map
+from kenstream.io.extras import EXTRA_PATTERNS
 
 _NAME = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?"
 _REF = re.compile(rf"(?P<repo>(?:{_NAME}/)?{_NAME})(?:@(?P<rev>[^\s@]+))?")

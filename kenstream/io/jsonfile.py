@@ -2,18 +2,18 @@
 
 Reads check that the path is a regular file of sane size before reading it (a FIFO or a
 link to ``/dev/zero`` must not hang or fill memory) and refuse duplicate keys. Writes go
-through a temporary name, are fsynced, and are renamed into place.
+through a temporary name created exclusively, are fsynced, and are renamed into place.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import stat
 from pathlib import Path
 
 from ..errors import DiffError, OutputError
 from ..format.spec import TEMP_SUFFIX
+from .safefs import create_exclusive, read_regular
 
 MAX_JSON_BYTES = 1 << 30
 """A JSON file larger than this is refused before it is read (real ones are a few MB)."""
@@ -33,21 +33,14 @@ def _no_duplicates(pairs):
 
 
 def read_json_file(path, what: str = "index", *, error=DiffError, hint=None,
-                   limit: int = MAX_JSON_BYTES):
+                   limit: int = MAX_JSON_BYTES, pairs_hook=_no_duplicates):
     """The JSON value in ``path``, or ``error`` (one line naming the file) when it is not a
-    regular file, larger than ``limit``, not UTF-8 JSON, or repeats a key."""
-    path = Path(path)
+    regular file, larger than ``limit``, not UTF-8 JSON, or repeats a key (``pairs_hook``
+    may raise its own error for that instead)."""
+    raw = read_regular(path, limit, error=error, what=what, hint=hint)
     try:
-        with open(path, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise error(f"{what} is not a regular file", file=path, hint=hint)
-            if st.st_size > limit:
-                raise error(f"{what} is {st.st_size} bytes, more than any real one", file=path,
-                            hint=hint)
-            raw = fh.read(limit + 1)
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=pairs_hook)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise error(f"{what} is not valid JSON ({exc})", file=path, hint=hint) from None
 
 
@@ -64,12 +57,16 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary name that is removed on failure."""
+    """Write ``text`` to ``path`` through a temporary name that is removed on failure.
+
+    The temporary file is created afresh (`create_exclusive`): a symbolic link planted at
+    ``NAME.partial`` is replaced, never written through."""
     path = Path(path)
     temp = path.with_name(path.name + TEMP_SUFFIX)
+    data = text.encode("utf-8")
     try:
-        with open(temp, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with create_exclusive(temp) as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(temp, path)

@@ -1,35 +1,41 @@
-"""Output directories: refuse unsafe targets, clear our own files on --overwrite, and copy
-model files beside the weights."""
+"""Output directories: refuse unsafe targets, lock the directory while a run writes it, and
+replace on --overwrite only what kenstream can prove it wrote.
+
+The proof is the marker file ``.kenstream-output`` (:data:`MARKER_NAME`), a JSON list of the
+files a run writes into the directory, made before any of them. ``--overwrite`` deletes
+exactly the files the marker lists (and their temporary names); a non-empty folder without
+a marker is someone else's and is refused, whatever its files are called. The marker is a
+function of the run's plan (sorted names), so a resumed run leaves the same marker as an
+uninterrupted one and whole-directory comparisons need not exclude it.
+
+While a command writes, it holds an exclusive lock on the directory (:class:`DirLock` on
+the empty file ``.kenstream.lock``, which stays): a second writer is refused in one line.
+"""
 
 from __future__ import annotations
 
-import fnmatch
 import os
-import shutil
-from pathlib import Path
+import stat
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
 
 from ..errors import OutputError
 from ..format.spec import TEMP_SUFFIX
-from .checkpoint import EXTRA_PATTERNS
+from .jsonfile import read_json_file, write_json_atomic
+from .safefs import DirLock, is_within
 
-# Everything kenstream itself may write into an output directory (diff or rebuilt model);
-# each is first written as NAME + TEMP_SUFFIX and then renamed.
-OWN_PATTERNS = ("kendiff-*.kdiff", "kenstream-diff*.json", "model.safetensors",
-                "model-*.safetensors", "model.safetensors.index.json",
-                "kenstream-rebuild.partial.json", "README.md")
+MARKER_NAME = ".kenstream-output"
+"""The marker: ``{"format": "kenstream-output", "files": [relative paths]}``."""
+MARKER_FORMAT = "kenstream-output"
+LOCK_NAME = ".kenstream.lock"
+HOUSEKEEPING = (MARKER_NAME, MARKER_NAME + TEMP_SUFFIX, LOCK_NAME)
+"""Names in an output directory that are kenstream's bookkeeping, not its content."""
 
+# Files whose presence makes a directory look finished; removed first on --overwrite so
+# that a run killed while clearing leaves something that is plainly unfinished.
+_COMPLETION_FILES = ("kenstream-diff.json", "model.safetensors.index.json", "model.safetensors")
 
-def is_extra(name: str) -> bool:
-    """Whether ``name`` is a config / tokenizer file copied beside the weights."""
-    return any(fnmatch.fnmatchcase(name, p) for p in EXTRA_PATTERNS)
-
-
-def _is_within(child: Path, parent: Path) -> bool:
-    try:
-        child.relative_to(parent)
-        return True
-    except ValueError:
-        return False
+_FOREIGN = "was not written by kenstream (it has no .kenstream-output marker)"
 
 
 def _input_paths(inputs):
@@ -41,94 +47,170 @@ def _input_paths(inputs):
             yield Path(f).resolve()
 
 
-def _is_own(name: str) -> bool:
-    """A name kenstream writes (a temporary one included; copied config files only as temps)."""
-    if name.endswith(TEMP_SUFFIX):
-        name = name[: -len(TEMP_SUFFIX)]
-        if is_extra(name):
-            return True
-    return any(fnmatch.fnmatchcase(name, p) for p in OWN_PATTERNS)
+def _safe_name(name) -> bool:
+    """A relative path inside the folder: no root, no '..', no empty or '.' part."""
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
+        return False
+    parts = PurePosixPath(name).parts
+    return not PurePosixPath(name).is_absolute() and all(p not in ("", ".", "..") for p in parts)
 
 
-def prepare_output(out: Path, *, inputs, resume: bool, overwrite: bool, marker: str,
-                   index: str) -> str:
-    """Make ``out`` ready; returns ``'fresh'``, ``'resume'`` or ``'complete'``.
+def read_marker(out: Path) -> list | None:
+    """The files the marker of ``out`` lists, or None where there is no marker."""
+    path = Path(out) / MARKER_NAME
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    hint = "remove the directory by hand, or choose another -o directory"
+    if not stat.S_ISREG(st.st_mode):
+        raise OutputError("the marker .kenstream-output is not a regular file", file=path,
+                          hint=hint)
+    obj = read_json_file(path, "marker", error=OutputError, hint=hint, limit=64 << 20)
+    files = obj.get("files") if isinstance(obj, dict) else None
+    if not (isinstance(obj, dict) and obj.get("format") == MARKER_FORMAT
+            and isinstance(files, list) and all(_safe_name(f) for f in files)):
+        raise OutputError("the marker .kenstream-output is damaged", file=path, hint=hint)
+    return files
 
-    Refuses an output equal to or inside an input, or holding an input; refuses a non-empty
-    directory unless resuming (our own unfinished run) or overwriting (our own files only).
+
+def write_marker(out: Path, files) -> None:
+    """Record that kenstream writes ``files`` (relative paths) into ``out``."""
+    write_json_atomic(Path(out) / MARKER_NAME,
+                      {"format": MARKER_FORMAT, "files": sorted(set(files))})
+
+
+class Claim:
+    """An output directory held by this run: ``state`` is ``'fresh'``, ``'resume'`` or
+    ``'complete'``; ``files`` what the marker lists."""
+
+    def __init__(self, path: Path, state: str, files: list):
+        self.path, self.state, self.files = path, state, list(files)
+
+    def record(self, files) -> None:
+        """Add ``files`` to the marker (a resumed run may write a file the first did not)."""
+        merged = sorted(set(self.files) | set(files))
+        if merged != sorted(set(self.files)):
+            write_marker(self.path, merged)
+        self.files = merged
+
+
+@contextmanager
+def claim_output(out, *, inputs, resume: bool, overwrite: bool, plan: str, index: str,
+                 files):
+    """Make ``out`` ready for a run that writes ``files`` and hold its lock; yields a Claim.
+
+    Refuses an output equal to or inside an input, or holding an input; a non-empty
+    directory without kenstream's marker; a marked one unless resuming (an unfinished run:
+    ``plan`` present) or overwriting (the listed files are deleted). A fresh directory gets
+    the marker before anything else. Nothing is created or deleted in a folder that is
+    refused.
     """
+    out = Path(out)
     target = out.resolve()
     for path in _input_paths(inputs):
-        if target == path or _is_within(target, path) or _is_within(path, target):
+        if target == path or is_within(target, path) or is_within(path, target):
             raise OutputError("the output must not be, contain, or be inside an input",
                               file=out, hint="choose another -o directory")
     if out.exists() and not out.is_dir():
         raise OutputError("exists and is not a directory", file=out)
-    entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    if entries and resume:
-        if (out / marker).exists():
-            return "resume"
-        if (out / index).exists():
-            return "complete"
-        if all(n.endswith(TEMP_SUFFIX) and _is_own(n) for n in entries):
-            # Killed while its very first file was being written: nothing to keep.
-            _remove(out, entries)
-            return "fresh"
-        raise OutputError("nothing to resume here (no unfinished kenstream run)", file=out,
-                          hint="drop --resume, or pass --overwrite to replace it")
-    if entries:
-        if not overwrite:
-            raise OutputError("exists and is not empty",
-                              file=out, hint="pass --overwrite to replace it, or --resume")
-        _clear_own_files(out, entries)
-        return "fresh"
+    _refuse_foreign(out, *_survey(out), resume=resume, overwrite=overwrite)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create: {exc.strerror}", file=out) from exc
+    with DirLock(out, LOCK_NAME):
+        entries, marker = _survey(out)  # again: the folder may have changed before the lock
+        _refuse_foreign(out, entries, marker, resume=resume, overwrite=overwrite)
+        _refuse_clash(out, marker, files)
+        state = _state(out, entries, marker, resume, overwrite, plan, index)
+        if state == "fresh":
+            write_marker(out, files)
+            marker = sorted(set(files))
+        yield Claim(out, state, marker or [])
+
+
+def _survey(out: Path):
+    """(entries other than bookkeeping, marker file list or None) of ``out``."""
+    if not out.is_dir():
+        return [], None
+    entries = sorted(p.name for p in out.iterdir() if p.name not in HOUSEKEEPING)
+    return entries, read_marker(out)
+
+
+def _refuse_foreign(out: Path, entries, marker, *, resume, overwrite) -> None:
+    if not entries or marker is not None:
+        return
+    if resume:
+        raise OutputError("nothing to resume here (no unfinished kenstream run)", file=out,
+                          hint="drop --resume, or choose another -o directory")
+    if overwrite:
+        raise OutputError(f"{_FOREIGN}; kenstream replaces only its own output", file=out,
+                          hint="choose a new or empty directory")
+    raise OutputError("exists and is not empty", file=out,
+                      hint="choose a new or empty directory")
+
+
+def _refuse_clash(out: Path, marker, files) -> None:
+    """Refuse a run that would replace a file kenstream did not write (one added to its
+    output folder since, under a name this run writes)."""
+    listed = set(marker or ())
+    for name in sorted(set(files) - listed):
+        if os.path.lexists(out / name) or os.path.lexists(out / (name + TEMP_SUFFIX)):
+            raise OutputError(f"holds {name}, which this run would replace but kenstream did "
+                              "not write", file=out,
+                              hint="move that file away, or choose another directory")
+
+
+def _state(out: Path, entries, marker, resume, overwrite, plan, index) -> str:
+    if not entries:
+        return "fresh"
+    if resume:
+        if plan in entries:
+            return "resume"
+        if index in entries:
+            return "complete"
+        if all(n.endswith(TEMP_SUFFIX) and n[: -len(TEMP_SUFFIX)] in marker for n in entries):
+            # Killed while its very first file was being written: nothing to keep.
+            remove_listed(out, [n[: -len(TEMP_SUFFIX)] for n in entries])
+            return "fresh"
+        raise OutputError("nothing to resume here (no unfinished kenstream run)", file=out,
+                          hint="drop --resume, or pass --overwrite to replace it")
+    if not overwrite:
+        raise OutputError("exists and is not empty", file=out,
+                          hint="pass --overwrite to replace it, or --resume")
+    remove_listed(out, marker)
     return "fresh"
 
 
-# Files whose presence makes a directory look finished; removed first on --overwrite so
-# that a run killed while clearing leaves something that is plainly unfinished.
-_COMPLETION_FILES = ("kenstream-diff.json", "model.safetensors.index.json", "model.safetensors")
+def remove_listed(out: Path, names) -> None:
+    """Delete each listed file of ``out`` and its temporary name, completion files first.
+
+    Parent folders are entered without following links, so a listed ``sub/file`` whose
+    ``sub`` has become a link to elsewhere deletes nothing outside ``out``."""
+    order = sorted(names, key=lambda n: (PurePosixPath(n).name not in _COMPLETION_FILES, n))
+    for name in order:
+        for victim in (name, name + TEMP_SUFFIX):
+            try:
+                _unlink_inside(out, victim)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            except OSError as exc:
+                raise OutputError(f"cannot delete: {exc.strerror}", file=out / victim,
+                                  hint="remove it by hand") from exc
 
 
-def _clear_own_files(out: Path, entries) -> None:
-    """Delete what kenstream wrote into ``out`` for --overwrite, and nothing else.
-
-    README.md and config/tokenizer names are shared with hand-made folders, so they are
-    deleted only beside weights or markers of kenstream's own; a folder holding such a
-    file but none of those is refused rather than clobbered.
-    """
-    files = [n for n in entries if (out / n).is_file()]
-    own = [n for n in files if _is_own(n) and n != "README.md"]
-    shared = [n for n in files if n == "README.md" or is_extra(n)]
-    if shared and not own:
-        raise OutputError(f"holds {shared[0]} but was not written by kenstream; "
-                          "--overwrite replaces only kenstream's own output",
-                          file=out, hint="choose a new or empty -o directory")
-    doomed = sorted(own + shared, key=lambda n: (n not in _COMPLETION_FILES, n))
-    _remove(out, doomed)
-
-
-def _remove(out: Path, names) -> None:
-    for name in names:
-        try:
-            (out / name).unlink(missing_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot delete: {exc.strerror}", file=out / name,
-                              hint="remove it by hand") from exc
-
-
-def copy_files(paths, out: Path) -> None:
-    """Copy files into ``out`` through temporary names (skipping ones already there)."""
-    for src in paths:
-        dst = out / Path(src).name
-        temp = dst.with_name(dst.name + TEMP_SUFFIX)
-        try:
-            shutil.copyfile(src, temp)
-            os.replace(temp, dst)
-        except OSError as exc:
-            temp.unlink(missing_ok=True)
-            raise OutputError.from_os(exc, "copy", file=dst) from exc
+def _unlink_inside(out: Path, name: str) -> None:
+    parts = PurePosixPath(name).parts
+    flags = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(out, flags)
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        if stat.S_ISDIR(os.lstat(parts[-1], dir_fd=fd).st_mode):
+            return  # a folder now stands where a file was listed: not ours to remove
+        os.unlink(parts[-1], dir_fd=fd)
+    finally:
+        os.close(fd)

@@ -38,13 +38,17 @@ class TensorRows:
 
     def read(self, r0: int, r1: int) -> np.ndarray:
         """Rows r0..r1 as [r1 - r0, cols] in ``dtype``'s storage (a view if unconverted)."""
-        block = self._view()[r0:r1]
+        block = self.raw(r0, r1)
         if self.stored != self.dtype:
             block = dtypes.convert(block, self.stored, self.dtype)
         return block
 
     def raw(self, r0: int, r1: int) -> np.ndarray:
-        """Rows r0..r1 in the stored dtype (always a view)."""
+        """Rows r0..r1 in the stored dtype (always a view).
+
+        The file is first checked to be as long as when it was opened: a file cut short by
+        another program is one error naming it, not a bus error when the view is read."""
+        self.ckpt.check_intact(self.name)
         return self._view()[r0:r1]
 
     def release(self, r0: int = 0, r1: int | None = None) -> None:
@@ -61,7 +65,10 @@ def identical(a: TensorRows, b: TensorRows, first_block: int = 1 << 16,
               block_elems: int = 1 << 23) -> bool:
     """Whether ``a`` and ``b`` (b read as a's dtype) hold the same bits, compared in
     growing blocks: a changed tensor almost always differs in its first rows, so only a
-    few pages are read. Pages are released as they are compared."""
+    few pages are read. Pages are released as they are compared. Tensors without bytes
+    are identical at once (their rows, however many, hold nothing)."""
+    if a.rows * a.cols == 0:
+        return True
     r0, step = 0, max(1, first_block // max(a.row_bytes, 1))
     while r0 < a.rows:
         r1 = min(a.rows, r0 + step)

@@ -28,6 +28,7 @@ import numpy as np
 
 from kenstream import dtypes
 from kenstream.errors import CheckpointError, CorruptFileError
+from kenstream.io.safefs import open_regular
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 """Headers above this are treated as corrupt: real ones are a few MB at most."""
@@ -36,6 +37,10 @@ MAX_DIMS = 32
 MAX_ELEMENTS = 1 << 58
 """Shape limits (rank; product of the non-zero sizes); NumPy's own are 64 and ~2**63 bytes."""
 
+
+MAPPED: dict = {}
+"""id -> (path bytes, size at open) of every open memory map; the CLI's bus-error handler
+(:mod:`kenstream.faults`) names the one that shrank."""
 
 FAULT_AROUND = 1 << 16
 FOLIO_ALIGN = 1 << 21
@@ -125,19 +130,14 @@ class SafetensorsFile(TensorTable):
         self.path = Path(path)
         self._map = None
         self._closed = False
-        try:
-            self._file = open(self.path, "rb")
-        except FileNotFoundError:
-            raise CheckpointError("file not found", file=self.path) from None
-        except IsADirectoryError:
-            raise CheckpointError("is a directory, not a .safetensors file", file=self.path) from None
-        except OSError as exc:
-            raise CheckpointError(f"cannot open: {exc.strerror or exc}", file=self.path) from None
+        # A FIFO or a device (a link to /dev/zero) is refused here, before any read.
+        self._file = os.fdopen(open_regular(self.path), "rb")
         try:
             self._size = os.fstat(self._file.fileno()).st_size
             self._infos, self.metadata = self._read_header()
             # One read-only map of the whole file; pages load only when a view is read.
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            MAPPED[id(self)] = (os.fsencode(self.path), self._size)
         except BaseException:
             self._file.close()
             raise
@@ -296,11 +296,24 @@ class SafetensorsFile(TensorTable):
         first -= first % mmap.PAGESIZE
         self._map.madvise(advice, first, info.offset + stop - first)
 
+    def check_intact(self, name: str | None = None) -> None:
+        """Raise CorruptFileError if the file is now shorter than when it was opened.
+
+        Reading a mapped page past the new end would kill the process with a bus error, so
+        the streaming readers call this before each block (cost: one ``fstat``)."""
+        if self._closed:
+            return
+        size = os.fstat(self._file.fileno()).st_size
+        if size < self._size:
+            raise CorruptFileError(f"shrank from {self._size} to {size} bytes while being read "
+                                   "(changed by another program?)", file=self.path, tensor=name)
+
     def close(self) -> None:
         """Release the file. Views still alive keep the mapping until they are dropped."""
         if self._closed:
             return
         self._closed = True
+        MAPPED.pop(id(self), None)
         if self._map is not None:
             try:
                 self._map.close()

@@ -7,6 +7,17 @@ pickle (names, shapes) is read, tensor storages stay mapped from the file and ar
 in only when used. Legacy non-zip pickles cannot be mapped and are read into memory
 whole; they are rare and small in practice.
 
+A map is only as good as what it maps, so before loading, the archive is checked:
+
+- storages stored compressed (a zip re-packed with DEFLATE) cannot be mapped, since the
+  map would show the compressed bytes as weights; such a file is loaded into memory
+  instead (up to ``MAX_INFLATE_BYTES``) or refused;
+- every storage the pickle declares must be a member of the archive of exactly the size
+  it claims (:mod:`._torch_scan` reads the declarations without building anything);
+- after loading, a tensor must be on the CPU (a ``meta`` tensor holds no data) and its
+  storage must hold all its elements (a broadcast view, ``zeros(1).expand(n, n)``, would
+  otherwise be copied into ``n * n`` elements of fresh memory).
+
 Sharded ``pytorch_model-0000x-of-0000y.bin`` sets are one ``TorchBinFile`` per shard;
 the index that joins them is handled by :mod:`kenstream.io.checkpoint`.
 
@@ -18,6 +29,7 @@ raises ``CheckpointError``.
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import warnings
@@ -29,7 +41,12 @@ import torch
 
 from kenstream import dtypes
 from kenstream.errors import CheckpointError, CorruptFileError, UnsafeCheckpointError
-from kenstream.io.safetensors_file import TensorInfo, TensorTable
+from kenstream.io._torch_scan import StorageScanError, archive_storages
+from kenstream.io.safefs import open_regular
+from kenstream.io.safetensors_file import MAPPED, TensorInfo, TensorTable
+
+MAX_INFLATE_BYTES = 2 << 30
+"""A .bin whose storages are compressed is read into memory only up to this size."""
 
 _PICKLE_PROTO = 0x80  # every pickle of protocol >= 2 (all torch.save output) starts with it
 
@@ -63,17 +80,18 @@ class TorchBinFile(TensorTable):
     def __init__(self, path):
         self.path = Path(path)
         self.metadata: dict[str, str] = {}
-        if not self.path.is_file():
-            raise CheckpointError("file not found", file=self.path)
-        is_zip = zipfile.is_zipfile(self.path)
+        with os.fdopen(open_regular(self.path), "rb") as fh:  # no FIFO, no device
+            self._size = os.fstat(fh.fileno()).st_size
+            is_zip = zipfile.is_zipfile(fh)
+            fh.seek(0)
+            head = fh.read(2)
+            mmap = is_zip and self._check_archive(fh)
         if not is_zip:
-            with open(self.path, "rb") as f:
-                head = f.read(2)
             if head == b"PK":  # a zip's local header, but no readable central directory
                 raise CorruptFileError("damaged zip archive (truncated?)", file=self.path)
             if not head or head[0] != _PICKLE_PROTO:
                 raise CorruptFileError("neither a zip archive nor a pickle", file=self.path)
-        state = self._load(is_zip)
+        state = self._load(mmap)
         if not isinstance(state, dict):
             raise CheckpointError(
                 f"holds a {type(state).__name__}, not a state dict of tensors", file=self.path)
@@ -91,10 +109,32 @@ class TorchBinFile(TensorTable):
                           stacklevel=2)
         if not self._tensors:
             raise CheckpointError("state dict holds no tensors at its top level", file=self.path)
+        if mmap:
+            MAPPED[id(self)] = (os.fsencode(self.path), self._size)
 
-    def _load(self, is_zip):
+    def _check_archive(self, fh) -> bool:
+        """Check the zip's storages against its pickle; True if they may be memory-mapped."""
         try:
-            return torch.load(str(self.path), mmap=is_zip, weights_only=True, map_location="cpu")
+            storages = archive_storages(fh)
+        except StorageScanError as exc:
+            raise CorruptFileError(exc.message, file=self.path, tensor=exc.tensor) from None
+        if storages.compressed or not storages.checked:
+            # Read into memory by torch's own zip reader, which decompresses members and
+            # checks every storage against its member; only files of moderate size.
+            if storages.nbytes > MAX_INFLATE_BYTES:
+                what = (f"its tensor data is stored compressed ({storages.compressed}) inside "
+                        "the zip" if storages.compressed else
+                        "its pickle declares storages in a way kenstream cannot check")
+                raise CheckpointError(
+                    f"{what}, {storages.nbytes} bytes in all; only uncompressed, checkable "
+                    "archives are memory-mapped", file=self.path,
+                    hint="re-save it with torch.save, or convert it to safetensors")
+            return False
+        return True
+
+    def _load(self, mmap):
+        try:
+            return torch.load(str(self.path), mmap=mmap, weights_only=True, map_location="cpu")
         except pickle.UnpicklingError as exc:
             reason = _unsafe_reason(str(exc))
             if reason is not None:
@@ -109,12 +149,23 @@ class TorchBinFile(TensorTable):
     def _add(self, name, tensor):
         if tensor.layout != torch.strided:
             raise CheckpointError(f"{tensor.layout} tensors are not supported", file=self.path, tensor=name)
+        if tensor.device.type != "cpu":
+            raise CheckpointError(f"is a {tensor.device.type} tensor, which holds no data here",
+                                  file=self.path, tensor=name,
+                                  hint="save the state dict from CPU tensors")
         try:
             code = dtypes.from_torch(tensor.dtype)
         except CheckpointError as exc:
             raise exc.located(file=self.path, tensor=name) from None
         shape = tuple(tensor.shape)
         nbytes = tensor.numel() * dtypes.itemsize(code)
+        held = tensor.untyped_storage().nbytes() - tensor.storage_offset() * tensor.element_size()
+        if nbytes and nbytes > held:
+            # A broadcast or overlapping view: copying it out would make up the missing bytes.
+            raise CorruptFileError(
+                f"shape {list(shape)} needs {nbytes} bytes but its storage holds {max(held, 0)} "
+                "(an expanded or overlapping view)", file=self.path, tensor=name,
+                hint="save tensor.contiguous() instead")
         self._tensors[name] = tensor.detach()
         self._infos[name] = TensorInfo(name, code, shape, nbytes, None, self.path)
 
@@ -147,9 +198,21 @@ class TorchBinFile(TensorTable):
         """
         self.info(name)
 
+    def check_intact(self, name: str | None = None) -> None:
+        """Raise CorruptFileError if the file is now shorter than when it was opened (its
+        storages are mapped: reading past the new end would be a bus error)."""
+        try:
+            size = os.stat(self.path).st_size
+        except OSError:
+            size = 0
+        if size < self._size:
+            raise CorruptFileError(f"shrank from {self._size} to {size} bytes while being read "
+                                   "(changed by another program?)", file=self.path, tensor=name)
+
     def close(self) -> None:
         """Drop the tensors; the map is released once no array from here is alive."""
         self._tensors = {}
+        MAPPED.pop(id(self), None)
 
     def __enter__(self):
         return self

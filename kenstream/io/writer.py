@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import OutputError
 from ..format.spec import TEMP_SUFFIX
+from .safefs import create_exclusive
 
 _CHUNK = 1 << 24
 _WRITEBACK = 1 << 26  # how often a drop-behind writer starts writeback (64 MiB)
@@ -61,7 +62,9 @@ class ShardWriter:
         self._drop = drop_behind and hasattr(os, "posix_fadvise")
         self._windows = [8 + self.reserve, 8 + self.reserve]  # [previous, current] starts
         try:
-            self._fh = open(self.temp, "wb")
+            # Created afresh: a leftover temporary file, or a link planted at its name, is
+            # replaced rather than written through.
+            self._fh = create_exclusive(self.temp)
             self._fh.seek(8 + self.reserve)
         except OSError as exc:
             raise OutputError.from_os(exc, "create", file=self.path) from exc
@@ -272,20 +275,46 @@ class WriteBehind:
         return False
 
 
-def fill_greedy(things, size_of, limit: int) -> list:
-    """Group ``things`` in order into lists whose sizes add up to at most ``limit``; a thing
-    larger than ``limit`` gets a list of its own. Always returns at least one list."""
-    groups, current, filled = [], [], 0
+def fill_greedy(things, size_of, limit: int, cost_of=None, cost_limit: int | None = None) -> list:
+    """Group ``things`` in order into lists whose sizes add up to at most ``limit`` and, with
+    ``cost_of``, whose costs (e.g. header bytes) add up to at most ``cost_limit``; a thing
+    over either limit by itself gets a list of its own. Always returns at least one list."""
+    groups, current, filled, spent = [], [], 0, 0
     for thing in things:
         size = size_of(thing)
-        if current and filled + size > limit:
+        cost = cost_of(thing) if cost_of is not None else 0
+        if current and (filled + size > limit
+                        or (cost_of is not None and spent + cost > cost_limit)):
             groups.append(current)
-            current, filled = [], 0
+            current, filled, spent = [], 0, 0
         current.append(thing)
         filled += size
+        spent += cost
     if current or not groups:
         groups.append(current)
     return groups
+
+
+def header_budget(header_limit: int, fixed: int, name_of_item, cost_of):
+    """(cost function, budget) for `fill_greedy` so that no file's header passes
+    ``header_limit`` bytes: ``fixed`` is the header length of an empty file, ``cost_of`` an
+    upper bound on the bytes one item adds. An item over the budget alone is refused."""
+    budget = header_limit - fixed - 8  # the header is padded by up to 7 bytes
+    def cost(item):
+        spent = cost_of(item)
+        if spent > budget:
+            raise OutputError(f"its header entry alone takes {spent} bytes, more than a file's "
+                              f"header may hold ({header_limit})", tensor=name_of_item(item))
+        return spent
+    return cost, budget
+
+
+def entry_cost(name: str, dtype: str, shape) -> int:
+    """Most bytes the header entry of one tensor (and its comma) can take."""
+    return len(header_bytes({name: (dtype, shape, _WIDEST, _WIDEST)}, None)) - 1
+
+
+_WIDEST = (1 << 63) - 1
 
 
 class ShardSet:
@@ -304,10 +333,12 @@ class ShardSet:
         self.names = names
 
     @classmethod
-    def plan(cls, out, items, size_of, limit: int, name_of) -> "ShardSet":
-        """Fill files in order up to ``limit`` bytes (``size_of(item)`` each); ``name_of(i,
-        n)`` names file ``i`` of ``n``."""
-        groups = fill_greedy(items, size_of, limit)
+    def plan(cls, out, items, size_of, limit: int, name_of, cost_of=None,
+             cost_limit=None) -> "ShardSet":
+        """Fill files in order up to ``limit`` bytes (``size_of(item)`` each) and, with
+        ``cost_of``, up to ``cost_limit`` header bytes; ``name_of(i, n)`` names file ``i``
+        of ``n``."""
+        groups = fill_greedy(items, size_of, limit, cost_of, cost_limit)
         return cls(out, groups, [name_of(i, len(groups)) for i in range(len(groups))])
 
     def __iter__(self):

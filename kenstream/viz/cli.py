@@ -5,6 +5,7 @@ Building the parser (e.g. for ``--help``) imports neither matplotlib nor the dif
 
 from __future__ import annotations
 
+from ..text import printable
 from . import COLORS, VIEWS
 
 
@@ -40,5 +41,5 @@ def run(args) -> int:
     out = render(args.diff, args.tensor, args.view, args.output, base=args.base,
                  color=args.color, max_pixels=args.max_pixels, raw=args.raw)
     if not args.quiet:
-        print(f"wrote {out}")
+        print(f"wrote {printable(out)}")
     return 0

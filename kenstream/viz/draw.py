@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import KenstreamError
+from ..text import shortened
 from . import VIEWS
 from .images import (BLOCK_ELEMS, MatrixImage, _check_options, _image, _session, layer_pattern,
                      layer_tensors, matrix_image, neighbor_image, summary_table)
@@ -151,7 +152,7 @@ def layers_figure(images: dict, template: str):
     else:
         fig.colorbar(shown, ax=list(axes[:n]), label=style(first, vlim)[2], shrink=0.8,
                      extend="both" if vlim else "neither")
-    note = f"{template}: {n} layers"
+    note = f"{shortened(template)}: {n} layers"
     if any(im.aggregated for im in images.values()):
         note += f"; {first.scale}"
     fig.suptitle(note, fontsize=9)
@@ -185,8 +186,8 @@ def summary_figure(records: dict, title: str = ""):
             else:
                 colors = [_ENCODING_COLORS[records[n].encoding] for n in table]
                 ax.barh(np.arange(len(table)), vals / scale, color=colors)
-                ax.set_yticks(np.arange(len(table)),
-                              list(table) if col == 0 else [""] * len(table), fontsize=6.5)
+                names = [shortened(n, 60) for n in table] if col == 0 else [""] * len(table)
+                ax.set_yticks(np.arange(len(table)), names, fontsize=6.5)
                 for tick in ax.get_yticklabels():
                     # Hundreds of small grey-smoothed names would triple the PNG's size.
                     tick.set_antialiased(False)
@@ -219,7 +220,9 @@ def figure(diff, tensor, view, *, base=None, color="value", max_pixels=1024,
     _check_options(color, max_pixels)
     with _session(diff, base if view in ("matrix", "layers") else None) as (reader, ck):
         if view == "summary":
-            return summary_figure(reader.records, f"{reader.path}: kept fraction and size")
+            reader.check_hashes()  # every record is drawn: check them all, as rebuild does
+            return summary_figure(reader.records, f"{shortened(reader.path)}: kept fraction "
+                                                  "and size")
         if view == "layers":
             names = layer_tensors(reader.records, tensor)
             if not names:
@@ -234,7 +237,7 @@ def figure(diff, tensor, view, *, base=None, color="value", max_pixels=1024,
                      neighbors=view == "neighbors", block_elems=block_elems)
         rec = reader.records[tensor]
         kept = img.kept / max(1, img.shape[0] * img.shape[1])
-        return matrix_figure(img, f"{tensor}\n{list(rec.shape)}: {kept:.1%} kept "
+        return matrix_figure(img, f"{shortened(tensor)}\n{list(rec.shape)}: {kept:.1%} kept "
                                   f"({rec.encoding})")
 
 
@@ -243,10 +246,13 @@ def render(diff, tensor, view, out, *, base=None, color="value", max_pixels=1024
     """Draw ``view`` of ``diff`` into ``out`` (format from its suffix) and return its Path.
 
     ``raw=True`` (matrix / neighbors only) writes just the image, one pixel per position
-    or block, with no axes: the exact pixels :func:`to_rgba` gives.
+    or block, with no axes: the exact pixels :func:`to_rgba` gives. An ``out`` without a
+    suffix gets ``.png`` added; the path returned is the file written.
     """
     mpl = _mpl()
     out = Path(out)
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")
     kinds = mpl.figure.Figure().canvas.get_supported_filetypes()
     if out.suffix and out.suffix[1:].lower() not in kinds:
         raise KenstreamError(f"cannot write {out.suffix} pictures; use one of "

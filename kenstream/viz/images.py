@@ -34,6 +34,14 @@ BLOCK_ELEMS = 1 << 22
 """Rows are streamed in blocks of about this many positions (4 M booleans, 16 MB as
 float32)."""
 
+MAX_ROW_BLOCK = 1 << 31
+"""The most positions one streamed block may hold: a block is at least one pixel row of
+whole tensor rows, so a record claiming rows of ``2**58`` columns is refused here rather
+than allocated (no real tensor comes near: it would be a 1-D tensor of 2 G values)."""
+
+MAX_SUGGEST_CHARS = 256
+"""A tensor name longer than this gets no "did you mean" suggestion."""
+
 
 @dataclass(frozen=True)
 class MatrixImage:
@@ -169,7 +177,9 @@ def _record(reader: DiffReader, tensor):
         raise KenstreamError("this view needs a tensor name", hint="pass --tensor NAME")
     rec = reader.records.get(tensor)
     if rec is None:
-        close = difflib.get_close_matches(tensor, list(reader.records), n=1)
+        # Similarity is quadratic in the name's length: suggest only for names of sane size.
+        close = (difflib.get_close_matches(tensor, list(reader.records), n=1)
+                 if len(tensor) <= MAX_SUGGEST_CHARS else [])
         hint = f"did you mean {close[0]!r}?" if close else "kenstream info DIFF lists the tensors"
         raise KenstreamError("no such tensor in the diff", file=reader.path, tensor=tensor,
                              hint=hint)
@@ -206,7 +216,11 @@ def _image(reader, tensor, *, base=None, color="value", max_pixels=1024, neighbo
     rows, cols = rec.rows, rec.cols
     if rows * cols == 0:
         raise KenstreamError("has no elements; there is nothing to draw", tensor=tensor)
+    reader.check_hashes(tensors=[tensor])  # as rebuild does, for the shards drawn from
     br, bc = pixel_blocks(rows, cols, max_pixels)
+    if br * cols > MAX_ROW_BLOCK:
+        raise KenstreamError(f"a row of {cols} positions is too long to draw (record "
+                             "forged?)", file=reader.path, tensor=tensor)
     # The base decodes format 2's kept values (coded against it); the mask needs none.
     blocks = TensorBlocks(tensor, reader, base if not neighbors else None, block_elems)
     base_rows = _base_rows(base, rec, tensor) if base is not None and color == "change" else None

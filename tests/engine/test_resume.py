@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 
 from kenstream.cli import main
 from kenstream.io.diff_reader import DiffReader
+from kenstream.io.outputs import write_marker
 from kenstream.errors import DiffError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -253,6 +254,7 @@ def test_resume_after_kill_before_the_plan_was_renamed(pair, reference, tmp_path
     --resume starts afresh."""
     out = tmp_path / "diff"
     out.mkdir()
+    write_marker(out, ["kenstream-diff.partial.json"])  # the first file a run makes
     (out / "kenstream-diff.partial.json.partial").write_text('{"format": "kensk')
     proc = run(command("compress", pair) + ["--resume"], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -305,6 +307,7 @@ def test_resume_with_a_damaged_plan_file(pair, reference, tmp_path, capsys, kind
     out = tmp_path / "out"
     out.mkdir()
     marker = "kenstream-diff.partial.json" if kind == "compress" else "kenstream-rebuild.partial.json"
+    write_marker(out, [marker])
     (out / marker).write_text('{"format": "kenstream-diff", "sett')
     argv = (["compress", base, ft, "-o", out, *COMPRESS] if kind == "compress"
             else ["rebuild", base, reference[2], "-o", out])
@@ -314,21 +317,23 @@ def test_resume_with_a_damaged_plan_file(pair, reference, tmp_path, capsys, kind
     assert marker in err and "JSON" in err
 
 
-def test_ctrl_c_leaves_a_resumable_diff(pair, reference, tmp_path):
-    """SIGINT in the middle of a run: exit 130, one line saying how to go on, no temporary
-    file left, and --resume ends in the reference bytes."""
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                              (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_leaves_a_resumable_diff(pair, reference, tmp_path, sig, code, word):
+    """SIGINT (Ctrl-C) or SIGTERM in the middle of a run: exit 130 / 143, one line saying
+    how to go on, no temporary file left, and --resume ends in the reference bytes."""
     out = tmp_path / "diff"
     proc = start(command("compress", pair), tmp_path)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
         if out.exists() and _shard(2)(out):
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             break
         time.sleep(0.0005)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     lines = err.decode().strip().splitlines()
-    assert lines == ["error: interrupted; rerun with --resume to continue"]
+    assert lines == [f"error: {word}; rerun with --resume to continue"]
     assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
     assert not (out / "kenstream-diff.json").exists()
     proc = run(command("compress", pair) + ["--resume"], tmp_path)

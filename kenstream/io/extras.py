@@ -1,0 +1,96 @@
+"""Config, tokenizer and generation files that travel beside the weights, and their copying.
+
+Such files are found in an input folder by name (:data:`EXTRA_PATTERNS`) and copied into an
+output folder. Two rules keep the copy from leaking what is not part of the model:
+
+- a symbolic link is followed only when it stays inside the folder, or, for a snapshot of
+  the Hugging Face cache (``models--ORG--NAME/snapshots/REV``, whose files are links to
+  ``../../blobs/...``), inside that repository's cache folder; any other link is skipped
+  with a warning, as is anything that is not a regular file;
+- a copy is created fresh (never through a link at its name) with mode ``0644`` narrowed to
+  the source's own read permissions, then the umask: a file only its owner could read is
+  not made readable by everyone.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import stat
+import warnings
+from pathlib import Path
+
+from ..errors import CheckpointError, OutputError
+from ..format.spec import TEMP_SUFFIX
+from .safefs import create_exclusive, is_within, open_regular
+
+EXTRA_PATTERNS = (
+    "config.json", "generation_config.json", "tokenizer*.json", "tokenizer.model",
+    "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
+    "added_tokens.json", "preprocessor_config.json", "chat_template*",
+)
+"""Non-weight files a rebuilt model folder needs beside its weights."""
+
+
+def is_extra(name: str) -> bool:
+    """Whether ``name`` is a config / tokenizer file copied beside the weights."""
+    return any(fnmatch.fnmatchcase(name, p) for p in EXTRA_PATTERNS)
+
+
+def link_roots(folder: Path) -> list:
+    """Folders a link in ``folder`` may lead into: the folder, and for a hub cache snapshot
+    the repository's cache folder (the snapshot's grandparent, which holds ``blobs/``)."""
+    folder = Path(folder)
+    roots = [folder.resolve()]
+    if folder.parent.name == "snapshots" and "--" in folder.parent.parent.name:
+        roots.append(folder.parent.parent.resolve())
+    return roots
+
+
+def extra_files(folder) -> list:
+    """The extra files of ``folder`` that may be copied, sorted by name; links that leave
+    the folder and entries that are not regular files are skipped with a warning."""
+    folder = Path(folder)
+    roots = link_roots(folder)
+    found = []
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+        if not is_extra(path.name):
+            continue
+        try:
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                target = path.resolve(strict=True)
+                if not any(is_within(target, root) for root in roots):
+                    warnings.warn(f"{path}: links outside its folder (to {target}); not copied",
+                                  stacklevel=2)
+                    continue
+                st = os.stat(target)
+        except (OSError, RuntimeError):  # a dangling link or a loop
+            warnings.warn(f"{path}: a link that leads nowhere; not copied", stacklevel=2)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            if not stat.S_ISDIR(st.st_mode):
+                warnings.warn(f"{path}: not a regular file; not copied", stacklevel=2)
+            continue
+        found.append(path)
+    return found
+
+
+def copy_files(paths, out: Path) -> None:
+    """Copy files into ``out``, each through a fresh temporary name, renamed when complete.
+
+    The copy's mode is 0644 narrowed to the source's read permissions (a 0600 source gives
+    a 0600 copy), then masked by the umask."""
+    for src in paths:
+        dst = Path(out) / Path(src).name
+        temp = dst.with_name(dst.name + TEMP_SUFFIX)
+        with os.fdopen(open_regular(src, error=CheckpointError), "rb") as fin:
+            mode = 0o644 & (os.fstat(fin.fileno()).st_mode | 0o600)
+            try:
+                with create_exclusive(temp, mode) as fout:
+                    shutil.copyfileobj(fin, fout)
+                os.replace(temp, dst)
+            except OSError as exc:
+                temp.unlink(missing_ok=True)
+                raise OutputError.from_os(exc, "copy", file=dst) from exc
