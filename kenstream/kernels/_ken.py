@@ -24,7 +24,8 @@ from collections import namedtuple
 
 import numpy as np
 
-from ._density import MAX_MOMENTS, rounded_density
+from ._density import rounded_density
+from ._lattice import MAX_MOMENTS
 from ._jit import JIT, PARALLEL, njit, prange
 from ._rowprep import RADIX_SIZE, bandwidth, make_grid, run_bounds, sort_row, widen_row
 

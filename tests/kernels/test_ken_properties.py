@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kenstream.kernels import _density, _ken
+from kenstream.kernels import _ken, _lattice
 from kenstream.errors import NonFiniteError, SelectionError
 from kenstream.kernels.ken import SERIAL_BELOW, kept_counts, select_mask, select_positions
 from tests.slow_ken import (SlowOverflow, bandwidth, densities, grid_points, ken_mask,
@@ -123,17 +123,17 @@ def test_lattice_error_bound_holds():
         step = (hi - lo) / np.float32(k - 1)
         if h == 0:
             continue
-        m, P, L = _density.lattice_plan(k, step, h)
+        m, P, L = _lattice.lattice_plan(k, step, h)
         if m == 0:
             continue
         grid = grid_points(lo, hi, k)
         v = np.sort(x)
         v[v == 0] = 0.0
         approx = np.empty(k)
-        eps = _density.lattice_density(
+        eps, _, _, _ = _lattice.lattice_density(
             v, grid, lo, step, h, m, P, L, approx, np.empty(n), np.empty(n),
-            np.empty(k + 3, np.int64), np.empty((k + 2, _density.MAX_MOMENTS)),
-            np.empty((_density.MAX_MOMENTS, 4 * k + 3)))
+            np.empty(k + 3, np.int64), np.empty((k + 2, _lattice.MAX_MOMENTS)),
+            np.empty((_lattice.MAX_MOMENTS, 4 * k + 3)))
         if not np.isfinite(eps):
             continue
         err = np.max(np.abs(approx - densities(x, grid, h)))
