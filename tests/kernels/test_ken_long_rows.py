@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kenstream.kernels import _ken, _lattice
+from kenstream.kernels import _ken, _lattice, _rowprep
 from tests.kernels.test_ken_properties import nasty_row
 from tests.slow_ken import bandwidth, densities, grid_points
 
@@ -120,3 +120,21 @@ def test_long_rows_need_few_exact_sums(kind):
         assert status == _ken.OK and positions.size == n // 4
         assert exact <= 8, (n, exact)
 
+
+
+@pytest.mark.parametrize("kind", ["normal", "bf16"])
+def test_wide_rows_sort_stably(kind):
+    """Rows beyond WIDE_ROW sort with 8-bit digits: the same stable order as short ones
+    (equal values by position, -0.0 equal to 0.0 and stored as 0.0)."""
+    rng = np.random.default_rng(5)
+    n = _rowprep.WIDE_ROW + 4099
+    x = long_row(rng, n, kind)
+    x[rng.integers(0, n, 500)] = -0.0
+    x[rng.integers(0, n, 500)] = 0.0
+    v = np.empty(n, np.float32)
+    pos = np.empty(n, np.int32)
+    _rowprep.sort_row(x.view(np.uint32), np.empty(n, np.int64), np.empty(n, np.int64),
+                      np.empty(3 * _rowprep.RADIX_SIZE, np.int64), v, pos)
+    want = np.argsort(x, kind="stable")
+    np.testing.assert_array_equal(pos, want)
+    np.testing.assert_array_equal(v.view(np.uint32), (x[want] + np.float32(0)).view(np.uint32))
