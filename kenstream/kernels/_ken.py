@@ -27,7 +27,8 @@ import numpy as np
 from ._density import rounded_density
 from ._lattice import MAX_MOMENTS
 from ._jit import JIT, PARALLEL, njit, prange
-from ._rowprep import RADIX_SIZE, bandwidth, make_grid, run_bounds, sort_row, widen_row
+from ._rowprep import (RADIX_SIZE, WIDE_ROW, bandwidth, make_grid, run_bounds, sort_row,
+                       widen_row)
 
 OK = 0
 NONFINITE = 1
@@ -43,20 +44,29 @@ Workspace = namedtuple(
 @njit(**JIT)
 def make_workspace(n, k):
     """Scratch for one row of n values and k grid points, reused row after row by one
-    thread: about 80 n + 340 k bytes plus a float64 table of 32 x (4k + 3)."""
+    thread: 36 n bytes that a row touches (40 n for float64 rows), about 350 k more, and a
+    float64 table of MAX_MOMENTS x (4k + 3) of which a row touches P x (2L + 1).
+
+    The two sort buffers are the largest arrays, and the sort is done with them before the
+    std, the densities and the matching start, so those phases reuse their memory (views):
+    a long row then faults in half the fresh pages it would (page faults and TLB misses
+    made up a third of the time of a row of 10^6 values).
+    """
+    items = np.empty(max(n, 1), np.int64)
+    items2 = np.empty(max(n, 1), np.int64)
     return Workspace(
         np.empty(n, np.uint32),  # bits: the row widened to float32 bits
-        np.empty(n, np.uint64),  # wide: float64 rows' bits
-        np.empty(n, np.float32),  # scratch: squared deviations for the std
-        np.empty(n, np.int64),  # items: radix sort items (position << 32 | key)
-        np.empty(n, np.int64),  # items2
+        items.view(np.uint64)[:n],  # wide: float64 rows' bits (widening, before the sort)
+        items2.view(np.float32)[:n],  # scratch: squared deviations for the std
+        items,  # items: radix sort items (position << 32 | key)
+        items2,  # items2
         np.empty(3 * RADIX_SIZE, np.int64),  # hist: radix histograms
         np.empty(n, np.float32),  # v: sorted values
         np.empty(n, np.int32),  # pos: their positions
         np.empty(n, np.int32),  # gstart: run of equal values, first index
         np.empty(n, np.int32),  # gend: run end
-        np.empty(n + 1, np.int32),  # nxt: union-find, next free
-        np.empty(n + 1, np.int32),  # prv: union-find, previous free (+1)
+        items.view(np.int32)[:n + 1],  # nxt: union-find, next free (matching, last)
+        items2.view(np.int32)[:n + 1],  # prv: union-find, previous free (+1)
         np.empty(n, np.int32),  # taken: sorted indices taken
         np.zeros(n, np.uint8),  # flag: runs taken (values mode), kept all-zero
         np.empty(k, np.float32),  # grid
@@ -64,8 +74,8 @@ def make_workspace(n, k):
         np.empty(k, np.float64),  # R: rounded densities
         np.empty(k, np.float64),  # acc: approximate densities
         np.empty(k, np.int64),  # order: visiting order
-        np.empty(n, np.float64),  # ework: box offsets of values
-        np.empty(n, np.float64),  # bwork: box of each value
+        items.view(np.float64)[:n],  # ework: box offsets of values (densities)
+        items2.view(np.float64)[:n],  # bwork: box of each value
         np.empty(k + 3, np.int64),  # box_id
         np.empty((k + 2, MAX_MOMENTS), np.float64),  # moments per box
         np.empty((MAX_MOMENTS, 4 * k + 3), np.float64),  # table: Hermite x Gaussian
@@ -286,6 +296,25 @@ def mask_rows(words, kind, k, values, out, status, nblocks):
         for i in range(r0, r1):
             finite = widen_row(words[i], kind, ws.bits, ws.wide)
             status[i] = mask_widened(n, k, values, finite, ws, out[i])
+
+
+def numpy_workspace(n, k):
+    """The workspace of :func:`make_workspace` for rows of n values and k grid points,
+    allocated by NumPy in Python: NumPy asks the kernel for huge pages on allocations of
+    4 MB or more (madvise), numba's allocator does not. A single long row faults in its
+    whole workspace; with 4 KB pages that was a third of its time (rows of 10^6 values:
+    ~75 ns a value against ~56 with huge pages, on the development machine)."""
+    return make_workspace.py_func(n, k if k < n else 1)
+
+
+@njit(**JIT)
+def mask_rows_with(words, kind, k, values, out, status, ws):
+    """:func:`mask_rows` on the calling thread, with the caller's workspace ws (made for
+    this n and k, e.g. by :func:`numpy_workspace`)."""
+    n = out.shape[1]
+    for i in range(out.shape[0]):
+        finite = widen_row(words[i], kind, ws.bits, ws.wide)
+        status[i] = mask_widened(n, k, values, finite, ws, out[i])
 
 
 @njit(**JIT)

@@ -61,21 +61,29 @@ def mask_matrix(mat: np.ndarray, kind: int, k: int, ties: str, out: np.ndarray,
     """KEN masks of every row of ``mat`` [rows, cols] (already checked) into ``out``.
 
     Errors name the row as ``row_offset + i``. Rows run in parallel on numba threads;
-    inputs under `SERIAL_BELOW` values, or of one row, run on the calling thread alone.
+    inputs under `SERIAL_BELOW` values, or of one row, run on the calling thread alone (a
+    single row longer than ``WIDE_ROW`` on a NumPy-allocated workspace, see
+    ``_ken.numpy_workspace``).
     """
     status = np.zeros(mat.shape[0], np.uint8)
-    threads = numba.get_num_threads()
-    # Waking the thread pool costs more than a small input saves, and far more on a
-    # busy machine (the caller spins until every worker gets a core): run those alone.
-    alone = threads > 1 and (mat.shape[0] < 2 or mat.size < SERIAL_BELOW)
-    if alone:
-        numba.set_num_threads(1)
-    try:
-        _ken.mask_rows(words(mat), kind, k, ties == "values", out, status,
-                       4 * numba.get_num_threads())
-    finally:
+    rows, n = mat.shape
+    values = ties == "values"
+    if rows == 1 and n > _ken.WIDE_ROW:
+        _ken.mask_rows_with(words(mat), kind, k, values, out, status,
+                            _ken.numpy_workspace(n, k))
+    else:
+        threads = numba.get_num_threads()
+        # Waking the thread pool costs more than a small input saves, and far more on a
+        # busy machine (the caller spins until every worker gets a core): run those alone.
+        alone = threads > 1 and (rows < 2 or mat.size < SERIAL_BELOW)
         if alone:
-            numba.set_num_threads(threads)
+            numba.set_num_threads(1)
+        try:
+            _ken.mask_rows(words(mat), kind, k, values, out, status,
+                           4 * numba.get_num_threads())
+        finally:
+            if alone:
+                numba.set_num_threads(threads)
     _raise_for(status, k, row_offset)
     return out
 

@@ -4,7 +4,7 @@ A row of 10^6 values used to spend about a second in exact density sums: the lat
 bound grows with n, so ~0.3 % of its 250k grid points stayed undecided, and each exact
 sum reads up to half the row (O(n k) in all). The point evaluation decides those with a
 bound that follows D(g); these tests pin that bound against the full float64 sums and
-count the exact sums that remain. The workspace test pins the memory a row touches.
+count the exact sums that remain, and the workspace test the memory a row touches.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from kenstream.kernels import _ken, _lattice, _rowprep
+from kenstream.kernels.ken import select_mask, select_positions
 from tests.kernels.test_ken_properties import nasty_row
 from tests.slow_ken import bandwidth, densities, grid_points
 
@@ -138,3 +139,38 @@ def test_wide_rows_sort_stably(kind):
     want = np.argsort(x, kind="stable")
     np.testing.assert_array_equal(pos, want)
     np.testing.assert_array_equal(v.view(np.uint32), (x[want] + np.float32(0)).view(np.uint32))
+
+
+@pytest.mark.parametrize("make", [_ken.make_workspace, _ken.numpy_workspace])
+def test_workspace_touches_36_bytes_a_value(make):
+    """A row's per-value scratch is 36 bytes it writes (plus 4 for the taken list and 1 for
+    the values-mode flags): the phases after the sort reuse the sort buffers. The NumPy
+    workspace of single long rows has the same arrays."""
+    n, k = 1 << 16, 1 << 13
+    ws = make(n, k)
+    reference = _ken.make_workspace(n, k)
+    for a, b in zip(ws, reference):
+        assert (a.dtype, a.shape, a.flags.c_contiguous) == (b.dtype, b.shape, True)
+    items = (ws.items, ws.items2)
+    shared = ("wide", "scratch", "ework", "bwork", "nxt", "prv")
+    for name in shared:
+        assert any(np.shares_memory(getattr(ws, name), b) for b in items), name
+    per_value = sum(a.nbytes for name, a in zip(ws._fields, ws)
+                    if name not in shared and a.ndim == 1 and a.size >= n)
+    assert per_value <= 41 * n + 8
+
+
+def test_single_long_row_takes_the_numpy_workspace_path_unchanged():
+    """A single row beyond WIDE_ROW runs on a NumPy workspace; its masks are those of the
+    same row inside a matrix (numba workspaces, parallel) and of its taken positions."""
+    rng = np.random.default_rng(8)
+    n = _rowprep.WIDE_ROW + 5
+    x = long_row(rng, n, "bf16")
+    k = n // 4
+    mask = select_mask(x, k)
+    want = np.zeros(n, bool)
+    want[select_positions(x, k)] = True
+    np.testing.assert_array_equal(mask, want)
+    both = select_mask(np.stack([x, x]), k, ties="values")
+    np.testing.assert_array_equal(select_mask(x, k, ties="values"), both[0])
+    np.testing.assert_array_equal(both[0], both[1])
