@@ -16,6 +16,7 @@ import operator
 import numpy as np
 
 from ..errors import SelectionError
+from ..settings import TIES
 from ._rowprep import KIND_BF16, KIND_F16, KIND_F32, KIND_F64
 
 _KINDS = {np.dtype(np.float32): KIND_F32, np.dtype(np.float64): KIND_F64,
@@ -99,3 +100,19 @@ def as_u64(value, what):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise SelectionError(f"{what} must be an integer or a string, got {value!r}")
     return np.uint64(int(value) & _M64)
+
+
+def check_ties(ties) -> str:
+    """A KEN tie mode, one of ``settings.TIES``, or SelectionError."""
+    if ties not in TIES:
+        raise SelectionError(f"unknown ties mode {ties!r}",
+                             hint=f"use one of {', '.join(TIES)}")
+    return ties
+
+
+def check_row_offset(row_offset) -> int:
+    """The global number of a block's first row: a non-negative int, or SelectionError."""
+    if isinstance(row_offset, (bool, np.bool_)) or not isinstance(row_offset, (int, np.integer)) \
+            or row_offset < 0:
+        raise SelectionError(f"row_offset must be a non-negative integer, got {row_offset!r}")
+    return int(row_offset)

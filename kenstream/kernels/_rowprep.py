@@ -255,12 +255,14 @@ def _radix_passes(items, items2, hist, low, digit):
 
 
 @njit(**JIT)
-def sort_row(bits, items, items2, hist, v, pos):
+def sort_row(bits, items, items2, hist, v, pos, a, c):
     """Stable ascending sort of a float32 row given as bits [n] (uint32).
 
-    Writes sorted values v (float32, -0.0 stored as +0.0 so that it ties with 0.0 and
-    keeps position order) and their positions pos (int32). LSD radix sort of int64 items
-    ``position << 32 | ordered key`` (one load and one store per value and pass); the
+    Writes sorted values v (float32, -0.0 stored as +0.0 so that it ties with 0.0) and
+    their places pos (int32) in the order that lists position ``(a * s + c) mod n`` at
+    place s (a coprime to n; a = 1, c = 0: places are positions): equal values come out by
+    ascending place. LSD radix sort of int64 items ``place << 32 | ordered key`` (one load
+    and one store per value and pass); the
     values are decoded back from the sorted keys, so the row is never gathered. Digits
     are 11 bits (at most 3 passes) while the items fit in cache, 8 bits beyond
     ``WIDE_ROW`` values (4 passes, but 256 output streams instead of 2048: on rows of
@@ -271,14 +273,18 @@ def sort_row(bits, items, items2, hist, v, pos):
     """
     n = bits.shape[0]
     low = 0
-    for i in range(n):
-        u = np.int64(bits[i])
+    p = c
+    for s in range(n):
+        u = np.int64(bits[p])
         if u == 0x80000000:
             u = 0
         # Ordered key: flip every bit of negatives, only the sign bit of positives.
         key = (u ^ 0xFFFFFFFF) if u >= 0x80000000 else (u | 0x80000000)
-        items[i] = (np.int64(i) << 32) | key
+        items[s] = (np.int64(s) << 32) | key
         low |= u
+        p += a
+        if p >= n:
+            p -= n
     done = _radix_passes(items, items2, hist, low, RADIX_BITS if n <= WIDE_ROW else 8)
     vb = v.view(np.uint32)
     for i in range(n):

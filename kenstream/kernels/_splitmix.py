@@ -50,3 +50,30 @@ def below(state, s):
             state = state + GAMMA
             low = m & _LOW32
     return state, m >> np.uint64(32)
+
+
+@njit(**JIT)
+def scramble(n, seed, salt, row):
+    """(a, c) of the scrambled order of a row of n positions, drawn from the row's stream.
+
+    The order lists position ``(a * s + c) mod n`` at place s = 0 .. n-1: with a coprime
+    to n it is a bijection. c is uniform in [0, n); a is uniform in [1, n), drawn again
+    until gcd(a, n) = 1 (a = 1 when n <= 2). Returns int64s; (1, 0) is the identity.
+    Cost: a few draws (n / phi(n) tries for a, under 4 for n < 2**31).
+    """
+    if n < 2:
+        return np.int64(1), np.int64(0)
+    state = row_state(seed, salt, row)
+    state, c = below(state, np.uint64(n))
+    a = np.int64(1)
+    if n > 2:
+        while True:
+            state, t = below(state, np.uint64(n - 1))
+            a = np.int64(t) + 1
+            x = a
+            y = np.int64(n)
+            while y != 0:
+                x, y = y, x % y
+            if x == 1:
+                break
+    return a, np.int64(c)

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import MismatchError, NonFiniteError, SelectionError
 from ..settings import METHODS as _ALL_METHODS
-from ._inputs import as_array, as_u64, check_k, check_out, words
+from ._inputs import as_array, as_u64, check_k, check_out, check_row_offset, words
 from ._jit import JIT, PARALLEL, njit, prange
 from ._rowprep import widen_row
 from ._splitmix import below, row_state
@@ -253,9 +253,7 @@ def select_mask_method(method, ft, base=None, k=None, *, seed=0, salt=0, row_off
             f"unknown selection method {method!r}", hint=f"choose one of {', '.join(METHODS)}"
         )
     k = check_k(k)
-    if isinstance(row_offset, (bool, np.bool_)) or not isinstance(row_offset, (int, np.integer)) \
-            or row_offset < 0:
-        raise SelectionError(f"row_offset must be a non-negative integer, got {row_offset!r}")
+    row_offset = check_row_offset(row_offset)
     shape = np.shape(ft)
     ft2, kind = _matrix(ft, "fine-tune tensor")
     out = check_out(out, shape)

@@ -135,7 +135,7 @@ def test_wide_rows_sort_stably(kind):
     v = np.empty(n, np.float32)
     pos = np.empty(n, np.int32)
     _rowprep.sort_row(x.view(np.uint32), np.empty(n, np.int64), np.empty(n, np.int64),
-                      np.empty(3 * _rowprep.RADIX_SIZE, np.int64), v, pos)
+                      np.empty(3 * _rowprep.RADIX_SIZE, np.int64), v, pos, 1, 0)
     want = np.argsort(x, kind="stable")
     np.testing.assert_array_equal(pos, want)
     np.testing.assert_array_equal(v.view(np.uint32), (x[want] + np.float32(0)).view(np.uint32))

@@ -177,22 +177,24 @@ def random_matrix(rng, rows, n):
     return np.stack([nasty_row(rng, n) for _ in range(rows)])
 
 
-@pytest.mark.parametrize("ties", ["positions", "values"])
+@pytest.mark.parametrize("ties", ["positions", "values", "scrambled"])
 def test_rows_are_independent(ties):
-    """A row's mask is the same alone, inside a matrix, in any block split."""
+    """A row's mask is the same alone (given its row number), inside a matrix, in any
+    block split."""
     rng = np.random.default_rng(11)
     x = random_matrix(rng, 37, 300)
     k = 75
     whole = select_mask(x, k, ties=ties)
     for i in range(x.shape[0]):
-        np.testing.assert_array_equal(whole[i], select_mask(x[i], k, ties=ties))
+        np.testing.assert_array_equal(whole[i], select_mask(x[i], k, ties=ties, row_offset=i))
     for i in range(0, x.shape[0], 6):
-        np.testing.assert_array_equal(whole[i], ken_mask(x[i], k, ties))
+        np.testing.assert_array_equal(whole[i], ken_mask(x[i], k, ties, row_number=i))
     words = x.view(np.uint16)
+    zero = np.uint64(0)
     for blocks in (1, 5, 37):
         out = np.empty(x.shape, bool)
         status = np.zeros(x.shape[0], np.uint8)
-        _ken.mask_rows(words, 0, k, ties == "values", out, status, blocks)
+        _ken.mask_rows(words, 0, k, _ken.TIE_CODES[ties], out, status, blocks, zero, zero, zero)
         assert not status.any()
         np.testing.assert_array_equal(out, whole)
 
