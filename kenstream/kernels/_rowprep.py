@@ -217,8 +217,9 @@ def make_grid(lo, hi, grid):
 @njit(**JIT)
 def _radix_passes(items, items2, hist, low, digit):
     """Stable LSD radix sort of items [n] by their low 32 bits, ``digit`` bits a pass;
-    returns whichever of items and items2 (scratch [n]) holds the result. ``low`` has every bit set that
-    is set in some value: lower bits are constant in every key and skipped."""
+    returns whichever of items and items2 (scratch [n]) holds the result. ``low`` has
+    every bit set that is set in some value: lower bits are constant in every key and
+    skipped."""
     n = items.shape[0]
     size = 1 << digit
     # Low bits that are zero in every value are constant in every key (ones for
