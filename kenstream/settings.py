@@ -12,6 +12,9 @@ METHODS = ("ken", "delta", "magnitude", "random")
 TIES = ("scrambled", "positions", "values")
 """KEN tie modes (docs/algorithm.md): exact count, ties by a per-row scrambled order;
 exact count, ties to the lowest position (the golden rule); every copy of a kept value."""
+DEFAULT_TIES = "scrambled"
+"""Default of compress: exact in count and free of the lowest-position rule's column bias
+on rows with many equal values (bf16)."""
 
 DIFF_SHARD_SIZE = "2GB"
 """Default largest diff shard."""
@@ -43,7 +46,7 @@ class Settings:
     method: str = "ken"
     k: int | None = None
     keep: float | None = None
-    ties: str = "positions"
+    ties: str = DEFAULT_TIES
     include: str | None = None
     exclude: str | None = None
     seed: int = 0

@@ -26,11 +26,11 @@ SHARD_SIZE = "60kB"
 """Shard size of the v1 diffs (small, so some of them have several shards)."""
 
 # name -> settings of each v1 diff (the keyword arguments of kenstream.compress)
-V1_CASES = {
-    "ken-keep0.3": dict(keep=0.3),
+V1_CASES = {  # made when positions was the default tie mode, which the indices record
+    "ken-keep0.3": dict(keep=0.3, ties="positions"),
     "ken-k3-values": dict(k=3, ties="values"),
-    "delta-keep0.25": dict(keep=0.25, method="delta"),
-    "random-keep0.01": dict(keep=0.01, method="random", seed=7),
+    "delta-keep0.25": dict(keep=0.25, method="delta", ties="positions"),
+    "random-keep0.01": dict(keep=0.01, method="random", seed=7, ties="positions"),
 }
 
 

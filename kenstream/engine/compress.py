@@ -20,7 +20,7 @@ from ..io.jsonfile import read_json_file, read_plan, write_json_atomic, write_te
 from ..io.outputs import copy_files, prepare_output
 from ..io.safetensors_file import SafetensorsFile
 from ..progress import bar, say
-from ..settings import DIFF_SHARD_SIZE, Settings, parse_size
+from ..settings import DEFAULT_TIES, DIFF_SHARD_SIZE, Settings, parse_size
 from .align import align
 from .cards import diff_card
 from .plan import make_items, plan_shards
@@ -75,7 +75,7 @@ def _resumed_plan(plan: CompressPlan, partial: Path) -> CompressPlan:
                         plan.shards, previous.command, plan.format_version)
 
 
-def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", method="ken",
+def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, method="ken",
              include=None, exclude=None, seed=0, threads=None, shard_size=DIFF_SHARD_SIZE,
              block_elems=spec.DEFAULT_BLOCK_ELEMS, resume=False, overwrite=False, quiet=False,
              command=None) -> dict:

@@ -15,7 +15,7 @@ from tests.format.golden import FINETUNED, K, doc_block, parse_hex, write_inputs
 def test_the_documented_example_is_what_compress_writes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_inputs(tmp_path)
-    kenstream.compress("base", "finetuned", "diff", k=K, quiet=True)
+    kenstream.compress("base", "finetuned", "diff", k=K, ties="positions", quiet=True)
     shard = tmp_path / "diff" / "kendiff-00001-of-00001.kdiff"
     assert shard.read_bytes() == parse_hex(doc_block("v1-shard"))
     index = json.loads((tmp_path / "diff" / "kenstream-diff.json").read_text())
@@ -27,7 +27,7 @@ def test_the_documented_example_is_what_compress_writes(tmp_path, monkeypatch):
 
 def test_the_documented_mask_is_the_rule_s():
     """The kept positions the text states are the ones the slow twin of KEN picks."""
-    masks = [slow_ken.ken_mask(row, K) for row in FINETUNED["w"]]
+    masks = [slow_ken.ken_mask(row, K, "positions") for row in FINETUNED["w"]]
     assert [np.flatnonzero(m).tolist() for m in masks] == [[1, 3], [2, 3]]
     packed = np.packbits(np.array(masks), axis=1, bitorder="little")
     assert packed.ravel().tolist() == [0x0A, 0x0C]
