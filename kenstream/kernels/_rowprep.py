@@ -214,12 +214,13 @@ def make_grid(lo, hi, grid):
     return step
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _radix_passes(items, items2, hist, low, digit):
     """Stable LSD radix sort of items [n] by their low 32 bits, ``digit`` bits a pass;
     returns whichever of items and items2 (scratch [n]) holds the result. ``low`` has
     every bit set that is set in some value: lower bits are constant in every key and
-    skipped."""
+    skipped. Inlined, so that a constant ``digit`` folds into the shifts and masks (a
+    runtime digit made the sort of a row of 4096 values 1.5x slower)."""
     n = items.shape[0]
     size = 1 << digit
     # Low bits that are zero in every value are constant in every key (ones for
@@ -273,20 +274,30 @@ def sort_row(bits, items, items2, hist, v, pos, a, c):
     pass.
     """
     n = bits.shape[0]
+    row = bits
+    if a != 1 or c != 0:
+        # Gathered first, so that the key loop below stays one straight (vectorised)
+        # pass; items2 is free until the radix passes.
+        row = items2.view(np.uint32)[:n]
+        p = c
+        for s in range(n):
+            row[s] = bits[p]
+            p += a
+            if p >= n:
+                p -= n
     low = 0
-    p = c
-    for s in range(n):
-        u = np.int64(bits[p])
+    for i in range(n):
+        u = np.int64(row[i])
         if u == 0x80000000:
             u = 0
         # Ordered key: flip every bit of negatives, only the sign bit of positives.
         key = (u ^ 0xFFFFFFFF) if u >= 0x80000000 else (u | 0x80000000)
-        items[s] = (np.int64(s) << 32) | key
+        items[i] = (np.int64(i) << 32) | key
         low |= u
-        p += a
-        if p >= n:
-            p -= n
-    done = _radix_passes(items, items2, hist, low, RADIX_BITS if n <= WIDE_ROW else 8)
+    if n <= WIDE_ROW:
+        done = _radix_passes(items, items2, hist, low, RADIX_BITS)
+    else:
+        done = _radix_passes(items, items2, hist, low, 8)
     vb = v.view(np.uint32)
     for i in range(n):
         it = done[i]
