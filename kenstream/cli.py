@@ -15,7 +15,7 @@ from . import __version__
 from .errors import KenstreamError, OutputError
 from .reports import human, print_info, print_verify
 from .format.spec import DEFAULT_LEVEL, FORMAT_VERSION, READ_VERSIONS
-from .settings import DIFF_SHARD_SIZE, METHODS, MODEL_SHARD_SIZE, TIES
+from .settings import DEFAULT_TIES, DIFF_SHARD_SIZE, METHODS, MODEL_SHARD_SIZE, TIES
 from .text import printable
 
 
@@ -39,10 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--k", type=int, help="grid points (kept values) per row")
     g.add_argument("--keep", type=float, help="fraction of each row to keep, e.g. 0.5")
-    p.add_argument("--ties", choices=TIES, default="positions",
-                   help="positions: exactly k per row; values: also keep duplicates of kept values")
+    p.add_argument("--ties", choices=TIES, default=DEFAULT_TIES,
+                   help="scrambled (default): exactly k per row, equal distances by a seeded "
+                        "per-row order; positions: exactly k per row, equal distances to the "
+                        "lowest column (the golden-vector rule, biased on bf16); values: also "
+                        "keep every copy of a kept value")
     p.add_argument("--method", choices=METHODS, default="ken")
-    p.add_argument("--seed", type=int, default=0, help="seed for --method random")
+    p.add_argument("--seed", type=int, default=0, help="seed for --method random and --ties scrambled")
     p.add_argument("--include", metavar="REGEX", help="select only tensors whose name matches")
     p.add_argument("--exclude", metavar="REGEX", help="store whole the tensors whose name matches")
     p.add_argument("-j", "--threads", type=int, default=None, help="selection threads")

@@ -9,7 +9,12 @@ from .errors import SelectionError
 
 METHODS = ("ken", "delta", "magnitude", "random")
 """Selection rules: the KEN rule, and the baselines it is compared with."""
-TIES = ("positions", "values")
+TIES = ("scrambled", "positions", "values")
+"""KEN tie modes (docs/algorithm.md): exact count, ties by a per-row scrambled order;
+exact count, ties to the lowest position (the golden rule); every copy of a kept value."""
+DEFAULT_TIES = "scrambled"
+"""Default of compress: exact in count and free of the lowest-position rule's column bias
+on rows with many equal values (bf16)."""
 
 DIFF_SHARD_SIZE = "2GB"
 """Default largest diff shard."""
@@ -41,7 +46,7 @@ class Settings:
     method: str = "ken"
     k: int | None = None
     keep: float | None = None
-    ties: str = "positions"
+    ties: str = DEFAULT_TIES
     include: str | None = None
     exclude: str | None = None
     seed: int = 0
@@ -50,7 +55,8 @@ class Settings:
         if self.method not in METHODS:
             raise SelectionError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.ties not in TIES:
-            raise SelectionError(f"unknown ties mode {self.ties!r}; choose positions or values")
+            raise SelectionError(f"unknown ties mode {self.ties!r}; "
+                                 f"choose one of {', '.join(TIES)}")
         if (self.k is None) == (self.keep is None):
             raise SelectionError("give exactly one of --k and --keep")
         if self.k is not None and (isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1):

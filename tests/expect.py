@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from kenstream.settings import DEFAULT_TIES
 from tests import slow_ken, slow_rules
 
 
@@ -33,24 +34,25 @@ def as_f32(t: torch.Tensor) -> np.ndarray:
     return t.to(torch.float32).numpy()
 
 
-def slow_mask(method, ft2: torch.Tensor, base2: torch.Tensor, k: int, ties="positions",
+def slow_mask(method, ft2: torch.Tensor, base2: torch.Tensor, k: int, ties=DEFAULT_TIES,
               seed=0, name="") -> np.ndarray:
-    """Keep-mask of ``ft2`` [rows, cols] by the slow twin of ``method``."""
+    """Keep-mask of ``ft2`` [rows, cols] by the slow twin of ``method``; the random rule and
+    scrambled ties draw from (seed, crc32 of the tensor name, row)."""
     x = as_f32(ft2)
+    salt = zlib.crc32(name.encode("utf-8"))
     if method == "ken":
-        return np.stack([slow_ken.ken_mask(row, k, ties) for row in x]) if len(x) else \
-            np.zeros(x.shape, bool)
+        return np.stack([slow_ken.ken_mask(row, k, ties, seed=seed, salt=salt, row_number=r)
+                         for r, row in enumerate(x)]) if len(x) else np.zeros(x.shape, bool)
     if method == "delta":
         return slow_rules.slow_delta(x, as_f32(base2), k)
     if method == "magnitude":
         return slow_rules.slow_magnitude(x, k)
-    salt = zlib.crc32(name.encode("utf-8"))
     return np.stack([slow_rules.slow_random_row(seed, salt, r, x.shape[1], k)
                      for r in range(x.shape[0])])
 
 
 def expected_model(base: dict, ft: dict, prefix: str = "", *, keep=None, k=None,
-                   ties="positions", method="ken", seed=0, selected=lambda name: True) -> dict:
+                   ties=DEFAULT_TIES, method="ken", seed=0, selected=lambda name: True) -> dict:
     """Every fine-tune tensor as base + diff must rebuild it: aligned float tensors of equal
     shape are selected row by row (the rest stay the fine-tune's own), and reset positions
     take the base value converted to the fine-tune's dtype."""

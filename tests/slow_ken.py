@@ -7,6 +7,8 @@ Cost: O(n k) time and memory per row. Also implements kenstream's product decisi
 (docs/algorithm.md) the plain way, so the fast kernel can be checked against it:
 
 * k >= n keeps the whole row;
+* ties="scrambled": equal distances go to the position of lowest rank in the row's
+  scrambled order (``scrambled_ranks``) instead of the lowest position;
 * zero float32 std (constant row, n == 1, underflow): every density counts as 0, so grid
   points are visited in grid order;
 * k < 1, non-finite values, or a std / range that overflows float32: ValueError.
@@ -14,7 +16,11 @@ Cost: O(n k) time and memory per row. Also implements kenstream's product decisi
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from tests.slow_rules import row_stream
 
 
 class SlowNonFinite(ValueError):
@@ -46,8 +52,29 @@ def densities(x: np.ndarray, grid: np.ndarray, h: float) -> np.ndarray:
     return out
 
 
-def ken_row(row, k: int):
-    """(positions int64 [min(k, n)] in visiting order, value-mask bool [n]) of a float32 row."""
+def scrambled_ranks(n: int, seed: int, salt: int, row: int) -> np.ndarray:
+    """rank[p] of every position p in the scrambled order of global row ``row``: the order
+    lists position (a * s + c) mod n at place s, c uniform in [0, n) and then a uniform in
+    [1, n) redrawn until gcd(a, n) = 1, both from the row's splitmix64 stream (a = 1 for
+    n <= 2; c = 0 for n < 2)."""
+    a, c = 1, 0
+    if n >= 2:
+        below = row_stream(seed, salt, row)
+        c = below(n)
+        if n > 2:
+            a = 1 + below(n - 1)
+            while math.gcd(a, n) != 1:
+                a = 1 + below(n - 1)
+    order = (a * np.arange(n, dtype=np.int64) + c) % n
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    return rank
+
+
+def ken_row(row, k: int, rank=None):
+    """(positions int64 [min(k, n)] in visiting order, value-mask bool [n]) of a float32 row.
+
+    Equal distances go to the lowest ``rank`` (default: the position itself)."""
     x = np.asarray(row)
     if x.dtype != np.float32 or x.ndim != 1:
         raise TypeError("the slow reference takes a 1-D float32 row")
@@ -71,6 +98,7 @@ def ken_row(row, k: int):
     else:
         rounded = np.round(densities(x, grid, h))
     order = np.lexsort((np.arange(k), -rounded))  # R descending, then grid index
+    rank = np.arange(n) if rank is None else np.asarray(rank)
     free = np.ones(n, bool)
     positions = []
     for j in order:
@@ -79,7 +107,8 @@ def ken_row(row, k: int):
         d = np.abs(x - grid[j])  # float32 arithmetic
         assert d.dtype == np.float32
         d = np.where(free, d, np.float32(np.inf))
-        i = int(np.argmin(d))  # first minimum: the lowest position among equal distances
+        nearest = np.flatnonzero(d == d.min())
+        i = int(nearest[np.argmin(rank[nearest])])  # equal distances: the lowest rank
         free[i] = False
         positions.append(i)
     positions = np.array(positions, np.int64)
@@ -89,14 +118,16 @@ def ken_row(row, k: int):
     return positions, mask
 
 
-def ken_mask(row, k: int, ties: str = "positions") -> np.ndarray:
-    """Mask of one float32 row in kenstream's two tie modes (k >= n keeps everything)."""
+def ken_mask(row, k: int, ties: str = "positions", *, seed=0, salt=0, row_number=0):
+    """Mask of one float32 row in kenstream's tie modes (k >= n keeps everything);
+    ``scrambled`` draws its order from (seed, salt, row_number)."""
     x = np.asarray(row)
     if k >= 1 and k >= x.size:
         if not np.all(np.isfinite(x)):
             raise SlowNonFinite("non-finite value")
         return np.ones(x.size, bool)
-    positions, value_mask = ken_row(x, k)
+    rank = scrambled_ranks(x.size, seed, salt, row_number) if ties == "scrambled" else None
+    positions, value_mask = ken_row(x, k, rank)
     if ties == "values":
         return value_mask
     mask = np.zeros(x.size, bool)

@@ -56,10 +56,10 @@ def mix64(z):
     return z ^ (z >> 31)
 
 
-def slow_random_row(seed, salt, row, n, k):
-    """The documented stream: splitmix64 seeded by mix(mix(mix(seed) ^ salt) ^ row), Lemire
-    bounded integers from the high 32 bits, Floyd's sampling."""
-    state = mix64(mix64(mix64(seed & M64) ^ (salt & M64)) ^ row)
+def row_stream(seed, salt, row):
+    """The documented stream of a row: splitmix64 seeded by mix(mix(mix(seed) ^ salt) ^ row);
+    returns below(s), Lemire bounded integers in [0, s) from the high 32 bits."""
+    state = mix64(mix64(mix64(seed & M64) ^ (salt & M64)) ^ (row & M64))
 
     def below(s):
         nonlocal state
@@ -69,6 +69,12 @@ def slow_random_row(seed, salt, row, n, k):
             if (m & 0xFFFFFFFF) >= ((1 << 32) - s) % s:
                 return m >> 32
 
+    return below
+
+
+def slow_random_row(seed, salt, row, n, k):
+    """Floyd's sampling from the row's stream."""
+    below = row_stream(seed, salt, row)
     chosen = set()
     if k >= n:
         chosen = set(range(n))

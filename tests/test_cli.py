@@ -13,6 +13,7 @@ import torch
 import kenstream
 from kenstream.cli import main
 from tests.ckpt import save_dir, toy_pair
+from tests.expect import assert_same_model, expected_model
 
 
 @pytest.fixture()
@@ -100,3 +101,17 @@ def test_demo_runs_the_whole_tool(tmp_path, capsys):
     assert (demo / "diff" / "kenstream-diff.json").exists()
     assert (demo / "rebuilt" / "model.safetensors.index.json").exists()
     assert kenstream.verify(demo / "diff", demo / "base", demo / "finetuned", quiet=True)["ok"]
+
+
+def test_compress_defaults_to_scrambled_ties(tmp_path):
+    """Without --ties, compress keeps exactly k per row with scrambled ties (issue 14): the
+    index records it and the rebuilt bf16 model is what the slow twin expects."""
+    base, ft = toy_pair(torch.bfloat16)
+    b = save_dir(tmp_path / "base", base)
+    f = save_dir(tmp_path / "ft", ft)
+    d, out = tmp_path / "diff", tmp_path / "out"
+    assert main(["compress", str(b), str(f), "-o", str(d), "--keep", "0.25", "-q"]) == 0
+    index = json.loads((d / "kenstream-diff.json").read_text())
+    assert index["selection"]["ties"] == "scrambled"
+    assert main(["rebuild", str(b), str(d), "-o", str(out), "-q"]) == 0
+    assert_same_model(out, expected_model(base, ft, keep=0.25, ties="scrambled"))

@@ -7,12 +7,17 @@ Measures, in one run and side by side:
   2 numba threads (best of --repeats runs, wall clock);
 * the slow NumPy reference (tests/slow_ken.py) on a sample of rows of the same matrices,
   its rate and the kernel's speed-up over it;
+* tie modes: ``scrambled`` against ``positions`` on the 4096x4096 bfloat16 matrix;
+* long rows: one row of 10^6 and of 4 x 10^6 values at k = n/4 against the same values
+  as rows of 10000 (issue 15, item 18), on one thread;
 * JIT start-up: a fresh process compiling into an empty numba cache (cold), and a second
   process reusing that cache (warm).
 
 Usage: python tools/bench_kernel.py [--repeats 3] [--sample-rows 3] [--scale 1.0]
-(--scale < 1 shrinks the row counts for a quick look). The machine load average is
-printed too: timings on a shared machine are only as good as it is quiet.
+[--only rates,ties,long,startup] (--scale < 1 shrinks the row counts for a quick look;
+``--only ties,long`` takes well under a minute). Side-by-side figures alternate their
+runs and keep the best of each. The machine load average is printed too: timings on a
+shared machine are only as good as it is quiet.
 """
 
 from __future__ import annotations
@@ -78,6 +83,42 @@ def kernel_rate(x, k, threads, repeats):
     return x.size / best
 
 
+def best_of(calls, repeats):
+    """Best wall time of each callable, running them in turn ``repeats`` times."""
+    best = [float("inf")] * len(calls)
+    for _ in range(repeats):
+        for i, call in enumerate(calls):
+            t = time.perf_counter()
+            call()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best
+
+
+def ties_table(repeats, scale):
+    rows = max(4, int(4096 * scale))
+    x = weights(rows, 4096, 2, "bf16")
+    out = np.empty(x.shape, bool)
+    print(f"{'4096x4096 bf16, k 1024':<26}{'positions s':>12}{'scrambled s':>12}{'ratio':>8}")
+    for threads in (1, 2):
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        for ties in ("positions", "scrambled"):
+            select_mask(x[:2], 1024, ties=ties)
+        pos, scr = best_of([lambda: select_mask(x, 1024, ties="positions", out=out),
+                            lambda: select_mask(x, 1024, ties="scrambled", out=out)], repeats)
+        print(f"{f'{threads} thread(s)':<26}{pos:>12.3f}{scr:>12.3f}{scr / pos:>8.2f}")
+
+
+def long_rows_table(repeats):
+    numba.set_num_threads(1)
+    print(f"{'values, k = n/4, 1 thread':<26}{'one row s':>12}{'rows of 1e4 s':>14}{'ratio':>8}")
+    for n in (1_000_000, 4_000_000):
+        x = weights(1, n, 3, "f32")
+        m = x.reshape(n // 10000, 10000)
+        one, rows = best_of([lambda: select_mask(x[0], n // 4),
+                             lambda: select_mask(m, 2500)], repeats)
+        print(f"{n:<26,}{one:>12.3f}{rows:>14.3f}{one / rows:>8.2f}")
+
+
 def reference_rate(x, k, rows):
     t = time.perf_counter()
     for i in range(rows):
@@ -94,18 +135,7 @@ def startup(cache_dir):
     return float(out[0]), float(out[1]), total
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sample-rows", type=int, default=3)
-    ap.add_argument("--scale", type=float, default=1.0)
-    args = ap.parse_args(argv)
-
-    threads = [t for t in (1, 2) if t <= numba.config.NUMBA_NUM_THREADS]
-    print(f"numba {numba.__version__}, numpy {np.__version__}, "
-          f"{numba.config.NUMBA_NUM_THREADS} numba threads available, "
-          f"load average before: {os.getloadavg()[0]:.2f}")
-    print()
+def rates_table(threads, args):
     head = f"{'matrix':<16}{'k':>6}" + "".join(f"{f'{t} thr Mparam/s':>17}" for t in threads)
     head += f"{'reference param/s':>19}{'speed-up (2 thr)':>18}"
     print(head)
@@ -120,13 +150,43 @@ def main(argv=None) -> int:
         print(line)
     print()
 
+
+def startup_table():
     with tempfile.TemporaryDirectory() as cache:
         cold = startup(cache)
         warm = startup(cache)
     print(f"{'JIT start-up':<14}{'import s':>10}{'first call s':>14}{'process s':>11}")
     for label, (imp, first, total) in (("cold cache", cold), ("warm cache", warm)):
         print(f"{label:<14}{imp:>10.2f}{first:>14.2f}{total:>11.2f}")
-    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+    print()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sample-rows", type=int, default=3)
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--only", default="rates,ties,long,startup",
+                    help="comma-separated sections: rates, ties, long, startup")
+    args = ap.parse_args(argv)
+    only = set(args.only.split(","))
+
+    threads = [t for t in (1, 2) if t <= numba.config.NUMBA_NUM_THREADS]
+    print(f"numba {numba.__version__}, numpy {np.__version__}, "
+          f"{numba.config.NUMBA_NUM_THREADS} numba threads available, "
+          f"load average before: {os.getloadavg()[0]:.2f}")
+    print()
+    if "ties" in only:
+        ties_table(args.repeats, args.scale)
+        print()
+    if "long" in only:
+        long_rows_table(args.repeats)
+        print()
+    if "rates" in only:
+        rates_table(threads, args)
+    if "startup" in only:
+        startup_table()
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 
 

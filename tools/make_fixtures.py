@@ -26,11 +26,11 @@ SHARD_SIZE = "60kB"
 """Shard size of the v1 diffs (small, so some of them have several shards)."""
 
 # name -> settings of each v1 diff (the keyword arguments of kenstream.compress)
-V1_CASES = {
-    "ken-keep0.3": dict(keep=0.3),
+V1_CASES = {  # made when positions was the default tie mode, which the indices record
+    "ken-keep0.3": dict(keep=0.3, ties="positions"),
     "ken-k3-values": dict(k=3, ties="values"),
-    "delta-keep0.25": dict(keep=0.25, method="delta"),
-    "random-keep0.01": dict(keep=0.01, method="random", seed=7),
+    "delta-keep0.25": dict(keep=0.25, method="delta", ties="positions"),
+    "random-keep0.01": dict(keep=0.01, method="random", seed=7, ties="positions"),
 }
 
 
@@ -116,7 +116,7 @@ def write_v1() -> None:
         out = Path("tests/data/v1") / name
         shutil.rmtree(out, ignore_errors=True)
         kenstream.compress("tests/data/pair/base", "tests/data/pair/finetuned", out,
-                           quiet=True, shard_size=SHARD_SIZE, **settings)
+                           quiet=True, shard_size=SHARD_SIZE, format_version=1, **settings)
 
 
 if __name__ == "__main__":

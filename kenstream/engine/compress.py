@@ -22,7 +22,7 @@ from ..io.jsonfile import read_json_file, read_plan, write_json_atomic, write_te
 from ..io.outputs import claim_output
 from ..io.safetensors_file import SafetensorsFile
 from ..progress import bar, say
-from ..settings import DIFF_SHARD_SIZE, Settings, parse_size
+from ..settings import DEFAULT_TIES, DIFF_SHARD_SIZE, Settings, parse_size
 from ..text import printable
 from .align import align, tie_heads
 from .cards import diff_card
@@ -95,7 +95,7 @@ def _full_hashes(ckpt) -> dict:
     return {p.relative_to(ckpt.root).as_posix(): sha256_file(p) for p in ckpt.files}
 
 
-def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", method="ken",
+def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, method="ken",
              include=None, exclude=None, seed=0, threads=None, shard_size=DIFF_SHARD_SIZE,
              level=spec.DEFAULT_LEVEL, format_version=spec.FORMAT_VERSION,
              frame_elems=spec.DEFAULT_FRAME_ELEMS, block_elems=spec.DEFAULT_BLOCK_ELEMS,

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import MismatchError, SelectionError
 from ..settings import METHODS, TIES
-from ._inputs import as_array, check_k, check_out
+from ._inputs import as_array, check_k, check_out, check_row_offset, check_ties
 from ._jit import get_threads, threads
 
 __all__ = ["METHODS", "TIES", "get_threads", "select", "threads"]
@@ -23,7 +23,8 @@ def select(method: str, ft_rows, k: int, *, base_rows=None, ties: str = "positio
            seed=0, salt=0, row_offset: int = 0, out=None) -> np.ndarray:
     """Keep-mask of ``ft_rows`` [rows, cols] (bool, same shape) by ``method``.
 
-    - ``ken``: the KEN rule per row; ``ties`` as in :func:`.ken.select_mask`.
+    - ``ken``: the KEN rule per row; ``ties`` as in :func:`.ken.select_mask` (``scrambled``
+      draws each row's order from ``(seed, salt, row_offset + row)``).
     - ``delta`` / ``magnitude`` / ``random``: exactly ``min(k, cols)`` per row (``ties`` has
       no effect); ``delta`` needs ``base_rows`` of the same shape, ``random`` depends only on
       ``(seed, salt, row_offset + row)``.
@@ -37,8 +38,8 @@ def select(method: str, ft_rows, k: int, *, base_rows=None, ties: str = "positio
     if method not in METHODS:
         raise SelectionError(f"unknown selection method {method!r}",
                              hint=f"choose one of {', '.join(METHODS)}")
-    if ties not in TIES:
-        raise SelectionError(f"unknown ties mode {ties!r}", hint="use 'positions' or 'values'")
+    check_ties(ties)
+    row_offset = check_row_offset(row_offset)
     ft, kind = as_array(ft_rows, "fine-tune rows")
     if ft.ndim != 2:
         raise SelectionError(f"select takes rows as a 2-D array, got shape {ft.shape}")
@@ -47,7 +48,7 @@ def select(method: str, ft_rows, k: int, *, base_rows=None, ties: str = "positio
     if method == "ken":
         from .ken import mask_matrix
 
-        return mask_matrix(ft, kind, k, ties, out, row_offset)
+        return mask_matrix(ft, kind, k, ties, out, row_offset, seed, salt)
     from .baselines import mask_matrix
 
     base, base_kind = ft, kind  # read by delta only

@@ -4,20 +4,25 @@ Inputs are NumPy arrays or CPU torch tensors of float32, float64, float16 or bfl
 (NumPy has no bfloat16: it travels as its uint16 bit pattern, and a torch bfloat16 tensor
 is viewed that way). Every kernel reads rows through a little-endian uint16 view of the
 bytes, so one compiled kernel serves every dtype; the ``KIND_*`` code says how to widen
-them (``_rowprep.widen_row``).
+them (``_rowprep.widen_row``). Seeds and salts of the rules that draw per row are
+uint64 (:func:`as_u64`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import operator
 
 import numpy as np
 
 from ..errors import SelectionError
+from ..settings import TIES
 from ._rowprep import KIND_BF16, KIND_F16, KIND_F32, KIND_F64
 
 _KINDS = {np.dtype(np.float32): KIND_F32, np.dtype(np.float64): KIND_F64,
           np.dtype(np.uint16): KIND_BF16, np.dtype(np.float16): KIND_F16}
+
+_M64 = (1 << 64) - 1
 
 DTYPE_HINT = "pass float32, float64, float16, or bfloat16 (a torch tensor or uint16 bits)"
 
@@ -84,3 +89,30 @@ def check_out(out, shape) -> np.ndarray:
         raise SelectionError(f"out must be a writable C-contiguous bool array of shape "
                              f"{tuple(shape)}")
     return out
+
+
+def as_u64(value, what):
+    """A seed/salt as uint64: ints wrap mod 2**64, str/bytes hash stably (BLAKE2b-64)."""
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    if isinstance(value, (bytes, bytearray)):
+        return np.uint64(int.from_bytes(hashlib.blake2b(value, digest_size=8).digest(), "little"))
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise SelectionError(f"{what} must be an integer or a string, got {value!r}")
+    return np.uint64(int(value) & _M64)
+
+
+def check_ties(ties) -> str:
+    """A KEN tie mode, one of ``settings.TIES``, or SelectionError."""
+    if ties not in TIES:
+        raise SelectionError(f"unknown ties mode {ties!r}",
+                             hint=f"use one of {', '.join(TIES)}")
+    return ties
+
+
+def check_row_offset(row_offset) -> int:
+    """The global number of a block's first row: a non-negative int, or SelectionError."""
+    if isinstance(row_offset, (bool, np.bool_)) or not isinstance(row_offset, (int, np.integer)) \
+            or row_offset < 0:
+        raise SelectionError(f"row_offset must be a non-negative integer, got {row_offset!r}")
+    return int(row_offset)

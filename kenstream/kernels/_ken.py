@@ -10,7 +10,10 @@ visiting order. Both run the same serial per-row pipeline:
 3. bandwidth (numpy-exact float32 std), grid (numpy linspace), rounded densities
    (``_density``), visiting order (R descending, then grid index);
 4. greedy matching: each grid point takes the free position with the smallest float32
-   distance, ties to the lowest position.
+   distance, ties to the lowest position, or, for ``ties="scrambled"``, to the position
+   first in a per-row affine order of the positions (``_splitmix.scramble``): the sort
+   receives the row in that order, so the matching's "lowest index" is the lowest place
+   in it, and the places taken are mapped back to positions at the end.
 
 Per-row cost: O(n) for widening, sort and statistics, O(n P + 16 k P) for the densities
 (P ~ 11) plus rare exact sums, O(k alpha(n)) for the matching. Status codes per row:
@@ -24,13 +27,23 @@ from collections import namedtuple
 
 import numpy as np
 
-from ._density import MAX_MOMENTS, rounded_density
+from ._density import rounded_density
+from ._lattice import MAX_MOMENTS
 from ._jit import JIT, PARALLEL, njit, prange
-from ._rowprep import RADIX_SIZE, bandwidth, make_grid, run_bounds, sort_row, widen_row
+from ._rowprep import (RADIX_SIZE, WIDE_ROW, bandwidth, make_grid, run_bounds, sort_row,
+                       widen_row)
+from ._splitmix import scramble
 
 OK = 0
 NONFINITE = 1
 OVERFLOW = 2
+
+# Tie modes (docs/algorithm.md): the golden lowest position, the published value mask,
+# and the lowest place in the row's scrambled order.
+POSITIONS = 0
+VALUES = 1
+SCRAMBLED = 2
+TIE_CODES = {"positions": POSITIONS, "values": VALUES, "scrambled": SCRAMBLED}
 
 Workspace = namedtuple(
     "Workspace",
@@ -42,16 +55,19 @@ Workspace = namedtuple(
 @njit(**JIT)
 def make_workspace(n, k):
     """Scratch for one row of n values and k grid points, reused row after row by one
-    thread: about 80 n + 340 k bytes plus a float64 table of 32 x (4k + 3)."""
+    thread: about 77 n + 720 k bytes, of which a row touches about 64 n (72 n for float64
+    rows) and, of the MAX_MOMENTS x (4k + 3) table and the moments, only P x (2L + 1) and
+    P per box. (Phases after the sort could reuse the sort buffers' memory, but such
+    views ran 20 % slower on matrices and on long rows alike: the arrays stay apart.)"""
     return Workspace(
         np.empty(n, np.uint32),  # bits: the row widened to float32 bits
         np.empty(n, np.uint64),  # wide: float64 rows' bits
         np.empty(n, np.float32),  # scratch: squared deviations for the std
-        np.empty(n, np.int64),  # items: radix sort items (position << 32 | key)
+        np.empty(n, np.int64),  # items: radix sort items (place << 32 | key)
         np.empty(n, np.int64),  # items2
         np.empty(3 * RADIX_SIZE, np.int64),  # hist: radix histograms
         np.empty(n, np.float32),  # v: sorted values
-        np.empty(n, np.int32),  # pos: their positions
+        np.empty(n, np.int32),  # pos: their places (positions unless scrambled)
         np.empty(n, np.int32),  # gstart: run of equal values, first index
         np.empty(n, np.int32),  # gend: run end
         np.empty(n + 1, np.int32),  # nxt: union-find, next free
@@ -134,12 +150,14 @@ def _split_points(v, grid, split):
 def match(v, pos, gstart, gend, grid, split, order, nxt, prv, positions, taken):
     """Greedy matching in visiting order; returns how many positions were taken.
 
-    Free sorted indices are kept as two union-find arrays: nxt[i] leads to the first
+    ``pos`` holds each sorted value's place (its position, or its place in a scrambled
+    order); equal distances go to the lowest place, and places are what ``positions``
+    receives. Free sorted indices are kept as two union-find arrays: nxt[i] leads to the first
     free index >= i (n: none), prv[i + 1] to the last free index <= i (stored + 1, 0:
     none). Float32 distance is monotone on each side of g, so the free values at the
     smallest distance on one side form a run of free entries, walked run of equal
     values by run of equal values; within a run of equal values the first free entry
-    has the lowest position (the sort is stable). Cost: O(k alpha(n)) plus the length of
+    has the lowest place (the sort is stable). Cost: O(k alpha(n)) plus the length of
     distance-tie runs.
     """
     n = v.shape[0]
@@ -194,19 +212,21 @@ def match(v, pos, gstart, gend, grid, split, order, nxt, prv, positions, taken):
 
 
 @njit(**JIT)
-def select_widened(n, k, ws, mode):
+def select_widened(n, k, ws, mode, a, c):
     """Run the pipeline on the row already widened into ws.bits [n]; returns (status,
     number of positions taken, number of exact density sums).
 
-    The taken positions (visiting order) are in ws.positions, their sorted indices in
-    ws.taken. Needs ws made for this row length and a grid of k points. Takes no
-    input-dtype argument, so it compiles once for every dtype.
+    Equal distances go to the lowest place in the order listing position (a s + c) mod n
+    at place s (a = 1, c = 0: the lowest position). The taken positions (visiting order)
+    are in ws.positions, their sorted indices in ws.taken (ws.pos holds places). Needs ws
+    made for this row length and a grid of k points. Takes no input-dtype argument, so it
+    compiles once for every dtype.
     """
     if n == 0:
         return OK, 0, 0
     bits = ws.bits[:n]
     v = ws.v
-    sort_row(bits, ws.items, ws.items2, ws.hist, v, ws.pos)
+    sort_row(bits, ws.items, ws.items2, ws.hist, v, ws.pos, a, c)
     run_bounds(v, ws.gstart, ws.gend)
     h, s = bandwidth(bits.view(np.float32), ws.scratch, ws.stack, ws.left)
     lo = v[0]
@@ -229,20 +249,25 @@ def select_widened(n, k, ws, mode):
     _split_points(v, grid, split)
     count = match(v, ws.pos, ws.gstart, ws.gend, grid, split, order, ws.nxt, ws.prv,
                   ws.positions, ws.taken)
+    if a != 1 or c != 0:
+        positions = ws.positions
+        for t in range(count):
+            positions[t] = (a * positions[t] + c) % n
     return OK, count, exact
 
 
 @njit(**JIT)
-def mask_widened(n, k, values, finite, ws, out):
+def mask_widened(n, k, values, finite, ws, out, a, c):
     """Write the KEN mask of the row widened into ws.bits into out (bool [n]); returns
-    the status code. values=False keeps the taken positions; values=True keeps every
-    position whose value equals a taken value (0.0 == -0.0)."""
+    the status code. values=False keeps the taken positions (ties by the order (a, c));
+    values=True keeps every position whose value equals a taken value (0.0 == -0.0; needs
+    a = 1, c = 0)."""
     if not finite:
         return NONFINITE
     if k >= n:
         out[:] = True
         return OK
-    status, count, _ = select_widened(n, k, ws, 0)
+    status, count, _ = select_widened(n, k, ws, 0, a, c)
     if status != OK:
         return status
     out[:] = False
@@ -262,12 +287,24 @@ def mask_widened(n, k, values, finite, ws, out):
     return OK
 
 
+@njit(**JIT)
+def mask_row(words, kind, k, ties, ws, out, seed, salt, row):
+    """Widen one row (uint16 words) into ws and write its mask into out (bool [n]) in tie
+    mode ``ties`` (a code); row is its global number (uint64), which with seed and salt
+    (uint64) draws the scrambled order. Returns the row's status code."""
+    n = out.shape[0]
+    finite = widen_row(words, kind, ws.bits, ws.wide)
+    a, c = scramble(n, seed, salt, row) if ties == SCRAMBLED else (np.int64(1), np.int64(0))
+    return mask_widened(n, k, ties == VALUES, finite, ws, out, a, c)
+
+
 @njit(**PARALLEL)
-def mask_rows(words, kind, k, values, out, status, nblocks):
+def mask_rows(words, kind, k, ties, out, status, nblocks, seed, salt, row_offset):
     """KEN masks of every row of a matrix [rows, n] into out (bool [rows, n]).
 
     words: the matrix as uint16 words [rows, n * words-per-value] (see
-    ``_rowprep.widen_row``); out is preallocated.
+    ``_rowprep.widen_row``); out is preallocated. ties: a tie-mode code; row i is global
+    row ``row_offset + i`` (seed, salt, row_offset uint64, see :func:`mask_row`).
     status (uint8 [rows]) gets each row's code. Rows are split into ``nblocks``
     contiguous blocks (a few per thread), one workspace per block; a row's result does
     not depend on its block or on the thread count. Cost: rows * per-row cost / threads.
@@ -283,18 +320,37 @@ def mask_rows(words, kind, k, values, out, status, nblocks):
         r1 = (b + 1) * rows // nblocks
         ws = make_workspace(n, kw)
         for i in range(r0, r1):
-            finite = widen_row(words[i], kind, ws.bits, ws.wide)
-            status[i] = mask_widened(n, k, values, finite, ws, out[i])
+            status[i] = mask_row(words[i], kind, k, ties, ws, out[i], seed, salt,
+                                 row_offset + np.uint64(i))
+
+
+def numpy_workspace(n, k):
+    """The workspace of :func:`make_workspace` for rows of n values and k grid points,
+    allocated by NumPy in Python: NumPy asks the kernel for huge pages on allocations of
+    4 MB or more (madvise), numba's allocator does not. A single long row faults in its
+    whole workspace; with 4 KB pages that was a third of its time (rows of 10^6 values:
+    ~75 ns a value against ~56 with huge pages, on the development machine)."""
+    return make_workspace.py_func(n, k if k < n else 1)
 
 
 @njit(**JIT)
-def positions_row(words, n, kind, k, mode):
+def mask_rows_with(words, kind, k, ties, out, status, ws, seed, salt, row_offset):
+    """:func:`mask_rows` on the calling thread, with the caller's workspace ws (made for
+    this n and k, e.g. by :func:`numpy_workspace`)."""
+    for i in range(out.shape[0]):
+        status[i] = mask_row(words[i], kind, k, ties, ws, out[i], seed, salt,
+                             row_offset + np.uint64(i))
+
+
+@njit(**JIT)
+def positions_row(words, n, kind, k, mode, a=1, c=0):
     """(status, positions int64 [min(k, n)], exact density sums) of one row of n values
-    given as uint16 words; positions in visiting order.
+    given as uint16 words; positions in visiting order, ties by the order (a, c) of
+    :func:`select_widened` (default: the lowest position).
 
     mode: density path (0 automatic; 1 exact sums, 2 lattice: for tests)."""
     ws = make_workspace(n, max(k, 1))
     if not widen_row(words, kind, ws.bits, ws.wide):
         return NONFINITE, np.zeros(0, np.int64), 0
-    status, count, exact = select_widened(n, k, ws, mode)
+    status, count, exact = select_widened(n, k, ws, mode, np.int64(a), np.int64(c))
     return status, ws.positions[:count].copy(), exact

@@ -23,22 +23,20 @@ with its own scratch), and a row's result never depends on another row.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 from ..errors import MismatchError, NonFiniteError, SelectionError
 from ..settings import METHODS as _ALL_METHODS
-from ._inputs import as_array, check_k, check_out, words
+from ._inputs import as_array, as_u64, check_k, check_out, check_row_offset, words
 from ._jit import JIT, PARALLEL, njit, prange
 from ._rowprep import widen_row
+from ._splitmix import below, row_state
 
 METHODS = tuple(m for m in _ALL_METHODS if m != "ken")
 
 _ABS = np.uint32(0x7FFFFFFF)
 _INF_BITS = np.uint32(0x7F800000)
 _ROWS_PER_BLOCK = 16
-_M64 = (1 << 64) - 1
 
 # Status codes a kernel leaves per row; the Python wrapper turns them into errors.
 _OK, _BAD_FT, _BAD_BASE = 0, 1, 2
@@ -102,48 +100,6 @@ def _mark_top(keys, k, cand, hist, mask):
         taken += tie
 
 
-# splitmix64 (Steele, Lea & Flood 2014): a counter-based stream, so any row can be regenerated
-# from its number alone.
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-_LOW32 = np.uint64(0xFFFFFFFF)
-
-
-@njit(**JIT)
-def _mix64(z):
-    """splitmix64's finaliser of ``z + gamma`` (uint64 -> uint64)."""
-    z = z + _GAMMA
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
-
-
-@njit(**JIT)
-def _row_state(seed, salt, row):
-    """Initial stream state of global row ``row``: mix(mix(mix(seed) ^ salt) ^ row)."""
-    return _mix64(_mix64(_mix64(seed) ^ salt) ^ row)
-
-
-@njit(**JIT)
-def _below(state, s):
-    """(new state, uniform integer in [0, s)) for 1 <= s <= 2**32, without modulo bias.
-
-    Lemire's multiply-shift on the high 32 bits of one splitmix64 output per try; the
-    output is mix64(state) and the state then advances by gamma.
-    """
-    m = (_mix64(state) >> np.uint64(32)) * s
-    state = state + _GAMMA
-    low = m & _LOW32
-    if low < s:
-        floor = ((_LOW32 + np.uint64(1)) - s) % s
-        while low < floor:
-            m = (_mix64(state) >> np.uint64(32)) * s
-            state = state + _GAMMA
-            low = m & _LOW32
-    return state, m >> np.uint64(32)
-
-
 @njit(**JIT)
 def _mark_random(state, k, mask):
     """Floyd's sampling: a uniform min(k, n)-subset of range(n), using ``mask`` as the set."""
@@ -153,7 +109,7 @@ def _mark_random(state, k, mask):
     if k >= n:
         return
     for j in range(n - k, n):
-        state, t = _below(state, np.uint64(j + 1))
+        state, t = below(state, np.uint64(j + 1))
         if mask[t]:
             mask[j] = True
         else:
@@ -217,24 +173,13 @@ def _random_kernel(ft, ft_kind, k, seed, salt, row_offset, out, status):
             if not widen_row(ft[i], ft_kind, abits, wide):
                 status[i] = _BAD_FT
                 continue
-            state = _row_state(seed, salt, row_offset + np.uint64(i))
+            state = row_state(seed, salt, row_offset + np.uint64(i))
             _mark_random(state, k, out[i])
             status[i] = _OK
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry point (the engine reaches it through kenstream.kernels.select)
-
-
-def as_u64(value, what):
-    """A seed/salt as uint64: ints wrap mod 2**64, str/bytes hash stably (BLAKE2b-64)."""
-    if isinstance(value, str):
-        value = value.encode("utf-8")
-    if isinstance(value, (bytes, bytearray)):
-        return np.uint64(int.from_bytes(hashlib.blake2b(value, digest_size=8).digest(), "little"))
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise SelectionError(f"{what} must be an integer or a string, got {value!r}")
-    return np.uint64(int(value) & _M64)
 
 
 def _matrix(x, what):
@@ -264,7 +209,7 @@ def mask_matrix(method, ft, kind, base, base_kind, k, out, *, seed=0, salt=0, ro
         if cols > 1 << 32:
             raise SelectionError(f"random selection supports rows of at most 2**32 columns, got {cols}")
         _random_kernel(words(ft), kind, k_eff, as_u64(seed, "seed"), as_u64(salt, "salt"),
-                       np.uint64(int(row_offset) & _M64), out, status)
+                       as_u64(int(row_offset), "row_offset"), out, status)
     else:
         _rank_kernel(words(ft), kind, words(base), base_kind, method == "delta", k_eff, out,
                      status)
@@ -308,9 +253,7 @@ def select_mask_method(method, ft, base=None, k=None, *, seed=0, salt=0, row_off
             f"unknown selection method {method!r}", hint=f"choose one of {', '.join(METHODS)}"
         )
     k = check_k(k)
-    if isinstance(row_offset, (bool, np.bool_)) or not isinstance(row_offset, (int, np.integer)) \
-            or row_offset < 0:
-        raise SelectionError(f"row_offset must be a non-negative integer, got {row_offset!r}")
+    row_offset = check_row_offset(row_offset)
     shape = np.shape(ft)
     ft2, kind = _matrix(ft, "fine-tune tensor")
     out = check_out(out, shape)

@@ -28,7 +28,7 @@ def test_the_documented_example_is_what_compress_writes(tmp_path, monkeypatch):
 
 def test_the_documented_mask_is_the_rule_s():
     """The kept positions the text states are the ones the slow twin of KEN picks."""
-    masks = [slow_ken.ken_mask(row, K) for row in FINETUNED["w"]]
+    masks = [slow_ken.ken_mask(row, K, "positions") for row in FINETUNED["w"]]
     assert [np.flatnonzero(m).tolist() for m in masks] == [[1, 3], [2, 3]]
     packed = np.packbits(np.array(masks), axis=1, bitorder="little")
     assert packed.ravel().tolist() == [0x0A, 0x0C]

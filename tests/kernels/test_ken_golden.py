@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from kenstream.kernels import _density, _rowprep
+from kenstream.kernels import _density, _lattice, _rowprep
 from kenstream.errors import SelectionError
 from kenstream.kernels.ken import select_mask, select_positions
 
@@ -139,8 +139,8 @@ def test_helper_fields(cases, mode):
         exact = _density.rounded_density(
             v, gend, grid, v[0], step, h, R, np.empty(k), np.empty(n), np.empty(n),
             np.empty(k + 3, np.int64),
-            np.empty((k + 2, _density.MAX_MOMENTS)),
-            np.empty((_density.MAX_MOMENTS, 4 * k + 3)), mode)
+            np.empty((k + 2, _lattice.MAX_MOMENTS)),
+            np.empty((_lattice.MAX_MOMENTS, 4 * k + 3)), mode)
         np.testing.assert_array_equal(R, c["density_rounded"], err_msg=name)
         lattice_rows += exact < k
     if mode == 2:

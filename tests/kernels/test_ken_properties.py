@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kenstream.kernels import _density, _ken
+from kenstream.kernels import _ken, _lattice
 from kenstream.errors import NonFiniteError, SelectionError
 from kenstream.kernels.ken import SERIAL_BELOW, kept_counts, select_mask, select_positions
 from tests.slow_ken import (SlowOverflow, bandwidth, densities, grid_points, ken_mask,
@@ -123,17 +123,17 @@ def test_lattice_error_bound_holds():
         step = (hi - lo) / np.float32(k - 1)
         if h == 0:
             continue
-        m, P, L = _density.lattice_plan(k, step, h)
+        m, P, L = _lattice.lattice_plan(k, step, h)
         if m == 0:
             continue
         grid = grid_points(lo, hi, k)
         v = np.sort(x)
         v[v == 0] = 0.0
         approx = np.empty(k)
-        eps = _density.lattice_density(
+        eps, _, _, _ = _lattice.lattice_density(
             v, grid, lo, step, h, m, P, L, approx, np.empty(n), np.empty(n),
-            np.empty(k + 3, np.int64), np.empty((k + 2, _density.MAX_MOMENTS)),
-            np.empty((_density.MAX_MOMENTS, 4 * k + 3)))
+            np.empty(k + 3, np.int64), np.empty((k + 2, _lattice.MAX_MOMENTS)),
+            np.empty((_lattice.MAX_MOMENTS, 4 * k + 3)))
         if not np.isfinite(eps):
             continue
         err = np.max(np.abs(approx - densities(x, grid, h)))
@@ -177,22 +177,24 @@ def random_matrix(rng, rows, n):
     return np.stack([nasty_row(rng, n) for _ in range(rows)])
 
 
-@pytest.mark.parametrize("ties", ["positions", "values"])
+@pytest.mark.parametrize("ties", ["positions", "values", "scrambled"])
 def test_rows_are_independent(ties):
-    """A row's mask is the same alone, inside a matrix, in any block split."""
+    """A row's mask is the same alone (given its row number), inside a matrix, in any
+    block split."""
     rng = np.random.default_rng(11)
     x = random_matrix(rng, 37, 300)
     k = 75
     whole = select_mask(x, k, ties=ties)
     for i in range(x.shape[0]):
-        np.testing.assert_array_equal(whole[i], select_mask(x[i], k, ties=ties))
+        np.testing.assert_array_equal(whole[i], select_mask(x[i], k, ties=ties, row_offset=i))
     for i in range(0, x.shape[0], 6):
-        np.testing.assert_array_equal(whole[i], ken_mask(x[i], k, ties))
+        np.testing.assert_array_equal(whole[i], ken_mask(x[i], k, ties, row_number=i))
     words = x.view(np.uint16)
+    zero = np.uint64(0)
     for blocks in (1, 5, 37):
         out = np.empty(x.shape, bool)
         status = np.zeros(x.shape[0], np.uint8)
-        _ken.mask_rows(words, 0, k, ties == "values", out, status, blocks)
+        _ken.mask_rows(words, 0, k, _ken.TIE_CODES[ties], out, status, blocks, zero, zero, zero)
         assert not status.any()
         np.testing.assert_array_equal(out, whole)
 
