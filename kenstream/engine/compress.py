@@ -24,8 +24,8 @@ from ..progress import bar, say
 from ..settings import DIFF_SHARD_SIZE, Settings, parse_size
 from .align import align
 from .cards import diff_card
+from .executor import CompressJob, Source, check_executor, run_shards
 from .plan import make_items, plan_shards
-from .stream import write_shard
 
 _REDO = "delete it and rerun with --resume"
 
@@ -81,7 +81,8 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", metho
              include=None, exclude=None, seed=0, threads=None, shard_size=DIFF_SHARD_SIZE,
              level=spec.DEFAULT_LEVEL, format_version=spec.FORMAT_VERSION,
              frame_elems=spec.DEFAULT_FRAME_ELEMS, block_elems=spec.DEFAULT_BLOCK_ELEMS,
-             resume=False, overwrite=False, quiet=False, command=None) -> dict:
+             resume=False, overwrite=False, quiet=False, command=None, executor="local",
+             ray_address=None) -> dict:
     """Prune ``finetuned`` against ``base`` and write the diff directory ``out``.
 
     Returns the index (also written as ``out/kenstream-diff.json``) as JSON. ``keep=1``
@@ -89,8 +90,11 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", metho
     ``threads`` threads select and code (the caller's numba thread count is restored
     after); ``level`` is the zstd level of format 2, whose frames hold about
     ``frame_elems`` values; tensors stream in row blocks of about ``block_elems`` values.
-    Peak memory is a few row blocks.
+    Peak memory is a few row blocks. ``executor="ray"`` writes the shards as Ray tasks
+    (on the cluster at ``ray_address``, or the running or a new local one) into the same
+    bytes; see :mod:`.executor`.
     """
+    check_executor(executor)
     settings = Settings(method=method, k=k, keep=keep, ties=ties, include=include,
                         exclude=exclude, seed=seed)
     limit = parse_size(shard_size)
@@ -123,18 +127,11 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties="positions", metho
                if alignment.finetuned_prefix or alignment.base_prefix else "")
             + f"); {len(alignment.new)} new, {len(alignment.dropped)} only in the base", quiet)
 
-        records = {}
+        job = CompressJob(shards, Source.of(f), Source.of(b), settings, version, block_elems,
+                          level, frame_elems, kernels.get_threads())
         with bar(sum(i.params for i in items), "compress", quiet) as progress:
-            for name, group in shards:
-                path = shards.path(name)
-                if state == "resume" and path.exists():
-                    records.update(read_shard_records(path, [i.name for i in group]))
-                    progress.update(sum(i.params for i in group))
-                    continue
-                records.update(write_shard(
-                    shards, name, group, f, b, settings, progress, version=version,
-                    block_elems=block_elems, level=level, frame_elems=frame_elems,
-                    threads=kernels.get_threads()))
+            records = run_shards(job, list(shards), progress, executor=executor, handles=(f, b),
+                                 resume=state == "resume", ray_address=ray_address, quiet=quiet)
         copy_files(f.extra_files(), out)
         write_text_atomic(out / "README.md", diff_card(plan.base, plan.command))
         index = build_index(plan, alignment, items, records, shards)

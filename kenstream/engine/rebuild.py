@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import dtypes, kernels
@@ -14,10 +13,11 @@ from ..io.diff_reader import DiffReader
 from ..io.jsonfile import read_json_file, read_plan, write_json_atomic
 from ..io.outputs import copy_files, is_extra, prepare_output
 from ..io.safetensors_file import SafetensorsFile
-from ..io.writer import BufferRing, ShardSet, WriteBehind, header_bytes
+from ..io.writer import BufferRing, ShardSet, WriteBehind
 from ..progress import bar, say
 from ..settings import MODEL_SHARD_SIZE, parse_size
 from .blocks import TensorBlocks
+from .executor import RebuildJob, Source, check_executor, run_shards
 
 PARTIAL_NAME = "kenstream-rebuild.partial.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -56,12 +56,15 @@ def _check_reused(path: Path, names) -> None:
 
 def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwrite=False,
             resume=False, quiet=False, threads=None,
-            block_elems: int = spec.DEFAULT_BLOCK_ELEMS) -> dict:
+            block_elems: int = spec.DEFAULT_BLOCK_ELEMS, executor="local",
+            ray_address=None) -> dict:
     """Write the rebuilt model to ``out`` (safetensors shards + standard index + config files).
 
     ``threads`` blocks are decoded at once (default: every core numba sees). Returns the
-    written ``model.safetensors.index.json`` content.
+    written ``model.safetensors.index.json`` content. ``executor="ray"`` writes the files
+    as Ray tasks, byte-identical (see :mod:`.executor`).
     """
+    check_executor(executor)
     limit = parse_size(shard_size)
     out = Path(out)
     with DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
@@ -91,31 +94,17 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
         # Config and tokenizer first: a run killed after the last shard's rename still
         # leaves a loadable, complete model directory.
         copy_files(sorted(p for p in d.path.iterdir() if p.is_file() and is_extra(p.name)), out)
-        weight_map = {}
         total = sum(r.params for r in records.values())
         largest = max((_first_block_bytes(r, d.index, block_elems) for r in records.values()),
                       default=0)
         workers = kernels.get_threads() if threads is None else max(1, threads)
-        ring = BufferRing(workers + 2, largest)
-        with bar(total, "rebuild", quiet) as progress, \
-                ThreadPoolExecutor(workers, thread_name_prefix="kenstream-build") as pool:
-            for name, group in shards:
-                for tensor in group:
-                    weight_map[tensor] = name
-                path = shards.path(name)
-                if state == "resume" and path.exists():
-                    _check_reused(path, group)
-                    progress.update(sum(records[n].params for n in group))
-                    continue
-                entries, offset = {}, 0
-                for tensor in group:
-                    rec = records[tensor]
-                    size = rec.params * rec.itemsize
-                    entries[tensor] = (rec.dtype, rec.shape, offset, offset + size)
-                    offset += size
-                reserve = len(header_bytes(entries, {"format": "pt"}))
-                with shards.open(name, reserve, drop_behind=True) as writer:
-                    _write_group(writer, group, d, b, progress, ring, block_elems, pool)
+        counts = {n: r.params for n, r in records.items()}
+        job = RebuildJob(shards, str(d.path), Source.of(b), counts, largest, block_elems, workers,
+                         d.forced_base)
+        with bar(total, "rebuild", quiet) as progress:
+            weight_map = run_shards(job, list(shards), progress, executor=executor,
+                                    handles=(d, b), resume=state == "resume",
+                                    ray_address=ray_address, quiet=quiet)
         total_size = sum(r.params * r.itemsize for r in records.values())
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         shards.write_index(INDEX_NAME, index)

@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .. import dtypes
+from .. import dtypes, kernels
 from ..errors import VerifyError
 from ..format import spec
 from ..io.checkpoint import Checkpoint
@@ -21,6 +21,7 @@ from ..io.diff_reader import DiffReader
 from ..io.rows import TensorRows
 from ..progress import bar
 from .blocks import TensorBlocks
+from .executor import Source, VerifyJob, check_executor, run_shards
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -36,35 +37,30 @@ def _as_f64(arr, code) -> np.ndarray:
 
 
 def verify(diff, base, finetuned=None, *, force=False, quiet=False,
-           block_elems: int = spec.DEFAULT_BLOCK_ELEMS) -> dict:
+           block_elems: int = spec.DEFAULT_BLOCK_ELEMS, threads=None, executor="local",
+           ray_address=None) -> dict:
     """Check shard hashes and the base's identity; with ``finetuned``, every value.
 
     Returns ``{"ok", "problems", "tensors": {name: {"encoding", "kept_fraction",
     "rel_error"}}}`` and raises VerifyError (exit 1) listing the first problem when
     anything mismatches. Cost: reads every input once; memory a few row blocks.
+    ``executor="ray"`` checks the tensors of each diff shard in a Ray task (``threads``
+    CPUs each); the report is the same.
     """
-    problems, tensors = [], OrderedDict()
-    with DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
+    check_executor(executor)
+    with kernels.threads(threads), DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
         d.check_hashes()
         d.check_base(b, force=force)
         ft = Checkpoint.open(str(finetuned)) if finetuned is not None else None
         try:
-            total = sum(r.params for r in d.records.values())
+            counts = {n: r.params for n, r in d.records.items()}
+            job = VerifyJob(str(d.path), Source.of(b), None if ft is None else Source.of(ft),
+                            counts, block_elems, kernels.get_threads(), d.forced_base)
+            total = sum(counts.values())
             with bar(total if ft else 0, "verify", quiet or ft is None) as progress:
-                for name, rec in d.records.items():
-                    row = {"encoding": rec.encoding,
-                           "kept_fraction": 0.0 if rec.encoding == "unchanged"
-                           else rec.kept / max(1, rec.params)}
-                    blocks = TensorBlocks(name, d, b, block_elems)
-                    if ft is not None and name in ft:
-                        row.update(_compare(name, blocks, ft, problems))
-                    else:
-                        if ft is not None:
-                            problems.append(f"{name}: not in the fine-tune")
-                        blocks.release()
-                    if ft is not None:
-                        progress.update(rec.params)
-                    tensors[name] = row
+                tensors, problems = run_shards(job, _groups(d.records), progress,
+                                               executor=executor, handles=(d, b, ft),
+                                               ray_address=ray_address, quiet=quiet)
         finally:
             if ft is not None:
                 ft.close()
@@ -74,6 +70,40 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False,
         err.report = report
         raise err
     return report
+
+
+def _groups(records) -> list:
+    """(diff shard, tensor names): runs of tensors in diff order by the shard holding them
+    (an unchanged tensor joins the run it stands in); one Ray task each."""
+    groups, key = [], None
+    for name, rec in records.items():
+        key = rec.shard or key
+        if not groups or groups[-1][0] != key:
+            groups.append((key, []))
+        groups[-1][1].append(name)
+    return groups
+
+
+def check_tensors(d, b, ft, names, progress, block_elems) -> tuple:
+    """(name -> report row, problems) of tensors ``names`` of diff ``d`` over base ``b``;
+    with a fine-tune ``ft``, every value is compared and counted on ``progress``."""
+    rows, problems = OrderedDict(), []
+    for name in names:
+        rec = d.records[name]
+        row = {"encoding": rec.encoding,
+               "kept_fraction": 0.0 if rec.encoding == "unchanged"
+               else rec.kept / max(1, rec.params)}
+        blocks = TensorBlocks(name, d, b, block_elems)
+        if ft is not None and name in ft:
+            row.update(_compare(name, blocks, ft, problems))
+        else:
+            if ft is not None:
+                problems.append(f"{name}: not in the fine-tune")
+            blocks.release()
+        if ft is not None:
+            progress.update(rec.params)
+        rows[name] = row
+    return rows, problems
 
 
 def _compare(name, blocks: TensorBlocks, ft, problems) -> dict:
