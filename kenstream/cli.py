@@ -23,6 +23,14 @@ def _common(p):
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
+def _executor(p):
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="run the work here, or as Ray tasks on a cluster (byte-identical; "
+                        "needs kenstream[ray])")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="Ray cluster to join (default: the running one, or a new local one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kenstream",
@@ -55,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "not entropy-coded)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _executor(p)
     _common(p)
 
     p = sub.add_parser("rebuild", help="write base + diff as a model directory")
@@ -67,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if the base differs")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
+    _executor(p)
     _common(p)
 
     p = sub.add_parser("verify", help="check a diff's hashes, its base, and kept values")
@@ -75,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetuned", help="also compare every kept value with this fine-tune")
     p.add_argument("--force", action="store_true", help="verify even if the base differs")
     p.add_argument("--json", action="store_true")
+    p.add_argument("-j", "--threads", type=int, default=None,
+                   help="threads per task (default: every core)")
+    _executor(p)
     _common(p)
 
     p = sub.add_parser("info", help="summarise a diff")
@@ -96,10 +109,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options left out of the recorded command (name -> takes a value): they change no byte of
+# the result, so a resumed or distributed diff stays identical to a local whole run's.
+_UNRECORDED = {"--resume": False, "--executor": True, "--ray-address": True}
+
+
 def _recorded(argv) -> list:
-    """The command line to record in a diff: how to make it, so without --resume (which
-    changes no byte of the result, and keeps a resumed diff identical to a whole run's)."""
-    return [a for a in argv if a != "--resume"]
+    """The command line to record in a diff: how to make it, so without where or in how
+    many runs it was made (`_UNRECORDED`, also as ``--opt=value`` or an abbreviation)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        flag = arg.split("=", 1)[0]
+        known = [o for o in _UNRECORDED if len(flag) > 2 and flag.startswith("--")
+                 and o.startswith(flag)]
+        if len(known) == 1:  # argparse has refused an ambiguous abbreviation already
+            skip = _UNRECORDED[known[0]] and "=" not in arg
+            continue
+        out.append(arg)
+    return out
 
 
 def _run(args, argv) -> int:
@@ -112,7 +142,8 @@ def _run(args, argv) -> int:
                             shard_size=args.shard_size, level=args.level,
                             format_version=args.format_version, resume=args.resume,
                             overwrite=args.overwrite, quiet=args.quiet,
-                            command=["kenstream"] + _recorded(argv))
+                            command=["kenstream"] + _recorded(argv), executor=args.executor,
+                            ray_address=args.ray_address)
         t = index["totals"]
         if not args.quiet:
             print(f"wrote {args.output}: kept {t['kept']:,} of {t['selected']:,} selected "
@@ -122,7 +153,8 @@ def _run(args, argv) -> int:
     if args.command == "rebuild":
         index = ks.rebuild(args.base, args.diff, args.output, shard_size=args.shard_size,
                            force=args.force, resume=args.resume, overwrite=args.overwrite,
-                           quiet=args.quiet, threads=args.threads)
+                           quiet=args.quiet, threads=args.threads, executor=args.executor,
+                           ray_address=args.ray_address)
         if not args.quiet:
             print(f"wrote {args.output}: {len(index['weight_map'])} tensors, "
                   f"{human(index['metadata']['total_size'])}")
@@ -130,7 +162,8 @@ def _run(args, argv) -> int:
     if args.command == "verify":
         try:
             report = ks.verify(args.diff, args.base, args.finetuned, force=args.force,
-                               quiet=args.quiet)
+                               quiet=args.quiet, threads=args.threads, executor=args.executor,
+                               ray_address=args.ray_address)
         except KenstreamError as exc:
             if args.json and hasattr(exc, "report"):
                 print(json.dumps(exc.report, indent=2))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kenstream
-from kenstream.cli import main
+from kenstream.cli import _recorded, main
 from tests.ckpt import save_dir, toy_pair
 
 
@@ -100,3 +100,11 @@ def test_demo_runs_the_whole_tool(tmp_path, capsys):
     assert (demo / "diff" / "kenstream-diff.json").exists()
     assert (demo / "rebuilt" / "model.safetensors.index.json").exists()
     assert kenstream.verify(demo / "diff", demo / "base", demo / "finetuned", quiet=True)["ok"]
+
+
+def test_executor_flags_are_not_recorded():
+    """They change no byte of a diff, so its recorded command leaves them out (as --resume,
+    also written with = or abbreviated)."""
+    argv = ["compress", "b", "f", "-o", "d", "--executor", "ray", "--ray-address=h:6379",
+            "--keep", "0.5", "--res", "--ray-a", "h:1", "--exe=local", "-q"]
+    assert _recorded(argv) == ["compress", "b", "f", "-o", "d", "--keep", "0.5", "-q"]
