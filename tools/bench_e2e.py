@@ -99,7 +99,7 @@ def kernel_only(ft_dir: Path, index: dict, threads: int) -> tuple:
     total_t, params = 0.0, 0
     with Checkpoint.open(str(ft_dir)) as ft:
         for name, rec in index["tensors"].items():
-            if rec["encoding"] not in ("bitmask", "indices"):
+            if rec["k"] is None:  # not selected (stored whole, or unchanged)
                 continue
             arr = np.array(ft.array(name)).reshape(rec["rows"], rec["cols"])
             ft.release(name)
