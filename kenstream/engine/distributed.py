@@ -30,6 +30,7 @@ MAX_RETRIES = 3
 """Times Ray runs a task again after its worker died (killed, out of memory, node lost)."""
 _POLL = 0.25  # seconds between progress refreshes while waiting for tasks
 _CANCEL_WAIT = 60.0  # seconds the driver waits for cancelled tasks to clean up
+_REGISTER_WAIT = 30.0  # seconds a task waits for the progress tally to come up
 
 
 def import_ray():
@@ -87,7 +88,6 @@ def _drive(ray, job, groups, todo, results, progress) -> None:
     task = ray.remote(run_group).options(num_cpus=threads, max_retries=MAX_RETRIES,
                                          retry_exceptions=False)
     tally = ray.remote(num_cpus=0)(Tally).remote()
-    ray.get(tally.snapshot.remote())  # up before any task reports: no report is lost
     shared = ray.put(job)
     context = (os.getcwd(), versions())
     waiting, running, shown, counted = deque(todo), {}, 0, 0
@@ -217,8 +217,11 @@ class Tally:
 
 
 class Feed:
-    """The progress object a task's work updates: it sends its running count to the
-    tally the first time and then at most every ``every`` seconds (any thread may call)."""
+    """The progress object a task's work updates. It registers the task's worker with the
+    tally before the work starts (waiting for it, so that the tally knows which worker
+    holds which group while it runs), then sends the running count the first time and at
+    most every ``every`` seconds (any thread may call). Progress is best effort: a tally
+    that cannot be reached never stops the work."""
 
     def __init__(self, tally, pos: int, every: float = 0.2):
         import ray
@@ -227,6 +230,10 @@ class Feed:
         self.worker = (ray.get_runtime_context().get_node_id(), os.getpid())
         self.done, self.sent = 0, None
         self._lock = threading.Lock()
+        try:
+            ray.get(tally.report.remote(pos, self.worker, 0), timeout=_REGISTER_WAIT)
+        except (ray.exceptions.RayError, TimeoutError):
+            pass
 
     def update(self, n: int = 1) -> None:
         with self._lock:
