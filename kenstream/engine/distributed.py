@@ -87,7 +87,8 @@ def _drive(ray, job, groups, todo, results, progress) -> None:
     limit = 2 * max(1, int(sum(cpus) // threads))  # keeps every worker fed, bounds the queue
     task = ray.remote(run_group).options(num_cpus=threads, max_retries=MAX_RETRIES,
                                          retry_exceptions=False)
-    tally = ray.remote(num_cpus=0)(Tally).remote()
+    # No bar on screen (--quiet, or stderr not a terminal): no tally, one process fewer.
+    tally = None if progress.disable else ray.remote(num_cpus=0)(Tally).remote()
     shared = ray.put(job)
     context = (os.getcwd(), versions())
     waiting, running, shown, counted = deque(todo), {}, 0, 0
@@ -101,7 +102,7 @@ def _drive(ray, job, groups, todo, results, progress) -> None:
                 pos = running.pop(ref)
                 results[pos] = _result(ray, ref, groups[pos][0])
                 counted += job.params(groups[pos][1])
-            if not progress.disable:
+            if tally is not None:
                 partial = ray.get(tally.snapshot.remote())
                 now = counted + sum(v for pos, v in partial.items() if pos in running.values())
                 if now > shown:
@@ -111,7 +112,8 @@ def _drive(ray, job, groups, todo, results, progress) -> None:
         _cancel(ray, running)
         raise
     finally:
-        ray.kill(tally)
+        if tally is not None:
+            ray.kill(tally)
 
 
 def _result(ray, ref, name):
@@ -169,7 +171,7 @@ def run_group(job, pos: int, name, group, tally, cwd: str, driver: dict):
                                 f"{driver[wrong]}; outputs would not be byte-identical",
                                 hint="install the same versions on every node")
         with _working_dir(cwd), _offline(), job.session() as ctx:
-            return job.write(ctx, name, group, Feed(tally, pos))
+            return job.write(ctx, name, group, _Silent() if tally is None else Feed(tally, pos))
     except KenstreamError as exc:
         return Failed(exc)
 
@@ -214,6 +216,13 @@ class Tally:
 
     def snapshot(self) -> dict:
         return dict(self.done)
+
+
+class _Silent:
+    """The progress of a task whose driver shows no bar."""
+
+    def update(self, n: int = 1) -> None:
+        pass
 
 
 class Feed:

@@ -161,6 +161,7 @@ def test_worker_killed_mid_shard_is_retried_into_the_same_bytes(cluster, pair, t
     assert code == 0, err
     log = tmp_path / "kills.json"
     monkeypatch.setattr(distributed, "Tally", killing_tally(0, log))
+    monkeypatch.setattr(sys.modules["kenstream.engine.compress"], "bar", Recorder)  # a tally
     code, _, err = cli(argv + ["--executor", "ray"], tmp_path / "ray", monkeypatch, capsys)
     assert code == 0, err
     seen = json.loads(log.read_text())
