@@ -24,6 +24,14 @@ def _common(p):
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
+def _executor(p):
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="run the work here, or as Ray tasks on a cluster (byte-identical; "
+                        "needs kenstream[ray])")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="Ray cluster to join (default: the running one, or a new local one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kenstream",
@@ -62,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record full sha256 hashes of the inputs, so that --resume refuses "
                         "inputs changed anywhere (costs one extra read of the inputs)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _executor(p)
     _common(p)
 
     p = sub.add_parser("rebuild", help="write base + diff as a model directory")
@@ -74,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if the base differs")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
+    _executor(p)
     _common(p)
 
     p = sub.add_parser("verify", help="check a diff's hashes, its base, and kept values")
@@ -83,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="verify even if the base differs")
     p.add_argument("-j", "--threads", type=int, default=None,
                    help="blocks checked at once (default: every core)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    _executor(p)
     _common(p)
 
     p = sub.add_parser("info", help="summarise a diff")
@@ -105,11 +116,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options left out of the recorded command (name -> takes a value): they change no byte of
+# the result, so a resumed or distributed diff stays identical to a local whole run's.
+_UNRECORDED = {"--resume": False, "--strict-resume": False, "--executor": True,
+               "--ray-address": True}
+
+
 def _recorded(argv) -> list:
-    """The command line to record in a diff: how to make it, so without --resume and
-    --strict-resume (which change no byte of the result, and keep a resumed diff identical
-    to a whole run's)."""
-    return [a for a in argv if a not in ("--resume", "--strict-resume")]
+    """The command line to record in a diff: how to make it, so without where or in how
+    many runs it was made (`_UNRECORDED`, also as ``--opt=value`` or an abbreviation)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        flag = arg.split("=", 1)[0]
+        known = [o for o in _UNRECORDED if len(flag) > 2 and flag.startswith("--")
+                 and o.startswith(flag)]
+        if len(known) == 1:  # argparse has refused an ambiguous abbreviation already
+            skip = _UNRECORDED[known[0]] and "=" not in arg
+            continue
+        out.append(arg)
+    return out
 
 
 def _run(args, argv) -> int:
@@ -122,7 +150,8 @@ def _run(args, argv) -> int:
                             shard_size=args.shard_size, level=args.level,
                             format_version=args.format_version, resume=args.resume,
                             strict_resume=args.strict_resume, overwrite=args.overwrite,
-                            quiet=args.quiet, command=["kenstream"] + _recorded(argv))
+                            quiet=args.quiet, command=["kenstream"] + _recorded(argv),
+                            executor=args.executor, ray_address=args.ray_address)
         t = index["totals"]
         if not args.quiet:
             print(f"wrote {printable(args.output)}: kept {t['kept']:,} of {t['selected']:,} "
@@ -132,7 +161,8 @@ def _run(args, argv) -> int:
     if args.command == "rebuild":
         index = ks.rebuild(args.base, args.diff, args.output, shard_size=args.shard_size,
                            force=args.force, resume=args.resume, overwrite=args.overwrite,
-                           quiet=args.quiet, threads=args.threads)
+                           quiet=args.quiet, threads=args.threads, executor=args.executor,
+                           ray_address=args.ray_address)
         if not args.quiet:
             print(f"wrote {printable(args.output)}: {len(index['weight_map'])} tensors, "
                   f"{human(index['metadata']['total_size'])}")
@@ -140,7 +170,8 @@ def _run(args, argv) -> int:
     if args.command == "verify":
         try:
             report = ks.verify(args.diff, args.base, args.finetuned, force=args.force,
-                               quiet=args.quiet, threads=args.threads)
+                               quiet=args.quiet, threads=args.threads, executor=args.executor,
+                               ray_address=args.ray_address)
         except KenstreamError as exc:
             if args.json and hasattr(exc, "report"):
                 print(json.dumps(exc.report, indent=2))

@@ -50,6 +50,19 @@ class KenstreamError(Exception):
         self.args = (self.__str__(),)
         return self
 
+    def __reduce__(self):
+        # Pickled whole, so that an error raised in a Ray worker reaches the driver as the
+        # same class and the same one line: the default would call cls(str(self)) and
+        # repeat the hint in args.
+        return _restore, (type(self), dict(self.__dict__))
+
+
+def _restore(cls, state: dict) -> KenstreamError:
+    exc = cls.__new__(cls)
+    exc.__dict__.update(state)
+    exc.args = (exc.__str__(),)
+    return exc
+
 
 class SelectionError(KenstreamError, ValueError):
     """Bad selection input: k < 1, keep fraction out of range, unknown method or dtype."""
@@ -101,6 +114,11 @@ class VerifyError(DiffError):
     """Verification found a mismatch (exit code 1)."""
 
     exit_code = 1
+
+
+class ExecutorError(KenstreamError, RuntimeError):
+    """The executor cannot run the work: Ray missing or unreachable, or a worker that
+    kept dying."""
 
 
 class OutputError(KenstreamError, OSError):

@@ -71,3 +71,33 @@ def toy_pair(dtype=torch.float32, seed=0, prefix="", head=True):
         ft["head.weight"] = rnd(3, 24)
         ft["head.bias"] = rnd(3)
     return base, ft
+
+
+def float_pair(root, *, layers: int, shape: tuple, nan_at=None) -> tuple:
+    """(base, fine-tune) folders of a float32 pair written by the safetensors library:
+    ``layers`` matrices of ``shape``, a bias, an int buffer, the fine-tune's names
+    prefixed with ``model.`` and a new head, config files on both sides and a tokenizer on
+    the fine-tune's; ``nan_at`` = (fine-tune tensor, row) puts a NaN in that row."""
+    import numpy as np
+    from safetensors.numpy import save_file as save_numpy
+
+    root = Path(root)
+    rng = np.random.default_rng(0)
+    base = {f"layers.{i}.weight": rng.standard_normal(shape, dtype=np.float32)
+            for i in range(layers)}
+    base["layers.0.bias"] = rng.standard_normal(shape[1], dtype=np.float32)
+    base["position_ids"] = np.arange(512, dtype=np.int64)
+    ft = {"model." + n: (a + rng.standard_normal(a.shape, dtype=np.float32) * np.float32(0.01)
+                         if a.dtype == np.float32 else a) for n, a in base.items()}
+    ft["head.weight"] = rng.standard_normal((4, shape[1]), dtype=np.float32)
+    if nan_at is not None:
+        ft[nan_at[0]][nan_at[1], 3] = np.nan
+    dirs = []
+    for name, state in (("base", base), ("ft", ft)):
+        d = root / name
+        d.mkdir(parents=True)
+        save_numpy(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps({"model_type": "toy", "role": name}))
+        dirs.append(d)
+    (dirs[1] / "tokenizer.json").write_text('{"version": "1.0"}')
+    return tuple(dirs)

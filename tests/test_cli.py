@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kenstream
-from kenstream.cli import main
+from kenstream.cli import _recorded, main
 from tests.ckpt import save_dir, toy_pair
 from tests.expect import assert_same_model, expected_model
 
@@ -115,3 +115,11 @@ def test_compress_defaults_to_scrambled_ties(tmp_path):
     assert index["selection"]["ties"] == "scrambled"
     assert main(["rebuild", str(b), str(d), "-o", str(out), "-q"]) == 0
     assert_same_model(out, expected_model(base, ft, keep=0.25, ties="scrambled"))
+
+
+def test_executor_flags_are_not_recorded():
+    """They change no byte of a diff, so its recorded command leaves them out (as --resume,
+    also written with = or abbreviated)."""
+    argv = ["compress", "b", "f", "-o", "d", "--executor", "ray", "--ray-address=h:6379",
+            "--keep", "0.5", "--res", "--ray-a", "h:1", "--exe=local", "-q"]
+    assert _recorded(argv) == ["compress", "b", "f", "-o", "d", "--keep", "0.5", "-q"]

@@ -27,8 +27,8 @@ from tests.test_reliability import (ROOT, assert_one_error, cli, compress_argv, 
 
 MARKER = ".kenstream-output"
 # The modules themselves (kenstream.engine re-exports functions of the same names).
-compress_module = importlib.import_module("kenstream.engine.compress")
 rebuild_module = importlib.import_module("kenstream.engine.rebuild")
+executor_module = importlib.import_module("kenstream.engine.executor")  # runs write_shard
 
 
 def interrupt_after(monkeypatch, module, name: str, calls: int) -> None:
@@ -169,7 +169,7 @@ def test_resume_never_writes_through_links_at_temporary_names(pair, capsys, tmp_
     b, f, out = pair
     (f / "tokenizer.json").write_text("{}")
     argv = compress_argv(b, f, out, "--shard-size", "300B")
-    interrupt_after(monkeypatch, compress_module, "write_shard", 1)
+    interrupt_after(monkeypatch, executor_module, "write_shard", 1)
     assert cli(capsys, argv, [b, f])[0] == 130
     monkeypatch.undo()
     shards = json.loads((out / "kenstream-diff.partial.json").read_text())["shards"]
@@ -213,7 +213,7 @@ def test_rebuild_resume_never_writes_through_links(diff, capsys, tmp_path, monke
 _HELD = """
 import os, sys, time
 import importlib
-c = importlib.import_module("kenstream.engine.compress")
+c = importlib.import_module("kenstream.engine.executor")  # where shards are written
 go = sys.argv[1]
 real = c.write_shard
 def waiting(*args, **kwargs):

@@ -13,6 +13,13 @@ step, so each starts from disk. Usage:
 
 With several sizes, each is measured in turn and the peak memory of the larger ones is
 compared with the smallest's at the end, all in the one run.
+
+With ``--executor ray`` the script also starts a Ray instance on this machine (its CPUs, no
+dashboard; stopped at the end), runs the same compress and rebuild as Ray tasks beside the
+local runs (``--executor ray --ray-address``, each a new Ray job whose workers start cold),
+checks that their outputs are byte-identical, and prints wall time and peak memory of the
+driver and of the job's worker processes (their kernel high-water marks, sampled) beside
+the local figures, with the overhead ratio.
 """
 
 from __future__ import annotations
@@ -51,15 +58,22 @@ def drop_cache(paths) -> None:
             os.close(fd)
 
 
-def timed_child(cmd) -> tuple:
+def timed_child(cmd, cwd=None) -> tuple:
     """(seconds, peak RSS in bytes) of ``cmd`` run as a grandchild with its own rusage."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *cmd], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run([sys.executable, "-c", _CHILD, *cmd], stderr=subprocess.PIPE, text=True,
+                          cwd=cwd)
     dt = time.perf_counter() - t0
     lines = proc.stderr.strip().splitlines()
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n" + "\n".join(lines[-5:]))
     return dt, int(lines[-1]) * 1024
+
+
+def tree_hashes(directory: Path) -> dict:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files_under(directory)}
 
 
 def read_floor(paths) -> float:
@@ -102,7 +116,7 @@ def kernel_only(ft_dir: Path, index: dict, threads: int) -> tuple:
     sel = index["selection"]
     with Checkpoint.open(str(ft_dir)) as ft:
         for name, rec in index["tensors"].items():
-            if rec["k"] is None:  # not selected
+            if rec["k"] is None:  # not selected (stored whole, or unchanged)
                 continue
             arr = np.array(ft.array(name)).reshape(rec["rows"], rec["cols"])
             ft.release(name)
@@ -134,7 +148,7 @@ def slow_rate(ft_dir: Path, rows: int = 3) -> float:
     return rows * data.shape[1] / (time.perf_counter() - t0)
 
 
-def measure(size: str, args) -> dict:
+def measure(size: str, args, head=None) -> dict:
     """Every figure for one pair size, measured in this process's run."""
     work = Path(args.dir) / size.lower()
     pair, diff, out = work / "pair", work / "diff", work / "rebuilt"
@@ -166,8 +180,11 @@ def measure(size: str, args) -> dict:
 
     def compress():
         drop_cache(inputs)
-        return timed_child(ks + ["compress", str(base), str(ft), "-o", str(diff), "--keep",
-                                 str(args.keep), "-j", str(args.threads), "-q", "--overwrite"])
+        # Run in the diff's folder, -o relative: the command the diff records is then the
+        # same for the Ray run beside it, whose output can be compared byte for byte.
+        return timed_child(ks + ["compress", str(base), str(ft), "-o", diff.name, "--keep",
+                                 str(args.keep), "-j", str(args.threads), "-q", "--overwrite"],
+                           cwd=work)
 
     def copy_and_rebuild():
         t_copy = copy_floor(base, work / "copy")
@@ -205,6 +222,35 @@ def measure(size: str, args) -> dict:
     compress_times, rss_c = zip(*runs("compress", compress))
     index = json.loads((diff / "kenstream-diff.json").read_text())
     copy_times, rebuild_times, rss_r = zip(*runs("copy and rebuild", copy_and_rebuild))
+    on_ray = {}
+    if head is not None:
+        via = ["--executor", "ray", "--ray-address", head.address]
+
+        def compress_ray():
+            drop_cache(inputs)
+            (work / "ray").mkdir(exist_ok=True)
+            return head.timed(ks + ["compress", str(base), str(ft), "-o", diff.name, "--keep",
+                                    str(args.keep), "-j", str(args.threads), "-q",
+                                    "--overwrite"] + via, cwd=work / "ray")
+
+        def rebuild_ray():
+            drop_cache(files_under(base) + files_under(diff))
+            return head.timed(ks + ["rebuild", str(base), str(diff), "-o",
+                                    str(work / "ray" / "rebuilt"), "-q", "--overwrite"] + via)
+
+        # A first Ray job of its own, so that no timed one pays the instance's warm-up.
+        subprocess.run(ks + ["compress", str(work / "warm" / "base"),
+                             str(work / "warm" / "finetuned"), "-o", str(work / "warm" / "ray"),
+                             "--keep", "0.5", "-q", "--overwrite"] + via, check=True)
+        for key, label, step in (("compress", "compress under ray", compress_ray),
+                                 ("rebuild", "rebuild under ray", rebuild_ray)):
+            got = runs(label, step)
+            on_ray[key] = min(got, key=lambda r: r[0])[:1] + tuple(max(c) for c in
+                                                                    list(zip(*got))[1:])
+        on_ray["identical"] = (tree_hashes(diff) == tree_hashes(work / "ray" / diff.name)
+                               and tree_hashes(out) == tree_hashes(work / "ray" / "rebuilt"))
+        if not args.keep_files:
+            shutil.rmtree(work / "ray", ignore_errors=True)
     verify_times, rss_v = zip(*runs("verify", verify))
     lossless_times, rss_l, lossless_sizes = zip(*runs("compress --keep 1", lossless))
     delta_times, rss_d = zip(*runs("compress --method delta", delta))
@@ -225,7 +271,7 @@ def measure(size: str, args) -> dict:
             "lossless": min(lossless_times), "rss_l": max(rss_l), "lossless_size": lossless_sizes[0],
             "lossless_runs": lossless_times, "delta": min(delta_times), "rss_d": max(rss_d),
             "delta_runs": delta_times,
-            "bound": 3 * largest * 4 + 300e6, "compress_runs": compress_times,
+            "bound": 3 * largest * 4 + 300e6, "compress_runs": compress_times, "ray": on_ray,
             "kernel_runs": kernel_times, "rebuild_runs": rebuild_times, "copy_runs": copy_times}
 
 
@@ -272,6 +318,26 @@ def report(m: dict, args) -> None:
     print(f"delta compress / read floor      : {m['delta'] / m['floor']:.2f}   (target <= 2)")
 
 
+def report_ray(m: dict, args) -> None:
+    """Local and Ray runs side by side: wall time, peak memory, the overhead ratio."""
+    r = m["ray"]
+    print()
+    print(f"local vs Ray (a local Ray instance, {os.cpu_count()} CPUs; Ray tasks of -j "
+          f"{args.threads}; worker memory: each worker's peak, largest / sum over n):")
+    print(f"{'step':<10}{'local s':>9}{'ray s':>9}{'ratio':>8}{'local RSS':>11}"
+          f"{'ray driver':>12}{'ray workers':>22}")
+    for key, local_s, local_rss in (("compress", m["compress"], m["rss_c"]),
+                                    ("rebuild", m["rebuild"], m["rss_r"])):
+        secs, driver, largest, total, n = r[key]
+        workers = f"{largest / 1e6:.0f} / {total / 1e6:.0f} MB, {n}"
+        print(f"{key:<10}{local_s:9.1f}{secs:9.1f}{secs / local_s:8.2f}"
+              f"{local_rss / 1e6:9.0f}MB{driver / 1e6:10.0f}MB{workers:>22}")
+    print(f"Ray outputs byte-identical to the local ones: {'yes' if r['identical'] else 'NO'}")
+    print(f"overhead ratio (ray / local wall) compress / rebuild: "
+          f"{r['compress'][0] / m['compress']:.2f} / {r['rebuild'][0] / m['rebuild']:.2f}"
+          f"   (target <= 1.15)")
+
+
 def compare(ms: list) -> None:
     """Peak memory of every size against the smallest's, measured in this one run."""
     first = ms[0]
@@ -297,11 +363,25 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="run every timed step this many times, keep the fastest")
     ap.add_argument("--keep-files", action="store_true", help="leave diff and rebuild")
+    ap.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="ray: also run compress and rebuild as Ray tasks, side by side")
     args = ap.parse_args(argv)
     ms = []
-    for size in [s.strip() for s in args.params.split(",") if s.strip()]:
-        ms.append(measure(size, args))
-        report(ms[-1], args)
+    if args.executor == "ray":
+        from ray_head import RayHead  # tools/ is this script's folder
+
+        head = RayHead(os.cpu_count(), timed_child)
+    else:
+        head = None
+    try:
+        for size in [s.strip() for s in args.params.split(",") if s.strip()]:
+            ms.append(measure(size, args, head))
+            report(ms[-1], args)
+            if head is not None:
+                report_ray(ms[-1], args)
+    finally:
+        if head is not None:
+            head.close()
     if len(ms) > 1:
         compare(ms)
     return 0

@@ -26,8 +26,8 @@ from ..settings import DEFAULT_TIES, DIFF_SHARD_SIZE, Settings, parse_size
 from ..text import printable
 from .align import align, tie_heads
 from .cards import diff_card
+from .executor import CompressJob, Source, check_executor, run_shards
 from .plan import make_items, plan_shards
-from .stream import write_shard
 
 _REDO = "delete it and rerun with --resume"
 
@@ -100,7 +100,7 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
              level=spec.DEFAULT_LEVEL, format_version=spec.FORMAT_VERSION,
              frame_elems=spec.DEFAULT_FRAME_ELEMS, block_elems=spec.DEFAULT_BLOCK_ELEMS,
              resume=False, strict_resume=False, overwrite=False, quiet=False, command=None,
-             header_limit=None) -> dict:
+             header_limit=None, executor="local", ray_address=None) -> dict:
     """Prune ``finetuned`` against ``base`` and write the diff directory ``out``.
 
     Returns the index (also written as ``out/kenstream-diff.json``) as JSON. ``keep=1``
@@ -111,8 +111,11 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
     Peak memory is a few row blocks. ``strict_resume`` records the inputs' full sha256 in
     the plan file, so that ``resume`` refuses inputs changed anywhere (one extra read of
     every input file). No shard's header may exceed ``header_limit`` bytes (default: the
-    reader's limit, ``MAX_HEADER_BYTES``).
+    reader's limit, ``MAX_HEADER_BYTES``). ``executor="ray"`` writes the shards as Ray
+    tasks (on the cluster at ``ray_address``, or the running or a new local one) into the
+    same bytes; see :mod:`.executor`.
     """
+    check_executor(executor)
     settings = Settings(method=method, k=k, keep=keep, ties=ties, include=include,
                         exclude=exclude, seed=seed)
     limit = parse_size(shard_size)
@@ -139,6 +142,7 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
                             strict, None if coding is None else coding.to_json())
         files = [*shards.names, spec.INDEX_NAME, spec.PARTIAL_NAME, "README.md",
                  *(p.name for p in extras)]
+        check_executor(executor)
         with claim_output(out, inputs=[b, f], resume=resume, overwrite=overwrite,
                           plan=spec.PARTIAL_NAME, index=spec.INDEX_NAME, files=files) as claim:
             if claim.state == "complete":
@@ -151,32 +155,18 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
             else:
                 write_json_atomic(partial, plan.to_json())
             say(_plan_report(alignment, items), quiet)
-            coder = dict(version=version, block_elems=block_elems, level=level,
-                         frame_elems=frame_elems, threads=kernels.get_threads())
-            index = _write(out, claim.state, plan, shards, items, alignment, extras, f, b,
-                           settings, coder, quiet)
+            job = CompressJob(shards, Source.of(f), Source.of(b), settings, version,
+                              block_elems, level, frame_elems, kernels.get_threads())
+            with bar(sum(i.params for i in items), "compress", quiet) as progress:
+                records = run_shards(job, list(shards), progress, executor=executor,
+                                     handles=(f, b), resume=claim.state == "resume",
+                                     ray_address=ray_address, quiet=quiet)
+            copy_files(extras, out)
+            write_text_atomic(out / "README.md", diff_card(plan.base, plan.command))
+            index = build_index(plan, alignment, items, records, shards)
+            shards.write_index(spec.INDEX_NAME, index.to_json())
+            partial.unlink(missing_ok=True)
     return index.to_json()
-
-
-def _write(out, state, plan, shards, items, alignment, extras, f, b, settings, coder,
-           quiet) -> DiffIndex:
-    """Write (or reuse) every shard, then the config files, the card, the index."""
-    records = {}
-    with bar(sum(i.params for i in items), "compress", quiet) as progress:
-        for name, group in shards:
-            path = shards.path(name)
-            if state == "resume" and path.exists():
-                records.update(read_shard_records(path, [i.name for i in group]))
-                progress.update(sum(i.params for i in group))
-                continue
-            records.update(write_shard(shards, name, group, f, b, settings, progress,
-                                       **coder))
-    copy_files(extras, out)
-    write_text_atomic(out / "README.md", diff_card(plan.base, plan.command))
-    index = build_index(plan, alignment, items, records, shards)
-    shards.write_index(spec.INDEX_NAME, index.to_json())
-    (out / spec.PARTIAL_NAME).unlink(missing_ok=True)
-    return index
 
 
 def _coding(version, level, frame_elems):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import dtypes, kernels
@@ -22,6 +21,7 @@ from ..progress import bar, say
 from ..settings import MODEL_SHARD_SIZE, parse_size
 from ..text import printable
 from .blocks import TensorBlocks, check_shapes
+from .executor import RebuildJob, Source, check_executor, run_shards
 
 PARTIAL_NAME = "kenstream-rebuild.partial.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -62,13 +62,15 @@ def _check_reused(path: Path, names) -> None:
 def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwrite=False,
             resume=False, quiet=False, threads=None,
             block_elems: int = spec.DEFAULT_BLOCK_ELEMS,
-            header_limit: int | None = None) -> dict:
+            header_limit: int | None = None, executor="local", ray_address=None) -> dict:
     """Write the rebuilt model to ``out`` (safetensors shards + standard index + config files).
 
     ``threads`` blocks are decoded at once (default: every core numba sees). Returns the
     written ``model.safetensors.index.json`` content. No output file's header exceeds
-    ``header_limit`` bytes (default: the reader's ``MAX_HEADER_BYTES``).
+    ``header_limit`` bytes (default: the reader's ``MAX_HEADER_BYTES``). ``executor="ray"``
+    writes the files as Ray tasks, byte-identical (see :mod:`.executor`).
     """
+    check_executor(executor)
     limit = parse_size(shard_size)
     out = Path(out)
     with DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
@@ -76,6 +78,7 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
         shards = _plan_files(out, records, limit, header_limit)
         extras = extra_files(d.path)
         files = [*shards.names, INDEX_NAME, PARTIAL_NAME, *(p.name for p in extras)]
+        check_executor(executor)
         with claim_output(out, inputs=[b, _DiffInput(d.path)], resume=resume,
                           overwrite=overwrite, plan=PARTIAL_NAME, index=INDEX_NAME,
                           files=files) as claim:
@@ -102,9 +105,22 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
                 claim.record(files)
             else:
                 write_json_atomic(partial, plan.to_json())
+            # Config and tokenizer first: a run killed after the last shard's rename still
+            # leaves a loadable, complete model directory.
+            copy_files(extras, out)
             workers = kernels.get_threads() if threads is None else max(1, threads)
-            index = _write_files(shards, d, b, extras, out, claim.state, quiet, block_elems,
-                                 workers)
+            largest = max((_first_block_bytes(r, d.index, block_elems)
+                           for r in records.values()), default=0)
+            counts = {n: r.params for n, r in records.items()}
+            job = RebuildJob(shards, str(d.path), Source.of(b), counts, largest, block_elems,
+                             workers, d.forced_base)
+            with bar(sum(counts.values()), "rebuild", quiet) as progress:
+                weight_map = run_shards(job, list(shards), progress, executor=executor,
+                                        handles=(d, b), resume=claim.state == "resume",
+                                        ray_address=ray_address, quiet=quiet)
+            total_size = sum(r.params * r.itemsize for r in records.values())
+            index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+            shards.write_index(INDEX_NAME, index)
             partial.unlink(missing_ok=True)
     return index
 
@@ -118,43 +134,6 @@ def _plan_files(out, records, limit, header_limit) -> ShardSet:
                                  lambda n: entry_cost(n, records[n].dtype, records[n].shape))
     return ShardSet.plan(out, records, lambda n: records[n].params * records[n].itemsize,
                          limit, _model_file, cost, budget)
-
-
-def _write_files(shards, d, b, extras, out, state, quiet, block_elems, workers) -> dict:
-    """Copy the config files, write every output shard not already there, then the index.
-
-    Blocks are built (decoded) on ``workers`` threads at once."""
-    records = d.records
-    # Config and tokenizer first: a run killed after the last shard's rename still
-    # leaves a loadable, complete model directory.
-    copy_files(extras, out)
-    weight_map = {}
-    total = sum(r.params for r in records.values())
-    largest = max((_first_block_bytes(r, d.index, block_elems) for r in records.values()),
-                  default=0)
-    ring = BufferRing(workers + 2, largest)
-    with bar(total, "rebuild", quiet) as progress, \
-            ThreadPoolExecutor(workers, thread_name_prefix="kenstream-build") as pool:
-        for name, group in shards:
-            for tensor in group:
-                weight_map[tensor] = name
-            path = shards.path(name)
-            if state == "resume" and path.exists():
-                _check_reused(path, group)
-                progress.update(sum(records[n].params for n in group))
-                continue
-            entries, offset = {}, 0
-            for tensor in group:
-                rec = records[tensor]
-                size = rec.params * rec.itemsize
-                entries[tensor] = (rec.dtype, rec.shape, offset, offset + size)
-                offset += size
-            reserve = len(header_bytes(entries, {"format": "pt"}))
-            with shards.open(name, reserve, drop_behind=True) as writer:
-                _write_group(writer, group, d, b, progress, ring, block_elems, pool)
-    total_size = sum(r.params * r.itemsize for r in records.values())
-    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    shards.write_index(INDEX_NAME, index)
     return index
 
 

@@ -3,7 +3,9 @@
 Memory stays near a few row blocks whatever the model's size: every tensor is rebuilt
 block by block and compared, bit for bit, with the same rows of the fine-tune (at kept
 positions) and of the base (elsewhere); the reconstruction error is accumulated per
-block in float64.
+block. Without a fine-tune every frame is still decoded, so its checks and checksum run.
+Blocks are checked on a pool of threads; under ``executor="ray"`` each diff shard's
+tensors are a Ray task (:mod:`.executor`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..io.diff_reader import DiffReader
 from ..io.rows import TensorRows
 from ..progress import bar
 from .blocks import TensorBlocks, check_shapes
+from .executor import Source, VerifyJob, check_executor, run_shards
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -44,40 +47,33 @@ def _sq(x: np.ndarray) -> float:
 
 
 def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None,
-           block_elems: int = spec.DEFAULT_BLOCK_ELEMS) -> dict:
+           block_elems: int = spec.DEFAULT_BLOCK_ELEMS, executor="local",
+           ray_address=None) -> dict:
     """Check shard hashes, the base's identity and that every tensor decodes (every frame's
     checks and checksum); with ``finetuned``, also every value against it.
 
     Returns ``{"ok", "problems", "tensors": {name: {"encoding", "kept_fraction",
     "rel_error"}}}`` and raises VerifyError (exit 1) listing the first problem when
     anything mismatches. Blocks are checked on ``threads`` threads (default: every core).
-    Cost: reads every input once; memory a few row blocks a thread.
+    ``executor="ray"`` checks the tensors of each diff shard in a Ray task (``threads``
+    CPUs each); the report is the same. Cost: reads every input once; memory a few row
+    blocks a thread.
     """
-    problems, tensors = [], OrderedDict()
-    with DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
+    check_executor(executor)
+    with kernels.threads(threads), DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
         d.check_hashes()
         d.check_base(b, force=force)
         check_shapes(d, b)
         ft = Checkpoint.open(str(finetuned)) if finetuned is not None else None
         try:
-            total = sum(r.params for r in d.records.values())
-            workers = kernels.get_threads() if threads is None else max(1, threads)
-            with bar(total if ft else 0, "verify", quiet or ft is None) as progress, \
-                    ThreadPoolExecutor(workers, thread_name_prefix="kenstream-verify") as pool:
-                for name, rec in d.records.items():
-                    row = {"encoding": rec.encoding,
-                           "kept_fraction": 0.0 if rec.encoding == "unchanged"
-                           else rec.kept / max(1, rec.params)}
-                    blocks = TensorBlocks(name, d, b, block_elems)
-                    if ft is not None and name in ft:
-                        row.update(_compare(name, blocks, ft, problems, pool))
-                    else:
-                        if ft is not None:
-                            problems.append(f"{name}: not in the fine-tune")
-                        _decode_all(blocks, pool)
-                    if ft is not None:
-                        progress.update(rec.params)
-                    tensors[name] = row
+            counts = {n: r.params for n, r in d.records.items()}
+            job = VerifyJob(str(d.path), Source.of(b), None if ft is None else Source.of(ft),
+                            counts, block_elems, kernels.get_threads(), d.forced_base)
+            total = sum(counts.values())
+            with bar(total if ft else 0, "verify", quiet or ft is None) as progress:
+                tensors, problems = run_shards(job, _groups(d.records), progress,
+                                               executor=executor, handles=(d, b, ft),
+                                               ray_address=ray_address, quiet=quiet)
         finally:
             if ft is not None:
                 ft.close()
@@ -87,6 +83,42 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None
         err.report = report
         raise err
     return report
+
+
+def _groups(records) -> list:
+    """(diff shard, tensor names): runs of tensors in diff order by the shard holding them
+    (an unchanged tensor joins the run it stands in); one Ray task each."""
+    groups, key = [], None
+    for name, rec in records.items():
+        key = rec.shard or key
+        if not groups or groups[-1][0] != key:
+            groups.append((key, []))
+        groups[-1][1].append(name)
+    return groups
+
+
+def check_tensors(d, b, ft, names, progress, block_elems) -> tuple:
+    """(name -> report row, problems) of tensors ``names`` of diff ``d`` over base ``b``,
+    on a pool of the current thread count; with a fine-tune ``ft``, every value is
+    compared and counted on ``progress``; without, every block is decoded."""
+    rows, problems = OrderedDict(), []
+    with ThreadPoolExecutor(kernels.get_threads(), thread_name_prefix="kenstream-verify") as pool:
+        for name in names:
+            rec = d.records[name]
+            row = {"encoding": rec.encoding,
+                   "kept_fraction": 0.0 if rec.encoding == "unchanged"
+                   else rec.kept / max(1, rec.params)}
+            blocks = TensorBlocks(name, d, b, block_elems)
+            if ft is not None and name in ft:
+                row.update(_compare(name, blocks, ft, problems, pool))
+            else:
+                if ft is not None:
+                    problems.append(f"{name}: not in the fine-tune")
+                _decode_all(blocks, pool)
+            if ft is not None:
+                progress.update(rec.params)
+            rows[name] = row
+    return rows, problems
 
 
 def _decode_all(blocks: TensorBlocks, pool) -> None:

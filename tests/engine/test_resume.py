@@ -18,14 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from kenstream.cli import main
 from kenstream.io.diff_reader import DiffReader
 from kenstream.io.outputs import write_marker
 from kenstream.errors import DiffError
+from tests.ckpt import float_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -78,24 +77,7 @@ def kill_when(proc: subprocess.Popen, ready, timeout=120.0) -> bool:
 def pair(tmp_path_factory):
     """A ~25 MB float32 base / fine-tune pair with a prefix, a new head, an int buffer and
     config + tokenizer files; written by the safetensors library."""
-    root = tmp_path_factory.mktemp("pair")
-    rng = np.random.default_rng(0)
-    base = {f"layers.{i}.weight": rng.standard_normal((256, 1024), dtype=np.float32)
-            for i in range(24)}
-    base["layers.0.bias"] = rng.standard_normal(1024, dtype=np.float32)
-    base["position_ids"] = np.arange(512, dtype=np.int64)
-    ft = {"model." + n: (a + rng.standard_normal(a.shape, dtype=np.float32) * np.float32(0.01)
-                         if a.dtype == np.float32 else a) for n, a in base.items()}
-    ft["head.weight"] = rng.standard_normal((4, 1024), dtype=np.float32)
-    dirs = []
-    for name, state in (("base", base), ("ft", ft)):
-        d = root / name
-        d.mkdir()
-        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
-        (d / "config.json").write_text(json.dumps({"model_type": "toy", "role": name}))
-        dirs.append(d)
-    (dirs[1] / "tokenizer.json").write_text('{"version": "1.0"}')
-    return tuple(dirs)
+    return float_pair(tmp_path_factory.mktemp("pair"), layers=24, shape=(256, 1024))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 
 from kenstream.io.fingerprint import HEAD_BYTES, SAMPLE_BYTES, SAMPLES, fingerprint
 from tests.ckpt import save_dir
-from tests.test_outputs import compress_module, interrupt_after, rebuild_module
+from tests.test_outputs import executor_module, interrupt_after, rebuild_module
 from tests.test_reliability import (assert_one_error, cli, compress_argv, diff, nudged,  # noqa: F401
                                     pair, snapshot, tensors)
 
@@ -84,7 +84,7 @@ def test_names_with_double_colons_resume(tmp_path, capsys, monkeypatch):
     reference = files_of(out)
     assert len([n for n in reference if n.endswith(".kdiff")]) == 4
     shutil.rmtree(out)
-    interrupt_after(monkeypatch, compress_module, "write_shard", 2)
+    interrupt_after(monkeypatch, executor_module, "write_shard", 2)
     assert cli(capsys, argv, [b, f])[0] == 130
     monkeypatch.undo()
     code, err = cli(capsys, argv + ["--resume"], [b, f])
@@ -120,7 +120,7 @@ def test_strict_resume_sees_edits_the_fingerprint_misses(tmp_path, capsys, monke
         shutil.rmtree(out, ignore_errors=True)
         argv = compress_argv(b, f, out, "--shard-size", "1MB",
                              *(["--strict-resume"] if strict else []))
-        interrupt_after(monkeypatch, compress_module, "write_shard", 1)
+        interrupt_after(monkeypatch, executor_module, "write_shard", 1)
         assert cli(capsys, argv, [b, f])[0] == 130
         monkeypatch.undo()
         # edit one weight in place, outside every window the fingerprint samples
@@ -143,7 +143,7 @@ def test_strict_resume_sees_edits_the_fingerprint_misses(tmp_path, capsys, monke
     # a resume that asks for --strict-resume of a run made without it is refused too
     shutil.rmtree(out)
     argv = compress_argv(b, f, out, "--shard-size", "1MB")
-    interrupt_after(monkeypatch, compress_module, "write_shard", 1)
+    interrupt_after(monkeypatch, executor_module, "write_shard", 1)
     assert cli(capsys, argv, [b, f])[0] == 130
     monkeypatch.undo()
     code, err = cli(capsys, argv + ["--strict-resume", "--resume"], [b, f])

@@ -1,0 +1,253 @@
+"""The Ray executor: each group of a job's plan as one Ray task, the driver merging.
+
+Imported only for ``--executor ray``. The driver connects (to ``address``, else the running
+cluster, else a new local instance), puts the job in the object store once and keeps a
+bounded number of tasks in flight with ``ray.wait``. A task reserves ``threads`` CPUs,
+opens the inputs by path (a file system every node sees; hub models from each node's cache,
+offline) in the driver's working directory, writes its file through a ``.partial`` name as
+the local loop does, and returns its group's result. Ray retries a task whose worker died
+(``max_retries``); the retry rewrites the same ``.partial`` from its start, so the result
+is the same bytes. A task that meets a bad input returns the KenstreamError as a value
+(pickled whole: class, message, file, tensor, row); the driver cancels the other tasks,
+waits for them to delete their ``.partial`` files, and raises it, so the run ends with the
+local run's one line. Progress reaches the driver's one bar through a small actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+from .. import __version__
+from ..errors import ExecutorError, KenstreamError
+
+MAX_RETRIES = 3
+"""Times Ray runs a task again after its worker died (killed, out of memory, node lost)."""
+_POLL = 0.25  # seconds between progress refreshes while waiting for tasks
+_CANCEL_WAIT = 60.0  # seconds the driver waits for cancelled tasks to clean up
+_REGISTER_WAIT = 30.0  # seconds a task waits for the progress tally to come up
+
+
+def import_ray():
+    """The ray module, or ExecutorError (exit 2) saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ExecutorError("--executor ray needs the ray package, which is not installed",
+                            hint="pip install 'kenstream[ray]'") from None
+    return ray
+
+
+def run_ray(job, groups: list, todo: list, results: list, progress, *, address, quiet) -> None:
+    """Fill ``results[pos]`` for every ``pos`` in ``todo`` by running ``job.write`` on
+    ``groups[pos]`` in Ray tasks; see the module's docstring."""
+    ray = import_ray()
+    started = _connect(ray, address, quiet)
+    try:
+        if todo:
+            _drive(ray, job, groups, todo, results, progress)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _connect(ray, address, quiet) -> bool:
+    """Join a cluster unless this process already has; returns whether it joined here."""
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address, include_dashboard=False,
+                 logging_level=logging.ERROR if quiet else logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExecutorError(f"cannot start or reach a Ray cluster at {address or 'auto'}: "
+                            f"{first}", hint="check --ray-address and `ray status`") from None
+    return True
+
+
+def versions() -> dict:
+    """What the bytes of a shard depend on besides the inputs and the settings."""
+    import numba
+    import numpy
+    import zstandard
+
+    return {"kenstream": __version__, "zstandard": zstandard.__version__,
+            "numpy": numpy.__version__, "numba": numba.__version__}
+
+
+def _drive(ray, job, groups, todo, results, progress) -> None:
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    threads = max(1, min(job.threads, int(max(cpus, default=1))))  # fits on some node
+    job = replace(job, threads=threads)
+    limit = 2 * max(1, int(sum(cpus) // threads))  # keeps every worker fed, bounds the queue
+    task = ray.remote(run_group).options(num_cpus=threads, max_retries=MAX_RETRIES,
+                                         retry_exceptions=False)
+    # No bar on screen (--quiet, or stderr not a terminal): no tally, one process fewer.
+    tally = None if progress.disable else ray.remote(num_cpus=0)(Tally).remote()
+    shared = ray.put(job)
+    context = (os.getcwd(), versions())
+    waiting, running, shown, counted = deque(todo), {}, 0, 0
+    try:
+        while waiting or running:
+            while waiting and len(running) < limit:
+                pos = waiting.popleft()
+                running[task.remote(shared, pos, *groups[pos], tally, *context)] = pos
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=_POLL)
+            for ref in ready:
+                pos = running.pop(ref)
+                results[pos] = _result(ray, ref, groups[pos][0])
+                counted += job.params(groups[pos][1])
+            if tally is not None:
+                partial = ray.get(tally.snapshot.remote())
+                now = counted + sum(v for pos, v in partial.items() if pos in running.values())
+                if now > shown:
+                    progress.update(now - shown)
+                    shown = now
+    except BaseException:
+        _cancel(ray, running)
+        raise
+    finally:
+        if tally is not None:
+            ray.kill(tally)
+
+
+def _result(ray, ref, name):
+    """The task's result; its KenstreamError, or the error that ended it, raised here."""
+    try:
+        out = ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:  # not a KenstreamError: OSError, or a bug
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, Exception):
+            raise cause from exc
+        raise
+    except ray.exceptions.RayError as exc:  # the worker or its node died MAX_RETRIES + 1 times
+        raise ExecutorError(f"the Ray task writing {name} failed {MAX_RETRIES + 1} times "
+                            f"({type(exc).__name__})",
+                            hint="see the Ray logs; rerun with --resume") from None
+    if isinstance(out, Failed):
+        raise out.error
+    return out
+
+
+def _cancel(ray, running: dict) -> None:
+    """Cancel the tasks still running and wait (a while) until each has ended, so that
+    none is left writing, and every ``.partial`` a cancelled writer held is deleted."""
+    refs = list(running)
+    for ref in refs:
+        ray.cancel(ref)
+    deadline = time.monotonic() + _CANCEL_WAIT
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+        except Exception:  # cancelled, failed, or still ending: nothing more to do here
+            pass
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A task's KenstreamError, returned as a value: it is not retried, and reaches the
+    driver whole."""
+
+    error: KenstreamError
+
+
+def run_group(job, pos: int, name, group, tally, cwd: str, driver: dict):
+    """In a Ray worker: ``job.write`` for group ``pos`` (``name``, ``group``) of the plan.
+
+    Runs in the driver's working directory ``cwd`` (when this node has it), resolves hub
+    models offline, and refuses to write when this node's versions differ from the
+    driver's (``driver``), since bytes could then differ.
+    """
+    try:
+        mine = versions()
+        if mine != driver:
+            wrong = next(k for k in driver if mine.get(k) != driver[k])
+            raise ExecutorError(f"a Ray worker has {wrong} {mine.get(wrong)}, the driver "
+                                f"{driver[wrong]}; outputs would not be byte-identical",
+                                hint="install the same versions on every node")
+        with _working_dir(cwd), _offline(), job.session() as ctx:
+            return job.write(ctx, name, group, _Silent() if tally is None else Feed(tally, pos))
+    except KenstreamError as exc:
+        return Failed(exc)
+
+
+@contextmanager
+def _working_dir(cwd: str):
+    before = os.getcwd()
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+@contextmanager
+def _offline():
+    """Hub references resolve from this node's cache only: a worker never downloads."""
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
+
+
+class Tally:
+    """A Ray actor (no CPU) the tasks report to: parameters done per group (a retried
+    group's count never goes back) and the workers, as (node, pid), that ran it."""
+
+    def __init__(self):
+        self.done, self.workers = {}, {}
+
+    def report(self, pos: int, worker: tuple, done: int) -> None:
+        self.done[pos] = max(self.done.get(pos, 0), done)
+        seen = self.workers.setdefault(pos, [])
+        if worker not in seen:
+            seen.append(worker)
+
+    def snapshot(self) -> dict:
+        return dict(self.done)
+
+
+class _Silent:
+    """The progress of a task whose driver shows no bar."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+class Feed:
+    """The progress object a task's work updates. It registers the task's worker with the
+    tally before the work starts (waiting for it, so that the tally knows which worker
+    holds which group while it runs), then sends the running count the first time and at
+    most every ``every`` seconds (any thread may call). Progress is best effort: a tally
+    that cannot be reached never stops the work."""
+
+    def __init__(self, tally, pos: int, every: float = 0.2):
+        import ray
+
+        self.tally, self.pos, self.every = tally, pos, every
+        self.worker = (ray.get_runtime_context().get_node_id(), os.getpid())
+        self.done, self.sent = 0, None
+        self._lock = threading.Lock()
+        try:
+            ray.get(tally.report.remote(pos, self.worker, 0), timeout=_REGISTER_WAIT)
+        except (ray.exceptions.RayError, TimeoutError):
+            pass
+
+    def update(self, n: int = 1) -> None:
+        with self._lock:
+            self.done += int(n)
+            now = time.monotonic()
+            if self.sent is None or now - self.sent >= self.every:
+                self.sent = now
+                self.tally.report.remote(self.pos, self.worker, self.done)

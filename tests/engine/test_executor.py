@@ -1,0 +1,60 @@
+"""The executor switch without Ray: names are checked, ``ray`` is imported only when asked
+for and its absence is one line (exit 2) before any output exists, and a KenstreamError
+survives pickling whole (class, message, file, tensor, row, hint), as a Ray task returns
+it. The Ray executor itself is tested in ``test_ray.py``."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+
+import pytest
+import torch
+
+from kenstream.cli import main
+from kenstream.errors import NonFiniteError, OutputError, VerifyError
+from tests.ckpt import save_dir, toy_pair
+
+
+@pytest.fixture()
+def pair(tmp_path):
+    base, ft = toy_pair(torch.float32)
+    return save_dir(tmp_path / "base", base), save_dir(tmp_path / "ft", ft)
+
+
+def test_without_ray_installed_every_command_says_how_to_get_it(pair, tmp_path, capsys,
+                                                                monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    b, f = pair
+    out = tmp_path / "out"
+    for argv in (["compress", b, f, "-o", out, "--keep", "0.5"],
+                 ["rebuild", b, tmp_path, "-o", out],
+                 ["verify", tmp_path, "--base", b]):
+        assert main([str(a) for a in argv] + ["--executor", "ray", "-q"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: "), err
+        assert "pip install 'kenstream[ray]'" in err
+        assert not out.exists()
+    assert main(["compress", str(b), str(f), "-o", str(out), "--keep", "0.5", "-q"]) == 0
+
+
+def test_an_unknown_executor_is_refused(pair, tmp_path):
+    import kenstream
+    from kenstream.errors import ExecutorError
+
+    with pytest.raises(ExecutorError, match="unknown executor 'dask'"):
+        kenstream.compress(*pair, tmp_path / "out", keep=0.5, executor="dask")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("error", [
+    NonFiniteError("non-finite value", file="ft/model.safetensors", tensor="w", row=5),
+    OutputError.from_os(OSError(28, "No space left"), "write", file="d/kendiff.kdiff"),
+    VerifyError("1 mismatch(es)", file="d"),
+])
+def test_errors_pickle_whole(error):
+    error.report = {"ok": False}
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is type(error) and str(back) == str(error) and back.args == error.args
+    assert back.__dict__ == error.__dict__ and back.exit_code == error.exit_code
+
