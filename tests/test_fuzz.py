@@ -355,8 +355,19 @@ def made(tmp_path_factory):
 
 
 def rebuilt_state(directory: Path) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    """The rebuilt model: every tensor's bits, and every file but the card and the shards'
+    provenance (which name the diff's index, and so change with any edit of it)."""
+    from safetensors.torch import load_file
+
+    state = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(directory.iterdir()) if p.is_file() and not p.name.startswith(".")
+             and p.name != "README.md" and not p.name.endswith(".safetensors")}
+    for p in sorted(directory.glob("*.safetensors")):
+        for name, t in load_file(str(p)).items():
+            state[f"{p.name}:{name}"] = (str(t.dtype), tuple(t.shape),
+                                         hashlib.sha256(t.contiguous().view(-1).view(
+                                             torch.uint8).numpy().tobytes()).hexdigest())
+    return state
 
 
 def loaded_state(b, d) -> dict:

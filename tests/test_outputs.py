@@ -80,8 +80,9 @@ def test_overwrite_deletes_only_the_files_the_marker_lists(diff, capsys):
     out = d.parent / "rebuilt"
     assert cli(capsys, ["rebuild", b, d, "-o", out], [b, f, d])[0] == 0
     marker = json.loads((out / MARKER).read_text())
-    assert marker["files"] == sorted(["config.json", "kenstream-rebuild.partial.json",
-                                      "model.safetensors", "model.safetensors.index.json"])
+    assert marker["files"] == sorted(["README.md", "config.json",
+                                      "kenstream-rebuild.partial.json", "model.safetensors",
+                                      "model.safetensors.index.json"])
     (out / "model-00001-of-00002.safetensors").write_bytes(b"mine")
     (out / "notes.txt").write_text("mine")
     code, err = cli(capsys, ["rebuild", b, d, "-o", out, "--overwrite", "--shard-size", "300B"],

@@ -25,7 +25,7 @@ from ..progress import bar, say
 from ..settings import DEFAULT_TIES, DIFF_SHARD_SIZE, Settings, parse_size
 from ..text import printable
 from .align import align, tie_heads
-from .cards import diff_card
+from .cards import FINETUNED_CARD, card_license, diff_card
 from .executor import CompressJob, Source, check_executor, run_shards
 from .plan import make_items, plan_shards
 
@@ -140,8 +140,9 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
                             {n: [i.name for i in g] for n, g in shards},
                             list(command) if command is not None else None, version,
                             strict, None if coding is None else coding.to_json())
+        rename = {"README.md": FINETUNED_CARD}  # the diff's own README.md is its card
         files = [*shards.names, spec.INDEX_NAME, spec.PARTIAL_NAME, "README.md",
-                 *(p.name for p in extras)]
+                 *(rename.get(p.name, p.name) for p in extras)]
         check_executor(executor)
         with claim_output(out, inputs=[b, f], resume=resume, overwrite=overwrite,
                           plan=spec.PARTIAL_NAME, index=spec.INDEX_NAME, files=files) as claim:
@@ -161,12 +162,20 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
                 records = run_shards(job, list(shards), progress, executor=executor,
                                      handles=(f, b), resume=claim.state == "resume",
                                      ray_address=ray_address, quiet=quiet)
-            copy_files(extras, out)
-            write_text_atomic(out / "README.md", diff_card(plan.base, plan.command))
+            copy_files(extras, out, rename)
+            card = _read_card(extras)
+            write_text_atomic(out / "README.md", diff_card(plan.base, plan.command,
+                                                           card_license(card), card is not None))
             index = build_index(plan, alignment, items, records, shards)
             shards.write_index(spec.INDEX_NAME, index.to_json())
             partial.unlink(missing_ok=True)
     return index.to_json()
+
+
+def _read_card(extras) -> str | None:
+    """The text of the fine-tune's README.md among its companion files, if it has one."""
+    card = next((p for p in extras if p.name == "README.md"), None)
+    return None if card is None else card.read_text(encoding="utf-8", errors="replace")
 
 
 def _coding(version, level, frame_elems):

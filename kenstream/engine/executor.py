@@ -152,6 +152,7 @@ class RebuildJob:
     block_elems: int
     threads: int
     forced: bool  # the base was let through by --force (decode errors say so)
+    metadata: dict  # every file's __metadata__: the format and where the weights came from
 
     def params(self, group) -> int:
         return sum(self.counts[n] for n in group)
@@ -192,9 +193,10 @@ class RebuildJob:
             size = rec.params * rec.itemsize
             entries[tensor] = (rec.dtype, rec.shape, offset, offset + size)
             offset += size
-        reserve = len(header_bytes(entries, {"format": "pt"}))
+        reserve = len(header_bytes(entries, self.metadata))
         with self.shards.open(name, reserve, drop_behind=True) as writer:
-            _write_group(writer, group, d, b, progress, ring, self.block_elems, pool)
+            _write_group(writer, group, d, b, progress, ring, self.block_elems, pool,
+                         self.metadata)
         return {tensor: name for tensor in group}
 
     def merge(self, results) -> dict:

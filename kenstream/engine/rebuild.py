@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import dtypes, kernels
+from .. import __version__, dtypes, kernels
 from ..errors import OutputError
 from ..format import spec
 from ..format.plans import RebuildPlan
@@ -12,7 +12,8 @@ from ..io import safetensors_file
 from ..io.checkpoint import Checkpoint
 from ..io.diff_reader import DiffReader
 from ..io.extras import copy_files, extra_files
-from ..io.jsonfile import read_json_file, read_plan, write_json_atomic
+from ..io.fingerprint import sha256_file
+from ..io.jsonfile import read_json_file, read_plan, write_json_atomic, write_text_atomic
 from ..io.outputs import claim_output
 from ..io.safetensors_file import SafetensorsFile
 from ..io.writer import (BufferRing, ShardSet, WriteBehind, entry_cost, header_budget,
@@ -21,10 +22,14 @@ from ..progress import bar, say
 from ..settings import MODEL_SHARD_SIZE, parse_size
 from ..text import printable
 from .blocks import TensorBlocks, check_shapes
+from .cards import FINETUNED_CARD, rebuilt_card
 from .executor import RebuildJob, Source, check_executor, run_shards
 
 PARTIAL_NAME = "kenstream-rebuild.partial.json"
 INDEX_NAME = "model.safetensors.index.json"
+PROVENANCE_BOUND = {"format": "pt", "kenstream_version": "x" * 32,
+                    "kenstream_diff_sha256": "0" * 64}
+"""At least as long as the metadata every rebuilt shard carries (for header budgets)."""
 
 
 def load(base, diff, *, force: bool = False, verify_hashes: bool = True,
@@ -76,8 +81,8 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
     with DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
         records = d.records
         shards = _plan_files(out, records, limit, header_limit)
-        extras = extra_files(d.path)
-        files = [*shards.names, INDEX_NAME, PARTIAL_NAME, *(p.name for p in extras)]
+        extras = [p for p in extra_files(d.path) if p.name not in ("README.md", FINETUNED_CARD)]
+        files = [*shards.names, INDEX_NAME, PARTIAL_NAME, "README.md", *(p.name for p in extras)]
         check_executor(executor)
         with claim_output(out, inputs=[b, _DiffInput(d.path)], resume=resume,
                           overwrite=overwrite, plan=PARTIAL_NAME, index=INDEX_NAME,
@@ -105,15 +110,22 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
                 claim.record(files)
             else:
                 write_json_atomic(partial, plan.to_json())
-            # Config and tokenizer first: a run killed after the last shard's rename still
-            # leaves a loadable, complete model directory.
+            # Config, tokenizer and card first: a run killed after the last shard's rename
+            # still leaves a loadable, complete model directory.
             copy_files(extras, out)
+            diff_sha = sha256_file(d.path / spec.INDEX_NAME)
+            original = d.path / FINETUNED_CARD
+            write_text_atomic(out / "README.md", rebuilt_card(
+                d.index.to_json(), diff_sha, original.read_text(encoding="utf-8", errors="replace")
+                if original.is_file() else None))
+            metadata = {"format": "pt", "kenstream_version": __version__,
+                        "kenstream_diff_sha256": diff_sha}
             workers = kernels.get_threads() if threads is None else max(1, threads)
             largest = max((_first_block_bytes(r, d.index, block_elems)
                            for r in records.values()), default=0)
             counts = {n: r.params for n, r in records.items()}
             job = RebuildJob(shards, str(d.path), Source.of(b), counts, largest, block_elems,
-                             workers, d.forced_base)
+                             workers, d.forced_base, metadata)
             with bar(sum(counts.values()), "rebuild", quiet) as progress:
                 weight_map = run_shards(job, list(shards), progress, executor=executor,
                                         handles=(d, b), resume=claim.state == "resume",
@@ -129,7 +141,7 @@ def _plan_files(out, records, limit, header_limit) -> ShardSet:
     """Output shards by bytes, and by header bytes (at most ``header_limit``)."""
     if header_limit is None:
         header_limit = safetensors_file.MAX_HEADER_BYTES
-    cost, budget = header_budget(header_limit, len(header_bytes({}, {"format": "pt"})),
+    cost, budget = header_budget(header_limit, len(header_bytes({}, PROVENANCE_BOUND)),
                                  lambda n: n,
                                  lambda n: entry_cost(n, records[n].dtype, records[n].shape))
     return ShardSet.plan(out, records, lambda n: records[n].params * records[n].itemsize,
@@ -147,7 +159,7 @@ def _first_block_bytes(rec, index, block_elems: int) -> int:
 
 
 def _write_group(writer, group: list, d: DiffReader, b, progress, ring: BufferRing,
-                 block_elems: int, pool) -> None:
+                 block_elems: int, pool, metadata: dict) -> None:
     """Write the rebuilt tensors ``group`` into one safetensors file, streaming.
 
     Three things overlap: the disk reads the next blocks (prefetch, across tensor ends
@@ -174,7 +186,7 @@ def _write_group(writer, group: list, d: DiffReader, b, progress, ring: BufferRi
             behind.end(t.rec.shape)
             behind.after(t.release)
             behind.after(progress.update, t.rec.params)
-        behind.finish({"format": "pt"})
+        behind.finish(metadata)
 
 
 class _DiffInput:

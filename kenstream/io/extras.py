@@ -26,16 +26,26 @@ from ..format.spec import TEMP_SUFFIX
 from .safefs import create_exclusive, is_within, open_regular
 
 EXTRA_PATTERNS = (
-    "config.json", "generation_config.json", "tokenizer*.json", "tokenizer.model",
-    "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
-    "added_tokens.json", "preprocessor_config.json", "chat_template*",
+    "*.json", "tokenizer.model", "*.tiktoken", "*.txt", "chat_template*", "*.jinja",
+    "*.py", "*.md", "LICENSE*", "NOTICE*", "COPYING*", "USE_POLICY*",
 )
-"""Non-weight files a rebuilt model folder needs beside its weights."""
+"""Files of a model folder that travel beside its weights: configs (model, generation,
+processor, tokenizer), vocabularies and chat templates, custom code (``modeling_*.py``,
+``configuration_*.py``, so ``trust_remote_code`` models load), the card and the licence."""
+
+NOT_EXTRA = ("*.index.json", "kenstream-*.json")
+"""Files that match `EXTRA_PATTERNS` but are not companions: weight indexes (the weights
+are what a diff replaces) and kenstream's own records."""
+
+MAX_EXTRA_BYTES = 100 * 10**6
+"""A companion larger than this (a data set left in a model folder) is skipped with a
+warning rather than copied."""
 
 
 def is_extra(name: str) -> bool:
-    """Whether ``name`` is a config / tokenizer file copied beside the weights."""
-    return any(fnmatch.fnmatchcase(name, p) for p in EXTRA_PATTERNS)
+    """Whether ``name`` is a file copied beside the weights."""
+    return (any(fnmatch.fnmatchcase(name, p) for p in EXTRA_PATTERNS)
+            and not any(fnmatch.fnmatchcase(name, p) for p in NOT_EXTRA))
 
 
 def link_roots(folder: Path) -> list:
@@ -73,17 +83,22 @@ def extra_files(folder) -> list:
             if not stat.S_ISDIR(st.st_mode):
                 warnings.warn(f"{path}: not a regular file; not copied", stacklevel=2)
             continue
+        if st.st_size > MAX_EXTRA_BYTES:
+            warnings.warn(f"{path}: {st.st_size:,} bytes, too large for a file beside the "
+                          "weights; not copied", stacklevel=2)
+            continue
         found.append(path)
     return found
 
 
-def copy_files(paths, out: Path) -> None:
-    """Copy files into ``out``, each through a fresh temporary name, renamed when complete.
+def copy_files(paths, out: Path, rename: dict | None = None) -> None:
+    """Copy files into ``out``, each through a fresh temporary name, renamed when complete;
+    ``rename`` maps a source name to the name it gets in ``out``.
 
     The copy's mode is 0644 narrowed to the source's read permissions (a 0600 source gives
     a 0600 copy), then masked by the umask."""
     for src in paths:
-        dst = Path(out) / Path(src).name
+        dst = Path(out) / (rename or {}).get(Path(src).name, Path(src).name)
         temp = dst.with_name(dst.name + TEMP_SUFFIX)
         with os.fdopen(open_regular(src, error=CheckpointError), "rb") as fin:
             mode = 0o644 & (os.fstat(fin.fileno()).st_mode | 0o600)

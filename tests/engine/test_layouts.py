@@ -183,3 +183,46 @@ def test_conv_kernels_keep_one_row_per_output_channel(tmp_path):
     assert (index["tensors"]["conv1.weight"]["rows"], index["tensors"]["conv1.weight"]["cols"]) \
         == (8, 27)
     assert index["tensors"]["block.conv.weight"]["rows"] == 8  # 3-D, named conv
+
+
+def test_a_published_folder_keeps_its_card_licence_and_code(tmp_path):
+    """What a hub folder holds beside its weights travels: the diff carries the licence,
+    custom code and the processor config, and keeps the fine-tune's card apart from its
+    own; the rebuilt folder has them all, a card saying where it came from, and shard
+    metadata naming kenstream and the diff."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(8)
+    base = {"w": _noise(g, 16, 32)}
+    b = save_dir(tmp_path / "b", base)
+    f = save_dir(tmp_path / "f", {"w": base["w"] + _noise(g, 16, 32, std=1e-3)})
+    extras = {"LICENSE": "Apache License 2.0\n", "modeling_toy.py": "class Toy: ...\n",
+              "configuration_toy.py": "class ToyConfig: ...\n",
+              "processor_config.json": '{"processor_class": "ToyProcessor"}\n',
+              "README.md": "---\nlicense: apache-2.0\ntags:\n- toy\n---\n\n# Toy chat model\n"}
+    for name, text in extras.items():
+        (f / name).write_text(text)
+    (f / "training_data.bin").write_bytes(b"\0" * 1000)  # not a companion: not copied
+    d, out = tmp_path / "d", tmp_path / "out"
+    kenstream.compress(b, f, d, keep=0.5, quiet=True)
+    for name in ("LICENSE", "modeling_toy.py", "configuration_toy.py", "processor_config.json"):
+        assert (d / name).read_text() == extras[name], name
+    assert (d / "README.finetuned.md").read_text() == extras["README.md"]
+    card = (d / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and 'license: "apache-2.0"' in card
+    assert not (d / "training_data.bin").exists()
+    kenstream.rebuild(b, d, out, quiet=True)
+    for name in ("LICENSE", "modeling_toy.py", "configuration_toy.py", "processor_config.json",
+                 "config.json"):
+        assert (out / name).read_text() == (f / name).read_text(), name
+    assert not (out / "README.finetuned.md").exists()
+    rebuilt = (out / "README.md").read_text()
+    diff_sha = hashlib.sha256((d / "kenstream-diff.json").read_bytes()).hexdigest()
+    assert 'license: "apache-2.0"' in rebuilt and diff_sha in rebuilt
+    assert rebuilt.rstrip().endswith("# Toy chat model")
+    with safe_open(str(out / "model.safetensors"), "pt") as sf:
+        meta = sf.metadata()
+    assert meta["format"] == "pt" and meta["kenstream_diff_sha256"] == diff_sha
+    assert meta["kenstream_version"] == kenstream.__version__
