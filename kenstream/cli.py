@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 
@@ -17,6 +18,34 @@ from .reports import human, print_info, print_verify
 from .format.spec import DEFAULT_LEVEL, FORMAT_VERSION, READ_VERSIONS
 from .settings import DEFAULT_TIES, DIFF_SHARD_SIZE, METHODS, MODEL_SHARD_SIZE, TIES
 from .text import printable
+
+
+class _Help(argparse.HelpFormatter):
+    """Help that states every default: ``(default: X)`` after an option's text, unless the
+    default is nothing (None, False) or the text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default is argparse.SUPPRESS
+                or "default" in text or not action.option_strings):
+            return text
+        return f"{text} (default: {default})" if text else f"(default: {default})"
+
+
+METHOD_HELP = ("ken (default): the KEN rule, k values a row matched to an even grid over the "
+               "row's kernel density; delta: the k largest changes |ft - base| a row; "
+               "magnitude: the k largest |ft| a row; random: k seeded random positions a "
+               "row (delta, magnitude and random are baselines)")
+
+
+def _keep(text) -> float:
+    """``--keep``: a fraction (0.25) or a percentage (25%)."""
+    t = text.strip()
+    try:
+        return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction such as 0.25 or 25%")
 
 
 def _common(p):
@@ -39,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "exact sparse diff, streaming tensor by tensor.")
     parser.add_argument("--version", action="version", version=f"kenstream {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    plain_add = sub.add_parser
+
+    def add_parser(name, **kw):
+        kw.setdefault("formatter_class", _Help)
+        return plain_add(name, **kw)
+
+    sub.add_parser = add_parser
 
     p = sub.add_parser("compress", help="prune FINETUNED against BASE into a diff directory")
     p.add_argument("base", help="base checkpoint: directory, .safetensors/.bin file or org/name[@rev]")
@@ -46,17 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="diff directory to write")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--k", type=int, help="grid points (kept values) per row")
-    g.add_argument("--keep", type=float, help="fraction of each row to keep, e.g. 0.5")
+    g.add_argument("--keep", type=_keep, help="share of each row to keep: 0.25 or 25%%")
     p.add_argument("--ties", choices=TIES, default=DEFAULT_TIES,
                    help="scrambled (default): exactly k per row, equal distances by a seeded "
                         "per-row order; positions: exactly k per row, equal distances to the "
                         "lowest column (the golden-vector rule, biased on bf16); values: also "
                         "keep every copy of a kept value")
-    p.add_argument("--method", choices=METHODS, default="ken")
+    p.add_argument("--method", choices=METHODS, default="ken", help=METHOD_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed for --method random and --ties scrambled")
     p.add_argument("--include", metavar="REGEX", help="select only tensors whose name matches")
     p.add_argument("--exclude", metavar="REGEX", help="store whole the tensors whose name matches")
-    p.add_argument("-j", "--threads", type=int, default=None, help="selection threads")
+    p.add_argument("-j", "--threads", type=int, default=None,
+                   help="selection threads (default: every core)")
     p.add_argument("--shard-size", default=DIFF_SHARD_SIZE,
                    help="maximum diff shard size (e.g. 500MB)")
     p.add_argument("--level", type=int, default=DEFAULT_LEVEL,
@@ -69,26 +106,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-resume", action="store_true",
                    help="record full sha256 hashes of the inputs, so that --resume refuses "
                         "inputs changed anywhere (costs one extra read of the inputs)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output written by kenstream")
     _executor(p)
     _common(p)
 
     p = sub.add_parser("rebuild", help="write base + diff as a model directory")
-    p.add_argument("base")
-    p.add_argument("diff")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--shard-size", default=MODEL_SHARD_SIZE)
+    p.add_argument("base", help="the base the diff was made against (same forms as for "
+                                "compress)")
+    p.add_argument("diff", help="diff directory written by compress")
+    p.add_argument("-o", "--output", required=True, help="model directory to write")
+    p.add_argument("--shard-size", default=MODEL_SHARD_SIZE,
+                   help="maximum shard size of the rebuilt model (e.g. 5GB, 500M)")
     p.add_argument("-j", "--threads", type=int, default=None,
                    help="blocks decoded at once (default: every core)")
     p.add_argument("--force", action="store_true", help="rebuild even if the base differs")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="finish an interrupted rebuild, keeping the shards already written")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output written by kenstream")
     _executor(p)
     _common(p)
 
     p = sub.add_parser("verify", help="check a diff's hashes, its base, and kept values")
-    p.add_argument("diff")
-    p.add_argument("--base", required=True)
+    p.add_argument("diff", help="diff directory to check")
+    p.add_argument("--base", required=True, help="the base the diff was made against")
     p.add_argument("--finetuned", help="also compare every kept value with this fine-tune")
     p.add_argument("--force", action="store_true", help="verify even if the base differs")
     p.add_argument("-j", "--threads", type=int, default=None,
@@ -98,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("info", help="summarise a diff")
-    p.add_argument("diff")
+    p.add_argument("diff", help="diff directory to summarise")
     p.add_argument("--tensors", action="store_true",
                    help="also list every tensor: kept share and bytes of positions and values")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
@@ -107,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run compress, info, rebuild and verify on a built-in example")
     p.add_argument("directory", nargs="?", default="kenstream-demo",
                    help="where to put the example (default ./kenstream-demo)")
-    p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--keep", type=_keep, default=0.5, help="share of each row to keep")
     _common(p)
 
     from .viz.cli import add_parser as add_viz
@@ -232,6 +274,12 @@ def main(argv=None) -> int:
                 raise
             print(f"error: {printable(exc)}", file=sys.stderr)
             return exc.exit_code
+        except BrokenPipeError:
+            # The reader went away (`info --json | head -1`): nothing is wrong with the
+            # run. Point stdout at /dev/null so the interpreter's final flush is quiet.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 141
         except OSError as exc:
             if debug:
                 raise

@@ -66,19 +66,8 @@ def _resumed_plan(plan: CompressPlan, partial: Path) -> CompressPlan:
     except DiffError as exc:
         raise OutputError(f"--resume: {exc.message}", file=partial,
                           hint="delete the output directory and start again") from None
-    checks = (("settings", "selection settings"), ("shard_size", "--shard-size values"),
-              ("format_version", "format versions"), ("coding", "--level or frame sizes"),
-              ("base", "base files"), ("finetuned", "fine-tune files"), ("shards", "shard plans"),
-              ("strict", "--strict-resume settings"))
-    for key, what in checks:
-        was, now = getattr(previous, key), getattr(plan, key)
-        if key in ("base", "finetuned"):  # the same files, however the path is spelled
-            was, now = was.get("files"), now.get("files")
-        if key == "strict":  # recorded or not; the hashes themselves are compared below
-            was, now = was is not None, now is not None
-        if was != now:
-            raise OutputError(f"--resume: the {what} differ from the interrupted run's",
-                              file=partial, hint="repeat the original command with --resume")
+    _check_same(previous, plan, partial, "the interrupted run's",
+                "repeat the original command with --resume")
     for side in ("base", "finetuned"):
         for name, digest in sorted((plan.strict or {}).get(side, {}).items()):
             if previous.strict.get(side, {}).get(name) != digest:
@@ -88,6 +77,58 @@ def _resumed_plan(plan: CompressPlan, partial: Path) -> CompressPlan:
     return CompressPlan(plan.settings, plan.shard_size, previous.base, previous.finetuned,
                         plan.shards, previous.command, plan.format_version, plan.strict,
                         plan.coding)
+
+
+_CHECKS = (("settings", "selection settings"), ("shard_size", "--shard-size values"),
+           ("format_version", "format versions"), ("coding", "--level or frame sizes"),
+           ("base", "base files"), ("finetuned", "fine-tune files"), ("shards", "shard plans"),
+           ("strict", "--strict-resume settings"))
+
+
+def _check_same(previous: CompressPlan, plan: CompressPlan, path: Path, theirs: str,
+                hint: str, keys=None) -> None:
+    """Refuse (OutputError naming the first setting that differs) unless ``plan`` would
+    make what ``previous`` made or was making."""
+    for key, what in _CHECKS:
+        if keys is not None and key not in keys:
+            continue
+        was, now = getattr(previous, key), getattr(plan, key)
+        if key in ("base", "finetuned"):  # the same files, however the path is spelled
+            was, now = was.get("files"), now.get("files")
+        if key == "strict":  # recorded or not; the hashes themselves are compared apart
+            was, now = was is not None, now is not None
+        if was == now:
+            continue
+        if key in ("settings", "coding") and isinstance(was, dict) and isinstance(now, dict):
+            name = next(n for n in sorted(set(was) | set(now)) if was.get(n) != now.get(n))
+            kind = "selection" if key == "settings" else "coding"
+            raise OutputError(f"--resume: {kind} setting {name} is {now.get(name)!r} here "
+                              f"but {was.get(name)!r} in {theirs}", file=path, hint=hint)
+        if key in ("shard_size", "format_version"):
+            raise OutputError(f"--resume: {key.replace('_', ' ')} is {now!r} here but "
+                              f"{was!r} in {theirs}", file=path, hint=hint)
+        raise OutputError(f"--resume: the {what} differ from {theirs}", file=path, hint=hint)
+
+
+def _check_finished(plan: CompressPlan, index_path: Path) -> dict:
+    """The index of a finished diff that ``--resume`` met, after checking that this run
+    asked for what it holds (a resume with other settings must not report success)."""
+    obj = read_json_file(index_path)
+    try:
+        index = DiffIndex.from_json(obj)
+    except DiffError as exc:
+        raise OutputError(f"--resume: {exc.message}", file=index_path,
+                          hint="use --overwrite to replace it") from None
+    finished = CompressPlan(index.selection.to_json(), index.shard_size, index.base.to_json(),
+                            None if index.finetuned is None else index.finetuned.to_json(),
+                            {}, index.command, index.format_version, None,
+                            None if index.coding is None else index.coding.to_json())
+    keys = {"settings", "shard_size", "format_version", "coding", "base"}
+    if finished.finetuned is not None:
+        keys.add("finetuned")
+    _check_same(finished, plan, index_path, "the finished diff",
+                "use --overwrite to replace it, or another -o", keys)
+    return obj
 
 
 def _full_hashes(ckpt) -> dict:
@@ -147,8 +188,9 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
         with claim_output(out, inputs=[b, f], resume=resume, overwrite=overwrite,
                           plan=spec.PARTIAL_NAME, index=spec.INDEX_NAME, files=files) as claim:
             if claim.state == "complete":
+                index = _check_finished(plan, out / spec.INDEX_NAME)
                 say(f"{printable(out)} is already a complete diff; nothing to resume", quiet)
-                return read_json_file(out / spec.INDEX_NAME)
+                return index
             partial = out / spec.PARTIAL_NAME
             if claim.state == "resume":
                 plan = _resumed_plan(plan, partial)

@@ -129,7 +129,35 @@ def make_items(ft, base, alignment, settings, *, version: int = spec.FORMAT_VERS
                             file=ft.root)
     for message in reshaped:
         warnings.warn(message, stacklevel=2)
+    for message in _setting_warnings(items, settings):
+        warnings.warn(message, stacklevel=2)
     return items
+
+
+def _setting_warnings(items, settings) -> list:
+    """Lines for settings that do not do what they seem to ask: a ``--k`` or ``--keep``
+    that keeps whole rows or a single value a row, an ``--include`` that selects nothing."""
+    selected = [i for i in items if i.action == "select"]
+    out = []
+    if settings.include is not None and not selected:
+        out.append(f"--include {settings.include!r} selects no tensor: every changed tensor "
+                   "is stored whole")
+    asked_whole = settings.keep is not None and settings.keep >= 1
+    whole = [i for i in selected if i.k >= i.cols and i.cols > 1 and not asked_whole]
+    if whole:
+        what = f"--k {settings.k}" if settings.k is not None else f"--keep {settings.keep}"
+        out.append(f"{what} keeps every value of {len(whole)} of {len(selected)} selected "
+                   f"tensors (rows of at most {max(i.cols for i in whole):,} values, e.g. "
+                   f"{whole[0].name}): they are stored whole")
+    if settings.keep is not None:
+        single = [i for i in selected if i.k == 1 and i.cols > 1]
+        if single:
+            over = [i for i in single if settings.keep * i.cols < 0.5]
+            extra = (f"; {len(over)} of them keep more than the {settings.keep:g} asked"
+                     if over else "")
+            out.append(f"--keep {settings.keep:g} keeps one value a row in {len(single)} "
+                       f"tensors (e.g. {single[0].name}, rows of {single[0].cols:,})" + extra)
+    return out
 
 
 def plan_shards(out, items, shard_size: int, ties: str = "positions",

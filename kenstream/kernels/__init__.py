@@ -14,9 +14,17 @@ import numpy as np
 from ..errors import MismatchError, SelectionError
 from ..settings import METHODS, TIES
 from ._inputs import as_array, check_k, check_out, check_row_offset, check_ties
-from ._jit import get_threads, threads
+from ._jit import cached, get_threads, threads
 
-__all__ = ["METHODS", "TIES", "get_threads", "select", "threads"]
+__all__ = ["METHODS", "TIES", "compiled", "get_threads", "select", "threads"]
+
+
+def compiled() -> bool:
+    """Whether the KEN kernel is in numba's on-disk cache (else the first selection in
+    this process compiles the kernels, about 20 s)."""
+    from ._ken import mask_rows
+
+    return cached(mask_rows)
 
 
 def select(method: str, ft_rows, k: int, *, base_rows=None, ties: str = "positions",

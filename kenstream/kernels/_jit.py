@@ -40,3 +40,16 @@ def threads(count: int | None):
         yield
     finally:
         numba.set_num_threads(before)
+
+
+def cached(dispatcher) -> bool:
+    """Whether numba's on-disk cache holds an index for ``dispatcher`` (a ``cache=True``
+    kernel): False means its first call in this process compiles it (seconds). Reads
+    numba's cache locator, which numba does not document as public; when that is not
+    there, says True rather than warn for nothing."""
+    try:
+        import os
+
+        return os.path.exists(dispatcher._cache._cache_file._index_path)
+    except AttributeError:
+        return True

@@ -20,14 +20,17 @@ def add_parser(sub, common):
     p.add_argument("--tensor", metavar="NAME",
                    help="tensor to draw; for --view layers a name with {n} for the layer "
                         "number, or any one layer's name (not needed for summary)")
-    p.add_argument("--view", choices=VIEWS, default="matrix")
+    p.add_argument("--view", choices=VIEWS, default="matrix",
+                   help="matrix: the kept positions of one tensor; neighbors: how many kept "
+                        "neighbours each kept position has; layers: one tensor across the "
+                        "layers; summary: kept share and bytes of every tensor")
     p.add_argument("-o", "--output", required=True, metavar="FILE.png",
                    help="picture to write (.png, .svg or .pdf)")
     p.add_argument("--base", help="base checkpoint: colour kept values by --color")
     p.add_argument("--color", choices=COLORS, default="value",
                    help="with --base: the fine-tuned value, or its change from the base")
     p.add_argument("--max-pixels", type=int, default=1024, metavar="N",
-                   help="pixels per side before positions are drawn in blocks (default 1024)")
+                   help="pixels per side before positions are drawn in blocks")
     p.add_argument("--raw", action="store_true",
                    help="matrix/neighbors: write only the image, one pixel per (block of) "
                         "position(s), no axes")

@@ -1,0 +1,204 @@
+"""What a user trips over (issue 14): --help states defaults and explains choices, 25% is a
+share, a finished diff refuses a --resume with other settings, settings that do not do what
+they seem to ask are warned about, a closed pipe is no error, and the demo says it compiles
+only when it will."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kenstream
+from kenstream.cli import build_parser, main
+from kenstream.settings import METHODS
+from tests.ckpt import save_dir, toy_pair
+
+
+@pytest.fixture()
+def pair(tmp_path):
+    base, ft = toy_pair(torch.float32)
+    return save_dir(tmp_path / "base", base), save_dir(tmp_path / "ft", ft)
+
+
+def _subparsers(parser):
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def _option_block(text: str, flag: str) -> str:
+    """The help lines of the option spelled ``flag`` (up to the next option)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines)
+                 if line.strip().startswith(flag) or f", {flag}" in line)
+    end = start + 1
+    while end < len(lines) and not lines[end].strip().startswith("-"):
+        end += 1
+    return " ".join(" ".join(lines[start:end]).split())
+
+
+@pytest.mark.parametrize("command", ["compress", "rebuild", "verify", "info", "demo", "viz"])
+def test_help_states_every_default_and_explains_every_option(command, capsys):
+    sub = _subparsers(build_parser())[command]
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    for action in sub._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{command} {action.option_strings[0]} has no help text"
+        default = action.default
+        if default is None or default is False:
+            continue
+        block = _option_block(text, action.option_strings[-1])
+        assert "default" in block and str(default) in block, (command, block)
+
+
+def test_method_help_explains_every_choice(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    block = _option_block(capsys.readouterr().out, "--method")
+    for method in METHODS:
+        assert f"{method}:" in block or f"{method} (default):" in block, method
+
+
+def test_keep_takes_a_percentage(pair, tmp_path):
+    b, f = pair
+    a, c = tmp_path / "a", tmp_path / "c"
+    assert main(["compress", str(b), str(f), "-o", str(a), "--keep", "25%", "-q"]) == 0
+    assert main(["compress", str(b), str(f), "-o", str(c), "--keep", "0.25", "-q"]) == 0
+    for name in ("kenstream-diff.json",):
+        one, two = (json.loads((d / name).read_text()) for d in (a, c))
+        assert one["selection"] == two["selection"] and one["selection"]["keep"] == 0.25
+    assert sorted(p.name for p in a.glob("*.safetensors")) == \
+        sorted(p.name for p in c.glob("*.safetensors"))
+    for p in a.glob("*.safetensors"):
+        assert p.read_bytes() == (c / p.name).read_bytes()
+
+
+def test_keep_refuses_what_is_no_share(pair, tmp_path, capsys):
+    b, f = pair
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", str(b), str(f), "-o", str(tmp_path / "d"), "--keep", "a quarter"])
+    assert exc.value.code == 2
+    assert "0.25 or 25%" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--keep", "0.5"], "selection setting keep is 0.5 here but 0.3"),
+    (["--keep", "0.3", "--ties", "positions"], "selection setting ties"),
+    (["--keep", "0.3", "--level", "5"], "coding setting level is 5 here but"),
+    (["--keep", "0.3", "--shard-size", "1GB"], "shard size is 1000000000 here"),
+    (["--keep", "0.3", "--format-version", "1"], "format version is 1 here but 2"),
+])
+def test_resume_of_a_finished_diff_with_other_settings_refuses(pair, tmp_path, capsys, change,
+                                                                named):
+    b, f = pair
+    d = tmp_path / "diff"
+    assert main(["compress", str(b), str(f), "-o", str(d), "--keep", "0.3", "-q"]) == 0
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    capsys.readouterr()
+    assert main(["compress", str(b), str(f), "-o", str(d), *change, "--resume", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and named in err, err
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
+def test_resume_of_a_finished_diff_with_another_base_refuses(pair, tmp_path, capsys):
+    b, f = pair
+    d = tmp_path / "diff"
+    assert main(["compress", str(b), str(f), "-o", str(d), "--keep", "0.3", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["compress", str(f), str(f), "-o", str(d), "--keep", "0.3", "--resume",
+                 "-q"]) == 2
+    assert "the base files differ from the finished diff" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_diff_with_the_same_settings_is_a_no_op(pair, tmp_path, capsys):
+    b, f = pair
+    d = tmp_path / "diff"
+    assert main(["compress", str(b), str(f), "-o", str(d), "--keep", "0.3", "-q"]) == 0
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    assert main(["compress", str(b), str(f), "-o", str(d), "--keep", "30%", "--resume"]) == 0
+    out = capsys.readouterr()
+    assert "already a complete diff" in out.err and "wrote" in out.out
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
+def _warnings(argv, capsys) -> list:
+    assert main(argv) == 0
+    return [line for line in capsys.readouterr().err.splitlines()
+            if line.startswith("warning: ")]
+
+
+def test_warns_when_k_keeps_whole_rows(pair, tmp_path, capsys):
+    """toy_pair's rows have 24 values, but for the conv's (35)."""
+    b, f = pair
+    lines = _warnings(["compress", str(b), str(f), "-o", str(tmp_path / "d"), "--k", "24",
+                       "-q"], capsys)
+    whole = [line for line in lines if "keeps every value" in line]
+    assert len(whole) == 1 and "--k 24" in whole[0]
+    index = json.loads((tmp_path / "d" / "kenstream-diff.json").read_text())
+    # The plan counts the float tensors it would select, also those found identical later.
+    selected = [r for r in index["tensors"].values() if r["reason"] == "selected"
+                or (r["reason"] == "identical" and r["dtype"] in ("F32", "F16", "BF16"))]
+    short = [r for r in selected if 1 < r["cols"] <= 24]
+    assert 0 < len(short) and f"of {len(short)} of {len(selected)} selected" in whole[0]
+    assert not _warnings(["compress", str(b), str(f), "-o", str(tmp_path / "e"), "--k", "3",
+                          "-q"], capsys)
+
+
+def test_warns_when_keep_leaves_one_value_a_row(pair, tmp_path, capsys):
+    b, f = pair
+    lines = _warnings(["compress", str(b), str(f), "-o", str(tmp_path / "d"), "--keep",
+                       "0.01", "-q"], capsys)
+    single = [line for line in lines if "keeps one value a row" in line]
+    assert len(single) == 1 and "keep more than the 0.01 asked" in single[0]
+    assert not _warnings(["compress", str(b), str(f), "-o", str(tmp_path / "e"), "--keep",
+                          "0.5", "-q"], capsys)
+
+
+def test_warns_when_include_selects_nothing(pair, tmp_path, capsys):
+    b, f = pair
+    lines = _warnings(["compress", str(b), str(f), "-o", str(tmp_path / "d"), "--keep", "0.5",
+                       "--include", "no-such-tensor", "-q"], capsys)
+    assert any("--include 'no-such-tensor' selects no tensor" in line for line in lines)
+    assert not _warnings(["compress", str(b), str(f), "-o", str(tmp_path / "e"), "--keep",
+                          "0.5", "--include", "mlp", "-q"], capsys)
+
+
+def test_a_closed_pipe_is_no_error(pair, tmp_path):
+    """``kenstream info --json | head -1``: the reader leaves; exit 141 (as a shell reports
+    SIGPIPE), nothing on stderr."""
+    b, f = pair
+    d = tmp_path / "diff"
+    assert main(["compress", str(b), str(f), "-o", str(d), "--keep", "0.3", "-q"]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "kenstream", "info", str(d), "--json",
+                             "--tensors"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the program has written anything: its first write fails
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""
+
+
+def test_compiled_reads_numba_cache(tmp_path):
+    kenstream.kernels.select("ken", torch.randn(2, 8).numpy(), 3)  # compiled and cached now
+    assert kenstream.kernels.compiled() is True
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "empty-cache"))
+    out = subprocess.run([sys.executable, "-c", "import kenstream.kernels as k; "
+                          "print(k.compiled())"], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("cold", [True, False])
+def test_demo_says_it_compiles_only_when_it_will(tmp_path, capsys, monkeypatch, cold):
+    monkeypatch.setattr(kenstream.kernels, "compiled", lambda: not cold)
+    assert main(["demo", str(tmp_path / "demo"), "-q"]) == 0
+    assert ("compiles the kernels" in capsys.readouterr().out) is cold
