@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import zlib
 
-from .. import kernels
+from .. import dtypes, kernels
 from ..errors import KenstreamError
 from ..format import spec
 from ..format.layout import header_reserve
@@ -65,14 +65,19 @@ def _tensor(sink, item, following, ft, base, settings, block_elems) -> None:
         sink.stored(item, rows, base_rows)
         return
     whole = item.k >= item.cols and not sink.needs_kernel_for_full_rows
+    with_base = _reads_base(sink, settings)
     ranges = sink.blocks(item)
     for n, (r0, r1) in enumerate(ranges):
-        # The disk reads what comes next while this block computes: the next block,
-        # or the next tensor's first block and the head of its base.
+        # The disk reads what comes next while this block computes: the next block (and
+        # its base rows, when the sink or the rule reads them), or the next tensor's first
+        # block and the head of its base.
         if n + 1 < len(ranges):
-            rows.prefetch(*ranges[n + 1])
+            s0, s1 = ranges[n + 1]
+            rows.prefetch(s0, s1)
+            if with_base and s0 < item.with_base:
+                base_rows.prefetch(s0, min(s1, item.with_base))
         elif following is not None:
-            _prefetch_start(following, ft, base, sink)
+            _prefetch_start(following, ft, base, sink, with_base)
         if r0 >= item.with_base:  # a resized tensor's new rows: kept whole, no base
             sink.block(item, rows, None, r0, r1, None)
             continue
@@ -91,9 +96,21 @@ def _select(item, rows, base_rows, r0, r1, settings):
         raise exc.located(file=rows.info.file, tensor=item.name)
 
 
-def _prefetch_start(item, ft, base, sink) -> None:
-    """Start reading the first block of ``item`` and enough of its base for `identical`."""
+def _reads_base(sink, settings) -> bool:
+    """Whether a selected block's base rows are read: format 2 codes every kept value
+    against its base; the rules other than KEN compare with the base."""
+    return sink.version >= 2 or settings.method != "ken"
+
+
+def _prefetch_start(item, ft, base, sink, with_base: bool) -> None:
+    """Start reading the first block of ``item`` and of its base (or, when the base rows
+    are not read, just enough of it for `identical`)."""
     r0, r1 = sink.blocks(item)[0]
     TensorRows(ft, item.name, item.rows, item.cols).prefetch(r0, r1)
-    if item.base_name is not None:
-        base.prefetch(item.base_name, 0, 1 << 18)
+    if item.base_name is None:
+        return
+    head = 0
+    if with_base:
+        info = base.info(item.base_name)
+        head = min(r1, item.with_base) * item.cols * dtypes.itemsize(info.dtype)
+    base.prefetch(item.base_name, 0, max(1 << 18, head))
