@@ -16,7 +16,8 @@ from . import __version__
 from .errors import KenstreamError, OutputError
 from .reports import human, print_info, print_verify
 from .format.spec import DEFAULT_LEVEL, FORMAT_VERSION, READ_VERSIONS
-from .settings import DEFAULT_TIES, DIFF_SHARD_SIZE, METHODS, MODEL_SHARD_SIZE, TIES
+from .settings import (BUDGETS, DEFAULT_TIES, DIFF_SHARD_SIZE, METHODS, MODEL_SHARD_SIZE,
+                       TIES)
 from .text import printable
 
 
@@ -37,6 +38,14 @@ METHOD_HELP = ("ken (default): the KEN rule, k values a row matched to an even g
                "row's kernel density; delta: the k largest changes |ft - base| a row; "
                "magnitude: the k largest |ft| a row; random: k seeded random positions a "
                "row (delta, magnitude and random are baselines)")
+
+
+BUDGET_HELP = ("how the keep is shared: row (default): every row keeps its k; tensor: a "
+               "tensor's total (keep x its values) goes to its highest scores, whatever the "
+               "row; global: the total of every selected tensor goes to the highest scores "
+               "of all of them, each tensor's scores divided by their root mean square "
+               "(delta, magnitude and random only; format 2; costs one more read of the "
+               "selected tensors)")
 
 
 def _keep(text) -> float:
@@ -89,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "lowest column (the golden-vector rule, biased on bf16); values: also "
                         "keep every copy of a kept value")
     p.add_argument("--method", choices=METHODS, default="ken", help=METHOD_HELP)
+    p.add_argument("--budget", choices=BUDGETS, default="row", help=BUDGET_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed for --method random and --ties scrambled")
     p.add_argument("--include", metavar="REGEX", help="select only tensors whose name matches")
     p.add_argument("--exclude", metavar="REGEX", help="store whole the tensors whose name matches")
@@ -193,7 +203,8 @@ def _run(args, argv) -> int:
                             format_version=args.format_version, resume=args.resume,
                             strict_resume=args.strict_resume, overwrite=args.overwrite,
                             quiet=args.quiet, command=["kenstream"] + _recorded(argv),
-                            executor=args.executor, ray_address=args.ray_address)
+                            executor=args.executor, ray_address=args.ray_address,
+                            budget=args.budget)
         t = index["totals"]
         if not args.quiet:
             print(f"wrote {printable(args.output)}: kept {t['kept']:,} of {t['selected']:,} "

@@ -7,6 +7,7 @@ settings, so an interrupted run and its ``--resume`` agree on every shard's cont
 from __future__ import annotations
 
 import warnings
+import zlib
 from dataclasses import dataclass
 
 from .. import dtypes
@@ -18,6 +19,11 @@ from ..io.writer import ShardSet, header_budget
 
 # Float dtypes the selection kernels read; F8 tensors are compared and stored whole.
 SELECTABLE = ("F64", "F32", "F16", "BF16")
+
+
+def tensor_salt(name: str) -> int:
+    """Per-tensor salt of the rules that draw: tensors of one shape get different masks."""
+    return zlib.crc32(name.encode("utf-8", "surrogatepass"))
 
 
 @dataclass(frozen=True)
