@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--k", type=int, help="grid points (kept values) per row")
     g.add_argument("--keep", type=_keep, help="share of each row to keep: 0.25 or 25%%")
+    g.add_argument("--size", metavar="BYTES|N%",
+                   help="the diff's size instead: 300MB, 1.5G, or 10%% of the fine-tune's "
+                        "bytes; kenstream compresses, measures and corrects the keep until "
+                        "the diff is within 98-100%% of it (usually 3 to 5 passes, at most 9) "
+                        "and prints the keep it chose")
     p.add_argument("--ties", choices=TIES, default=DEFAULT_TIES,
                    help="scrambled (default): exactly k per row, equal distances by a seeded "
                         "per-row order; positions: exactly k per row, equal distances to the "
@@ -196,15 +201,21 @@ def _run(args, argv) -> int:
     import kenstream as ks
 
     if args.command == "compress":
-        index = ks.compress(args.base, args.finetuned, args.output, k=args.k, keep=args.keep,
-                            ties=args.ties, method=args.method, include=args.include,
-                            exclude=args.exclude, seed=args.seed, threads=args.threads,
-                            shard_size=args.shard_size, level=args.level,
-                            format_version=args.format_version, resume=args.resume,
-                            strict_resume=args.strict_resume, overwrite=args.overwrite,
-                            quiet=args.quiet, command=["kenstream"] + _recorded(argv),
-                            executor=args.executor, ray_address=args.ray_address,
-                            budget=args.budget)
+        options = dict(ties=args.ties, method=args.method, include=args.include,
+                       exclude=args.exclude, seed=args.seed, threads=args.threads,
+                       shard_size=args.shard_size, level=args.level,
+                       format_version=args.format_version, resume=args.resume,
+                       strict_resume=args.strict_resume, overwrite=args.overwrite,
+                       quiet=args.quiet, command=["kenstream"] + _recorded(argv),
+                       executor=args.executor, ray_address=args.ray_address,
+                       budget=args.budget)
+        if args.size is not None:
+            index = ks.compress_to_size(args.base, args.finetuned, args.output, args.size,
+                                        **options)
+            _print_size(index)
+        else:
+            index = ks.compress(args.base, args.finetuned, args.output, k=args.k,
+                                keep=args.keep, **options)
         t = index["totals"]
         if not args.quiet:
             print(f"wrote {printable(args.output)}: kept {t['kept']:,} of {t['selected']:,} "
@@ -252,6 +263,16 @@ def _run(args, argv) -> int:
 
         return run_viz(args)
     raise AssertionError(args.command)  # argparse guarantees a known command
+
+
+def _print_size(index) -> None:
+    """What --size chose (on stdout even with -q: it is the result asked for)."""
+    found, got = index["size"], index["totals"]["diff_bytes"]
+    note = ("; the request is at least the lossless diff, so every value is kept"
+            if found["lossless"] else "")
+    print(f"--size {human(found['requested'])}: chose keep {found['keep']:.6g} in "
+          f"{len(found['passes'])} passes; the diff is {human(got)} ({got:,} bytes, "
+          f"{got / found['requested']:.2%} of the request){note}")
 
 
 # Commands that write an output which --resume can finish.
