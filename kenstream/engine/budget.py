@@ -126,6 +126,5 @@ class Cutter:
 
     def mask(self, rows, brows, r0, r1) -> np.ndarray:
         bins = block_bins(self.item, rows, brows, r0, r1, self.settings)
-        norm = scores.normalise(bins, self.shift)
-        mask, self.taken = scores.mask_of(norm, self.bin, self.quota, self.taken)
+        mask, self.taken = scores.mask_of(bins, self.shift, self.bin, self.quota, self.taken)
         return mask

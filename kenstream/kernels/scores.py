@@ -40,6 +40,7 @@ _ONE = 127 << 6  # raw bin of 1.0f
 _SHIFT_BITS = 17
 _RULES = {"magnitude": 0, "delta": 1, "random": 2}
 _ROWS_PER_BLOCK = 16
+_CHUNK = 1 << 20  # positions a histogram counts at once
 
 
 @njit(**PARALLEL)
@@ -102,8 +103,13 @@ def raw_bins(method: str, ft_rows, base_rows=None, *, seed=0, salt=0,
 
 
 def histogram(bins: np.ndarray) -> np.ndarray:
-    """int64 [RAW_BINS]: how many positions fall in each raw bin."""
-    return np.bincount(bins.reshape(-1), minlength=RAW_BINS).astype(np.int64)
+    """int64 [RAW_BINS]: how many positions fall in each raw bin. Counted in chunks, so
+    the index array NumPy makes is 8 MB whatever the size of ``bins``."""
+    flat = bins.reshape(-1)
+    out = np.zeros(RAW_BINS, np.int64)
+    for i in range(0, flat.size, _CHUNK):
+        out += np.bincount(flat[i:i + _CHUNK], minlength=RAW_BINS)
+    return out
 
 
 def shift_of(hist: np.ndarray) -> int:
@@ -135,12 +141,6 @@ def normalise_hist(hist: np.ndarray, shift: int) -> np.ndarray:
     return out
 
 
-def normalise(bins: np.ndarray, shift: int) -> np.ndarray:
-    """Normalised bins (int32, ``bins``' shape) of raw ``bins`` under ``shift``."""
-    b = bins.astype(np.int32)
-    return np.where(b == 0, 0, b + np.int32(_OFFSET - shift)).astype(np.int32)
-
-
 def cut_of(hist: np.ndarray, target: int) -> tuple[int, int]:
     """(bin c, quota q) such that the positions above bin ``c`` plus ``q`` of those in
     bin ``c`` number exactly ``min(target, hist.sum())``. ``c = -1`` keeps everything."""
@@ -153,17 +153,21 @@ def cut_of(hist: np.ndarray, target: int) -> tuple[int, int]:
     return c, int(target) - over
 
 
-def mask_of(norm: np.ndarray, cut: int, quota: int, taken: int) -> tuple[np.ndarray, int]:
-    """(keep mask, positions of bin ``cut`` taken so far) for a block of normalised bins
-    ``norm`` [rows, cols]: every position above ``cut``, and those in bin ``cut`` in
-    row-major order while fewer than ``quota`` of them are taken (``taken`` before this
-    block). O(rows * cols)."""
-    mask = norm > cut
-    if quota > taken:
-        tied = (norm == cut).reshape(-1)
-        order = np.cumsum(tied)
-        room = quota - taken
-        flat = mask.reshape(-1)
-        flat |= tied & (order <= room)
-        taken += int(min(room, int(order[-1]) if order.size else 0))
+def mask_of(bins: np.ndarray, shift: int, cut: int, quota: int,
+            taken: int) -> tuple[np.ndarray, int]:
+    """(keep mask, positions of the cut bin taken so far) for a block of raw ``bins``
+    [rows, cols] of a tensor with ``shift``: every position whose normalised bin is above
+    ``cut``, and those in bin ``cut`` in row-major order while fewer than ``quota`` of
+    them are taken (``taken`` before this block). Compared in raw bins (normalised bin
+    ``b - shift + offset``, 0 for raw 0), so no normalised copy is made. O(rows * cols);
+    memory: the mask and the cut bin's positions."""
+    if cut < 0:
+        return np.ones(bins.shape, np.bool_), taken
+    # raw bin of the cut: 0 for the zero bin; <= 0 when the tensor has nothing that low
+    raw = 0 if cut == 0 else cut + shift - _OFFSET
+    mask = bins > max(raw, 0)
+    if quota > taken and (cut == 0 or raw >= 1):
+        tied = np.flatnonzero(bins.reshape(-1) == raw)[:quota - taken]
+        mask.reshape(-1)[tied] = True
+        taken += int(tied.size)
     return mask, taken
