@@ -148,6 +148,8 @@ def _setting_warnings(items, settings) -> list:
     if settings.include is not None and not selected:
         out.append(f"--include {settings.include!r} selects no tensor: every changed tensor "
                    "is stored whole")
+    if settings.budget != "row":  # k per row is not what a tensor or global budget keeps
+        return out
     asked_whole = settings.keep is not None and settings.keep >= 1
     whole = [i for i in selected if i.k >= i.cols and i.cols > 1 and not asked_whole]
     if whole:

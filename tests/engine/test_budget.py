@@ -175,3 +175,13 @@ def test_info_shows_the_budget_and_help_its_default(pair, tmp_path, capsys):
         main(["compress", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--budget {row,tensor,global}" in text and "row (default)" in text
+
+
+def test_no_row_warnings_under_a_budget_across_rows(pair, tmp_path, capsys):
+    """'keeps one value a row' speaks of the row budget; a global one keeps what it keeps."""
+    b, f = pair[:2]
+    argv = ["compress", str(b), str(f), "--keep", "0.01", "--method", "delta", "-q"]
+    assert main([*argv, "-o", str(tmp_path / "row")]) == 0
+    assert "keeps one value a row" in capsys.readouterr().err
+    assert main([*argv, "-o", str(tmp_path / "global"), "--budget", "global"]) == 0
+    assert "warning" not in capsys.readouterr().err
