@@ -203,8 +203,10 @@ def plot(results: dict, path: Path, majority: float | None) -> None:
             ax.axhline(majority, color="0.5", ls=":", lw=1, label=f"majority class ({majority:.3f})")
         ax.plot([lossless["diff_bytes"] / ftb], [lossless["accuracy"]], marker="*", ms=14,
                 color="k", ls="none", label="lossless diff (keep 1)")
-        for share in (1 / 8, 1 / 16):
+        for share, name in ((1 / 8, "1/8"), (1 / 16, "1/16")):
             ax.axvline(share, color="0.6", ls="--", lw=0.8)
+            ax.annotate(f"{name} of the bytes", (share, 1), xycoords=("data", "axes fraction"),
+                        xytext=(3, -12), textcoords="offset points", fontsize=7, color="0.4")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("diff bytes / fine-tune bytes")
         ax.set_title(f"all-MiniLM-L6-v2 drug-review fine-tune, {dtype}")
