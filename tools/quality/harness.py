@@ -255,14 +255,14 @@ def measure(pair: Path, work: Path, split, args) -> dict:
             method, budget = parse_rule(rule)
             seeds = [int(x) for x in args.seeds.split(",")] if method == "random" else [0]
             for seed in seeds:
-                if kind == "size":
-                    share = float(Fraction(value))  # "1/8", as asked
-                    r = run_one(pair, work, method, budget, seed, split, ft, base, ref,
-                                size=f"{100 * share:.6g}%")
-                    r["asked"] = value
-                else:
-                    r = run_one(pair, work, method, budget, seed, split, ft, base, ref,
-                                keep=value)
+                what = ({"size": f"{100 * float(Fraction(value)):.6g}%"} if kind == "size"
+                        else {"keep": value})  # a size as asked: "1/8" of the bytes
+                try:
+                    r = run_one(pair, work, method, budget, seed, split, ft, base, ref, **what)
+                except subprocess.CalledProcessError as exc:  # one point, not the whole run
+                    print(f"{label(method, budget)} {kind} {value}: failed ({exc})", flush=True)
+                    continue
+                r["asked"] = value
                 rows.append(r)
                 print(f"{label(method, budget):>24} {kind} {value} seed={seed}: keep "
                       f"{r['keep']:.4f} {r['diff_bytes'] / 1e6:.2f} MB acc {r['accuracy']:.3f} "
