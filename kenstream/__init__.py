@@ -11,6 +11,7 @@ _LAZY = {
     "select": "kenstream.kernels",
     "select_mask_method": "kenstream.kernels.baselines",
     "compress": "kenstream.engine.compress",
+    "compress_to_size": "kenstream.engine.size",
     "rebuild": "kenstream.engine.rebuild",
     "load": "kenstream.engine.rebuild",
     "verify": "kenstream.engine.verify",

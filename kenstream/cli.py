@@ -16,7 +16,8 @@ from . import __version__
 from .errors import KenstreamError, OutputError
 from .reports import human, print_info, print_verify
 from .format.spec import DEFAULT_LEVEL, FORMAT_VERSION, READ_VERSIONS
-from .settings import DEFAULT_TIES, DIFF_SHARD_SIZE, METHODS, MODEL_SHARD_SIZE, TIES
+from .settings import (BUDGETS, DEFAULT_TIES, DIFF_SHARD_SIZE, METHODS, MODEL_SHARD_SIZE,
+                       TIES)
 from .text import printable
 
 
@@ -37,6 +38,14 @@ METHOD_HELP = ("ken (default): the KEN rule, k values a row matched to an even g
                "row's kernel density; delta: the k largest changes |ft - base| a row; "
                "magnitude: the k largest |ft| a row; random: k seeded random positions a "
                "row (delta, magnitude and random are baselines)")
+
+
+BUDGET_HELP = ("how the keep is shared: row (default): every row keeps its k; tensor: a "
+               "tensor's total (keep x its values) goes to its highest scores, whatever the "
+               "row; global: the total of every selected tensor goes to the highest scores "
+               "of all of them, each tensor's scores divided by their root mean square "
+               "(delta, magnitude and random only; format 2; costs one more read of the "
+               "selected tensors)")
 
 
 def _keep(text) -> float:
@@ -83,12 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--k", type=int, help="grid points (kept values) per row")
     g.add_argument("--keep", type=_keep, help="share of each row to keep: 0.25 or 25%%")
+    g.add_argument("--size", metavar="BYTES|N%",
+                   help="the diff's size instead: 300MB, 1.5G, or 10%% of the fine-tune's "
+                        "bytes; kenstream compresses, measures and corrects the keep until "
+                        "the diff is within 98-100%% of it (usually 3 to 5 passes, at most 9) "
+                        "and prints the keep it chose")
     p.add_argument("--ties", choices=TIES, default=DEFAULT_TIES,
                    help="scrambled (default): exactly k per row, equal distances by a seeded "
                         "per-row order; positions: exactly k per row, equal distances to the "
                         "lowest column (the golden-vector rule, biased on bf16); values: also "
                         "keep every copy of a kept value")
     p.add_argument("--method", choices=METHODS, default="ken", help=METHOD_HELP)
+    p.add_argument("--budget", choices=BUDGETS, default="row", help=BUDGET_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed for --method random and --ties scrambled")
     p.add_argument("--include", metavar="REGEX", help="select only tensors whose name matches")
     p.add_argument("--exclude", metavar="REGEX", help="store whole the tensors whose name matches")
@@ -186,14 +201,21 @@ def _run(args, argv) -> int:
     import kenstream as ks
 
     if args.command == "compress":
-        index = ks.compress(args.base, args.finetuned, args.output, k=args.k, keep=args.keep,
-                            ties=args.ties, method=args.method, include=args.include,
-                            exclude=args.exclude, seed=args.seed, threads=args.threads,
-                            shard_size=args.shard_size, level=args.level,
-                            format_version=args.format_version, resume=args.resume,
-                            strict_resume=args.strict_resume, overwrite=args.overwrite,
-                            quiet=args.quiet, command=["kenstream"] + _recorded(argv),
-                            executor=args.executor, ray_address=args.ray_address)
+        options = dict(ties=args.ties, method=args.method, include=args.include,
+                       exclude=args.exclude, seed=args.seed, threads=args.threads,
+                       shard_size=args.shard_size, level=args.level,
+                       format_version=args.format_version, resume=args.resume,
+                       strict_resume=args.strict_resume, overwrite=args.overwrite,
+                       quiet=args.quiet, command=["kenstream"] + _recorded(argv),
+                       executor=args.executor, ray_address=args.ray_address,
+                       budget=args.budget)
+        if args.size is not None:
+            index = ks.compress_to_size(args.base, args.finetuned, args.output, args.size,
+                                        **options)
+            _print_size(index)
+        else:
+            index = ks.compress(args.base, args.finetuned, args.output, k=args.k,
+                                keep=args.keep, **options)
         t = index["totals"]
         if not args.quiet:
             print(f"wrote {printable(args.output)}: kept {t['kept']:,} of {t['selected']:,} "
@@ -241,6 +263,16 @@ def _run(args, argv) -> int:
 
         return run_viz(args)
     raise AssertionError(args.command)  # argparse guarantees a known command
+
+
+def _print_size(index) -> None:
+    """What --size chose (on stdout even with -q: it is the result asked for)."""
+    found, got = index["size"], index["totals"]["diff_bytes"]
+    note = ("; the request is at least the lossless diff, so every value is kept"
+            if found["lossless"] else "")
+    print(f"--size {human(found['requested'])}: chose keep {found['keep']:.6g} in "
+          f"{len(found['passes'])} passes; the diff is {human(got)} ({got:,} bytes, "
+          f"{got / found['requested']:.2%} of the request){note}")
 
 
 # Commands that write an output which --resume can finish.

@@ -32,7 +32,8 @@ def print_info(report: dict, tensors: bool = False) -> None:
     sel = report["selection"]
     rule = f"k={sel['k']}" if sel.get("k") is not None else f"keep={sel.get('keep')}"
     coding = report.get("coding")
-    print(f"selection: {printable(sel['method'])} {rule} ties={printable(sel['ties'])}"
+    print(f"selection: {printable(sel['method'])} {rule} ties={printable(sel['ties'])} "
+          f"budget={printable(sel.get('budget', 'row'))}"
           + (f"   coding: zstd level {coding['level']}, frames of {coding['frame_elems']:,} "
              "values" if coding else ""))
     print(f"parameters: {t['params']:,}   selected: {t['selected']:,}   kept: {t['kept']:,}   "

@@ -16,6 +16,14 @@ DEFAULT_TIES = "scrambled"
 """Default of compress: exact in count and free of the lowest-position rule's column bias
 on rows with many equal values (bf16)."""
 
+BUDGETS = ("row", "tensor", "global")
+"""How the keep is shared (docs/algorithm.md section 6): ``row``, every row keeps its k;
+``tensor``, a tensor's total keep goes to its rows by the rule's score; ``global``, the
+total keep of every selected tensor goes to all of them by the score, normalised per
+tensor. ``row`` is the default, and the only budget of ``ken`` (a per-row rule)."""
+RANKED = ("delta", "magnitude", "random")
+"""Rules whose score ranks every position, so that a budget can cross rows."""
+
 DIFF_SHARD_SIZE = "2GB"
 """Default largest diff shard."""
 MODEL_SHARD_SIZE = "5GB"
@@ -50,6 +58,7 @@ class Settings:
     include: str | None = None
     exclude: str | None = None
     seed: int = 0
+    budget: str = "row"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -57,6 +66,13 @@ class Settings:
         if self.ties not in TIES:
             raise SelectionError(f"unknown ties mode {self.ties!r}; "
                                  f"choose one of {', '.join(TIES)}")
+        if self.budget not in BUDGETS:
+            raise SelectionError(f"unknown budget {self.budget!r}; "
+                                 f"choose one of {', '.join(BUDGETS)}")
+        if self.budget != "row" and self.method not in RANKED:
+            raise SelectionError(f"--budget {self.budget} needs a rule that ranks positions "
+                                 f"({', '.join(RANKED)}); {self.method} chooses within each "
+                                 "row, so its budget is row")
         if (self.k is None) == (self.keep is None):
             raise SelectionError("give exactly one of --k and --keep")
         if self.k is not None and (isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1):
@@ -76,6 +92,14 @@ class Settings:
             return int(self.k)
         return max(1, int(round(float(self.keep) * cols)))
 
+    def target(self, rows: int, cols: int) -> int:
+        """Values a tensor of ``rows`` x ``cols`` keeps in all: ``rows * min(k, cols)``
+        for ``k``, ``round(keep * rows * cols)`` for ``keep`` (what a tensor or global
+        budget shares out; the row budget's ``k_for`` per row)."""
+        if self.k is not None:
+            return rows * min(int(self.k), cols)
+        return min(rows * cols, int(round(float(self.keep) * rows * cols)))
+
     def wants(self, name: str) -> bool:
         """Whether tensor ``name`` is selected (else stored whole when it changed)."""
         if self.include is not None and not re.search(self.include, name):
@@ -85,4 +109,9 @@ class Settings:
         return True
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The recorded settings; ``budget`` only when not ``row``, so that diffs made
+        with the default read byte for byte as before budgets existed."""
+        out = asdict(self)
+        if out["budget"] == "row":
+            del out["budget"]
+        return out

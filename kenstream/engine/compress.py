@@ -24,6 +24,7 @@ from ..io.safetensors_file import SafetensorsFile
 from ..progress import bar, say
 from ..settings import DEFAULT_TIES, DIFF_SHARD_SIZE, Settings, parse_size
 from ..text import printable
+from . import budget as budget_pass
 from .align import align, tie_heads
 from .cards import FINETUNED_CARD, card_license, diff_card
 from .executor import CompressJob, Source, check_executor, run_shards
@@ -76,13 +77,13 @@ def _resumed_plan(plan: CompressPlan, partial: Path) -> CompressPlan:
                                   hint="restore that file, or start again without --resume")
     return CompressPlan(plan.settings, plan.shard_size, previous.base, previous.finetuned,
                         plan.shards, previous.command, plan.format_version, plan.strict,
-                        plan.coding)
+                        plan.coding, plan.budget)
 
 
 _CHECKS = (("settings", "selection settings"), ("shard_size", "--shard-size values"),
            ("format_version", "format versions"), ("coding", "--level or frame sizes"),
            ("base", "base files"), ("finetuned", "fine-tune files"), ("shards", "shard plans"),
-           ("strict", "--strict-resume settings"))
+           ("strict", "--strict-resume settings"), ("budget", "budget cuts"))
 
 
 def _check_same(previous: CompressPlan, plan: CompressPlan, path: Path, theirs: str,
@@ -141,7 +142,8 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
              level=spec.DEFAULT_LEVEL, format_version=spec.FORMAT_VERSION,
              frame_elems=spec.DEFAULT_FRAME_ELEMS, block_elems=spec.DEFAULT_BLOCK_ELEMS,
              resume=False, strict_resume=False, overwrite=False, quiet=False, command=None,
-             header_limit=None, executor="local", ray_address=None) -> dict:
+             header_limit=None, executor="local", ray_address=None, budget="row",
+             first_pass=None) -> dict:
     """Prune ``finetuned`` against ``base`` and write the diff directory ``out``.
 
     Returns the index (also written as ``out/kenstream-diff.json``) as JSON. ``keep=1``
@@ -154,13 +156,19 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
     every input file). No shard's header may exceed ``header_limit`` bytes (default: the
     reader's limit, ``MAX_HEADER_BYTES``). ``executor="ray"`` writes the shards as Ray
     tasks (on the cluster at ``ray_address``, or the running or a new local one) into the
-    same bytes; see :mod:`.executor`.
+    same bytes; see :mod:`.executor`. ``budget`` ``tensor`` or ``global`` shares the keep
+    across rows (:mod:`.budget`: one more read of the selected tensors first);
+    ``first_pass``, a dict, keeps that read's result for another call with the same
+    inputs and rule (``--size`` runs compress several times).
     """
     check_executor(executor)
     settings = Settings(method=method, k=k, keep=keep, ties=ties, include=include,
-                        exclude=exclude, seed=seed)
+                        exclude=exclude, seed=seed, budget=budget)
     limit = parse_size(shard_size)
     version, coding = _coding(format_version, level, frame_elems)
+    if settings.budget != "row" and version < 2:
+        raise SelectionError(f"--budget {settings.budget} needs format 2: format 1 keeps at "
+                             "least one value a row", hint="drop --format-version 1")
     out = Path(out)
     with kernels.threads(threads), Checkpoint.open(str(base)) as b, \
             Checkpoint.open(str(finetuned)) as f:
@@ -172,6 +180,7 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
         items = make_items(f, b, alignment, settings, version=version,
                            frame_elems=frame_elems)
         shards = plan_shards(out, items, limit, settings.ties, header_limit, version)
+        cuts = _cuts(f, b, items, settings, block_elems, first_pass, quiet)
         extras = f.extra_files()
         strict = None
         if strict_resume:
@@ -180,7 +189,7 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
         plan = CompressPlan(settings.to_json(), limit, b.identity(), f.identity(),
                             {n: [i.name for i in g] for n, g in shards},
                             list(command) if command is not None else None, version,
-                            strict, None if coding is None else coding.to_json())
+                            strict, None if coding is None else coding.to_json(), cuts)
         rename = {"README.md": FINETUNED_CARD}  # the diff's own README.md is its card
         files = [*shards.names, spec.INDEX_NAME, spec.PARTIAL_NAME, "README.md",
                  *(rename.get(p.name, p.name) for p in extras)]
@@ -199,7 +208,7 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
                 write_json_atomic(partial, plan.to_json())
             say(_plan_report(alignment, items), quiet)
             job = CompressJob(shards, Source.of(f), Source.of(b), settings, version,
-                              block_elems, level, frame_elems, kernels.get_threads())
+                              block_elems, level, frame_elems, kernels.get_threads(), cuts)
             with bar(sum(i.params for i in items), "compress", quiet) as progress:
                 records = run_shards(job, list(shards), progress, executor=executor,
                                      handles=(f, b), resume=claim.state == "resume",
@@ -212,6 +221,23 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
             shards.write_index(spec.INDEX_NAME, index.to_json())
             partial.unlink(missing_ok=True)
     return index.to_json()
+
+
+def _cuts(f, b, items, settings, block_elems, first_pass, quiet) -> dict | None:
+    """A tensor or global budget's cuts (None for the row budget), after its first pass
+    over the selected tensors (or the one ``first_pass`` holds for this rule)."""
+    if settings.budget == "row":
+        return None
+    key = (settings.method, settings.seed, settings.include, settings.exclude)
+    if first_pass is not None and first_pass.get("key") == key:
+        stats = first_pass["stats"]
+    else:
+        selected = sum(i.params for i in items if i.action == "select")
+        with bar(selected, f"budget {settings.budget}: scores", quiet) as progress:
+            stats = budget_pass.gather(f, b, items, settings, progress, block_elems)
+        if first_pass is not None:
+            first_pass.update(key=key, stats=stats)
+    return budget_pass.allocate(stats, items, settings)
 
 
 def _read_card(extras) -> str | None:

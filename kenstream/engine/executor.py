@@ -101,6 +101,7 @@ class CompressJob:
     level: int
     frame_elems: int
     threads: int
+    cuts: dict | None = None  # a tensor or global budget's cuts, from the plan
 
     def params(self, group) -> int:
         return sum(i.params for i in group)
@@ -128,7 +129,7 @@ class CompressJob:
         return _as_json(write_shard(
             self.shards, name, group, ft, base, self.settings, progress, version=self.version,
             block_elems=self.block_elems, level=self.level, frame_elems=self.frame_elems,
-            threads=self.threads))
+            threads=self.threads, cuts=self.cuts))
 
     def merge(self, results) -> dict:
         """name -> TensorRecord, parsed by the one record parser."""

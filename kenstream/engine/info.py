@@ -59,7 +59,7 @@ def info(diff) -> dict:
         totals["diff_to_finetuned"] = totals["diff_bytes"] / ftb if ftb else 0.0
         return {"path": str(d.path), "format_version": idx.format_version,
                 "coding": None if idx.coding is None else idx.coding.to_json(),
-                "selection": idx.selection.to_json(),
+                "selection": dict(idx.selection.to_json(), budget=idx.selection.budget),
                 "base": idx.base.source,
                 "finetuned": idx.finetuned.source if idx.finetuned else None,
                 "alignment": idx.alignment, "totals": totals, "layers": layers,

@@ -7,6 +7,7 @@ settings, so an interrupted run and its ``--resume`` agree on every shard's cont
 from __future__ import annotations
 
 import warnings
+import zlib
 from dataclasses import dataclass
 
 from .. import dtypes
@@ -18,6 +19,11 @@ from ..io.writer import ShardSet, header_budget
 
 # Float dtypes the selection kernels read; F8 tensors are compared and stored whole.
 SELECTABLE = ("F64", "F32", "F16", "BF16")
+
+
+def tensor_salt(name: str) -> int:
+    """Per-tensor salt of the rules that draw: tensors of one shape get different masks."""
+    return zlib.crc32(name.encode("utf-8", "surrogatepass"))
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,8 @@ def _setting_warnings(items, settings) -> list:
     if settings.include is not None and not selected:
         out.append(f"--include {settings.include!r} selects no tensor: every changed tensor "
                    "is stored whole")
+    if settings.budget != "row":  # k per row is not what a tensor or global budget keeps
+        return out
     asked_whole = settings.keep is not None and settings.keep >= 1
     whole = [i for i in selected if i.k >= i.cols and i.cols > 1 and not asked_whole]
     if whole:

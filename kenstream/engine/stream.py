@@ -9,20 +9,15 @@ few blocks, whatever the size of the largest tensor or of the model.
 
 from __future__ import annotations
 
-import zlib
-
 from .. import dtypes, kernels
 from ..errors import KenstreamError
 from ..format import spec
 from ..format.layout import header_reserve
 from ..io.rows import TensorRows, identical
+from .budget import Cutter
+from .plan import tensor_salt
 from .sink_v1 import V1Sink
 from .sink_v2 import V2Sink
-
-
-def _salt(name: str) -> int:
-    """Per-tensor salt of the random rules: tensors of one shape get different masks."""
-    return zlib.crc32(name.encode("utf-8", "surrogatepass"))
 
 
 def make_sink(writer, shard, progress, *, version, block_elems, level, frame_elems, threads):
@@ -34,9 +29,11 @@ def make_sink(writer, shard, progress, *, version, block_elems, level, frame_ele
 
 def write_shard(shards, shard: str, items, ft, base, settings, progress, *, version: int,
                 block_elems: int = spec.DEFAULT_BLOCK_ELEMS, level: int = spec.DEFAULT_LEVEL,
-                frame_elems: int = spec.DEFAULT_FRAME_ELEMS, threads: int = 1) -> dict:
+                frame_elems: int = spec.DEFAULT_FRAME_ELEMS, threads: int = 1,
+                cuts: dict | None = None) -> dict:
     """Write diff shard ``shard`` of ``shards`` (a ShardSet) for plan ``items`` in format
-    ``version``; returns their records (name -> TensorRecord)."""
+    ``version``; returns their records (name -> TensorRecord). ``cuts``: a tensor or
+    global budget's cut of each tensor (:mod:`.budget`), None for the row budget."""
     writer = shards.open(shard, header_reserve(items, shard, settings.ties, version))
     with writer:
         sink = make_sink(writer, shard, progress, version=version, block_elems=block_elems,
@@ -44,13 +41,14 @@ def write_shard(shards, shard: str, items, ft, base, settings, progress, *, vers
         try:
             for pos, item in enumerate(items):
                 following = items[pos + 1] if pos + 1 < len(items) else None
-                _tensor(sink, item, following, ft, base, settings, block_elems)
+                cut = None if cuts is None else cuts.get(item.name)
+                _tensor(sink, item, following, ft, base, settings, block_elems, cut)
             return sink.finish()
         finally:
             sink.close()
 
 
-def _tensor(sink, item, following, ft, base, settings, block_elems) -> None:
+def _tensor(sink, item, following, ft, base, settings, block_elems, cut=None) -> None:
     rows = TensorRows(ft, item.name, item.rows, item.cols)
     if item.base_name is None:
         sink.stored(item, rows, None)
@@ -64,7 +62,8 @@ def _tensor(sink, item, following, ft, base, settings, block_elems) -> None:
     if item.action == "store":
         sink.stored(item, rows, base_rows)
         return
-    whole = item.k >= item.cols and not sink.needs_kernel_for_full_rows
+    whole = item.k >= item.cols and not sink.needs_kernel_for_full_rows and cut is None
+    cutter = None if cut is None else Cutter(item, cut, settings)
     with_base = _reads_base(sink, settings)
     ranges = sink.blocks(item)
     for n, (r0, r1) in enumerate(ranges):
@@ -81,7 +80,10 @@ def _tensor(sink, item, following, ft, base, settings, block_elems) -> None:
         if r0 >= item.with_base:  # a resized tensor's new rows: kept whole, no base
             sink.block(item, rows, None, r0, r1, None)
             continue
-        mask = None if whole else _select(item, rows, base_rows, r0, r1, settings)
+        if cutter is not None:
+            mask = cutter.mask(rows, base_rows, r0, r1)
+        else:
+            mask = None if whole else _select(item, rows, base_rows, r0, r1, settings)
         sink.block(item, rows, base_rows, r0, r1, mask)
 
 
@@ -91,7 +93,7 @@ def _select(item, rows, base_rows, r0, r1, settings):
         return kernels.select(
             settings.method, rows.raw(r0, r1), item.k,
             base_rows=None if settings.method == "ken" else base_rows.read(r0, r1),
-            ties=settings.ties, seed=settings.seed, salt=_salt(item.name), row_offset=r0)
+            ties=settings.ties, seed=settings.seed, salt=tensor_salt(item.name), row_offset=r0)
     except KenstreamError as exc:
         raise exc.located(file=rows.info.file, tensor=item.name)
 

@@ -51,10 +51,16 @@ class Selection:
     include: str | None
     exclude: str | None
     seed: int
+    budget: str = "row"
+    """How the keep was shared (``row``, ``tensor``, ``global``); absent before budgets
+    existed, which is ``row``."""
 
     def to_json(self) -> dict:
-        return {"method": self.method, "k": self.k, "keep": self.keep, "ties": self.ties,
-                "include": self.include, "exclude": self.exclude, "seed": self.seed}
+        out = {"method": self.method, "k": self.k, "keep": self.keep, "ties": self.ties,
+               "include": self.include, "exclude": self.exclude, "seed": self.seed}
+        if self.budget != "row":
+            out["budget"] = self.budget
+        return out
 
     @classmethod
     def from_json(cls, obj) -> "Selection":
@@ -70,7 +76,8 @@ class Selection:
         return cls(text(obj.get("method"), "selection method"), k, keep,
                    text(obj.get("ties"), "selection ties"),
                    text(obj.get("include"), "selection include", optional=True),
-                   text(obj.get("exclude"), "selection exclude", optional=True), seed)
+                   text(obj.get("exclude"), "selection exclude", optional=True), seed,
+                   text(obj.get("budget", "row"), "selection budget"))
 
 
 @dataclass(frozen=True)

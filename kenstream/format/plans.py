@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ..errors import DiffError
 from . import spec
 from .fields import count as _count
+from .fields import is_int as _is_int
 from .fields import is_shard_file_name
 from .fields import json_object as _object
 from .index import Coding, Identity
@@ -33,6 +34,8 @@ class CompressPlan:
     """``--strict-resume``: {"base": {file: sha256}, "finetuned": {...}}, else None."""
     coding: dict | None = None
     """Format 2's coding settings (``Coding.to_json()``), else None."""
+    budget: dict | None = None
+    """A tensor or global budget's cuts: {tensor name: [shift, bin, quota]}, else None."""
 
     def to_json(self) -> dict:
         out = {"format": spec.FORMAT, "format_version": self.format_version,
@@ -42,6 +45,8 @@ class CompressPlan:
             out["strict"] = self.strict
         if self.coding is not None:
             out["coding"] = self.coding
+        if self.budget is not None:
+            out["budget"] = self.budget
         return out
 
     @classmethod
@@ -63,10 +68,17 @@ class CompressPlan:
         coding = obj.get("coding")
         if coding is not None:
             Coding.from_json(coding)
+        budget = obj.get("budget")
+        if budget is not None and not (
+                isinstance(budget, dict)
+                and all(isinstance(v, list) and len(v) == 3 and all(_is_int(x) for x in v)
+                        for v in budget.values())):
+            raise DiffError("plan budget is not a map of tensor names to [shift, bin, quota]")
         return cls(_object(obj.get("settings"), "plan settings"),
                    _count(obj.get("shard_size"), "plan shard_size"), obj["base"],
                    obj["finetuned"], shards, obj.get("command"),
-                   _count(obj.get("format_version"), "plan format_version"), strict, coding)
+                   _count(obj.get("format_version"), "plan format_version"), strict, coding,
+                   budget)
 
 
 def _is_file_map(value) -> bool:

@@ -101,6 +101,35 @@ def _mark_top(keys, k, cand, hist, mask):
 
 
 @njit(**JIT)
+def score_row(ft, ft_kind, base, base_kind, use_base, abits, bbits, wide):
+    """The float32 bits of ``|ft - base|`` (use_base) or ``|ft|`` of one row into
+    ``abits`` (uint32 [n]; ``bbits`` the base's scratch, ``wide`` uint64 [n]); returns
+    _OK, or _BAD_FT / _BAD_BASE for a row with a NaN or Inf. O(n)."""
+    if not widen_row(ft, ft_kind, abits, wide):
+        return _BAD_FT
+    n = abits.shape[0]
+    if use_base:
+        if not widen_row(base, base_kind, bbits, wide):
+            return _BAD_BASE
+        abuf, bbuf = abits.view(np.float32), bbits.view(np.float32)
+        for j in range(n):
+            abuf[j] = abs(abuf[j] - bbuf[j])
+    else:
+        for j in range(n):
+            abits[j] = abits[j] & _ABS
+    return _OK
+
+
+def raise_bad_rows(status, row_offset) -> None:
+    """NonFiniteError naming the first row a kernel marked bad in ``status``, if any."""
+    bad = np.flatnonzero(status)
+    if bad.size:
+        i = int(bad[0])
+        which = "base" if status[i] == _BAD_BASE else "fine-tune"
+        raise NonFiniteError(f"NaN or Inf in the {which} tensor", row=int(row_offset) + i)
+
+
+@njit(**JIT)
 def _mark_random(state, k, mask):
     """Floyd's sampling: a uniform min(k, n)-subset of range(n), using ``mask`` as the set."""
     n = mask.shape[0]
@@ -133,28 +162,16 @@ def _rank_kernel(ft, ft_kind, base, base_kind, use_base, k, out, status):
     nblocks = (rows + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK
     for blk in prange(nblocks):
         abits = np.empty(n, np.uint32)
-        abuf = abits.view(np.float32)
         bbits = np.empty(n if use_base else 0, np.uint32)
-        bbuf = bbits.view(np.float32)
         wide = np.empty(n, np.uint64)
         cand = np.empty(n, np.uint32)
         hist = np.empty(256, np.int64)
         stop = min(rows, (blk + 1) * _ROWS_PER_BLOCK)
         for i in range(blk * _ROWS_PER_BLOCK, stop):
-            if not widen_row(ft[i], ft_kind, abits, wide):
-                status[i] = _BAD_FT
-                continue
-            if use_base:
-                if not widen_row(base[i], base_kind, bbits, wide):
-                    status[i] = _BAD_BASE
-                    continue
-                for j in range(n):
-                    abuf[j] = abs(abuf[j] - bbuf[j])
-            else:
-                for j in range(n):
-                    abits[j] = abits[j] & _ABS
-            _mark_top(abits, k, cand, hist, out[i])
-            status[i] = _OK
+            status[i] = score_row(ft[i], ft_kind, base[i], base_kind, use_base, abits, bbits,
+                                  wide)
+            if status[i] == _OK:
+                _mark_top(abits, k, cand, hist, out[i])
 
 
 @njit(**PARALLEL)
@@ -213,11 +230,7 @@ def mask_matrix(method, ft, kind, base, base_kind, k, out, *, seed=0, salt=0, ro
     else:
         _rank_kernel(words(ft), kind, words(base), base_kind, method == "delta", k_eff, out,
                      status)
-    bad = np.flatnonzero(status)
-    if bad.size:
-        i = int(bad[0])
-        which = "base" if status[i] == _BAD_BASE else "fine-tune"
-        raise NonFiniteError(f"NaN or Inf in the {which} tensor", row=int(row_offset) + i)
+    raise_bad_rows(status, row_offset)
     return out
 
 

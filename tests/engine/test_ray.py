@@ -234,3 +234,15 @@ def test_resume_after_a_killed_ray_driver_keeps_finished_shards(cluster, pair, l
     assert code == 0, err
     assert tree(out) == local[1]
     assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept
+
+
+def test_global_budget_under_ray_is_byte_identical(cluster, pair, tmp_path, monkeypatch,
+                                                   capsys):
+    """The budget's first pass runs once, in the driver; its cuts travel in the job, so
+    Ray's tasks keep the local run's positions."""
+    argv = compress_argv(pair, "--method", "delta", "--budget", "global")
+    code, _, err = cli(argv, tmp_path / "local", monkeypatch, capsys)
+    assert code == 0, err
+    code, _, err = cli([*argv, "--executor", "ray"], tmp_path / "ray", monkeypatch, capsys)
+    assert code == 0, err
+    assert tree(tmp_path / "ray" / "diff") == tree(tmp_path / "local" / "diff")

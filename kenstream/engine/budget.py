@@ -1,0 +1,130 @@
+"""Budgets across rows: the first pass of a tensor or global budget, and its cuts.
+
+``--budget tensor`` and ``--budget global`` (docs/algorithm.md section 6) keep the
+positions with the highest scores of a ranking rule across whole tensors, or across every
+selected tensor. Before anything is written, :func:`gather` streams each selected tensor
+once, in row blocks, and keeps a histogram of its scores' bins (memory: one histogram a
+tensor, at most 32768 counts, trimmed to the bins it fills). :func:`allocate` then finds,
+from the histograms alone, a *cut* for every tensor: ``(shift, bin, quota)``: keep every
+position whose normalised bin is above ``bin``, and the first ``quota`` positions (row-major)
+in that bin. The totals come out exact. The cuts are the plan's (recorded in the plan file
+and handed to every shard writer, under any executor), so the write pass, wherever it
+runs, selects the same positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import KenstreamError
+from ..format import spec
+from ..io.rows import TensorRows, identical
+from ..kernels import scores
+from .plan import tensor_salt
+
+
+@dataclass(frozen=True)
+class TensorScores:
+    """One tensor's first pass: its shift and its normalised histogram, trimmed to the
+    bins from ``lo`` on that hold anything."""
+
+    shift: int
+    lo: int
+    counts: np.ndarray
+
+    def hist(self) -> np.ndarray:
+        out = np.zeros(scores.NORM_BINS, np.int64)
+        out[self.lo:self.lo + self.counts.size] = self.counts
+        return out
+
+    def at(self, b: int) -> int:
+        i = b - self.lo
+        return int(self.counts[i]) if 0 <= i < self.counts.size else 0
+
+
+def _base_rows(base, item) -> TensorRows:
+    total = base.info(item.base_name).shape[0] if item.base_rows is not None else item.rows
+    return TensorRows(base, item.base_name, total, item.cols, item.dtype)
+
+
+def gather(ft, base, items, settings, progress, block_elems: int = spec.DEFAULT_BLOCK_ELEMS
+           ) -> dict:
+    """name -> TensorScores for every selected tensor of plan ``items`` that changed
+    (an unchanged one is written as such and takes no budget). Reads each once, in row
+    blocks of about ``block_elems`` values, releasing pages as it goes; the rows of a
+    resized tensor beyond its base are kept whole and take no part. Cost: one read of
+    the selected tensors and O(values) work, parallel over rows."""
+    out = {}
+    for item in items:
+        if item.action != "select":
+            continue
+        rows, brows = TensorRows(ft, item.name, item.rows, item.cols), _base_rows(base, item)
+        if item.base_rows is None and identical(rows, brows, block_elems=block_elems):
+            progress.update(item.params)
+            continue
+        hist = np.zeros(scores.RAW_BINS, np.int64)
+        for r0, r1 in spec.row_blocks(item.with_base, item.cols, block_elems):
+            hist += scores.histogram(block_bins(item, rows, brows, r0, r1, settings))
+            rows.release(r0, r1)
+            brows.release(r0, r1)
+            progress.update((r1 - r0) * item.cols)
+        progress.update((item.rows - item.with_base) * item.cols)
+        shift = 0 if settings.method == "random" else scores.shift_of(hist)
+        norm = scores.normalise_hist(hist, shift)
+        held = np.flatnonzero(norm)
+        lo = int(held[0]) if held.size else 0
+        hi = int(held[-1]) + 1 if held.size else 0
+        out[item.name] = TensorScores(shift, lo, norm[lo:hi].copy())
+    return out
+
+
+def block_bins(item, rows, brows, r0, r1, settings) -> np.ndarray:
+    """Raw bins of rows r0..r1 of ``item`` by the settings' rule, errors located."""
+    try:
+        return scores.raw_bins(settings.method, rows.raw(r0, r1),
+                               brows.read(r0, r1) if settings.method == "delta" else None,
+                               seed=settings.seed, salt=tensor_salt(item.name), row_offset=r0)
+    except KenstreamError as exc:
+        raise exc.located(file=rows.info.file, tensor=item.name)
+
+
+def allocate(stats: dict, items, settings) -> dict:
+    """name -> ``[shift, bin, quota]``: the cut of every tensor in ``stats``, such that
+    each tensor keeps exactly its ``settings.target`` (``tensor``) or all of them keep
+    exactly the sum of their targets (``global``; the quota of the cut bin goes to
+    tensors in plan order). O(tensors * bins), no data read."""
+    named = [i for i in items if i.name in stats]
+    targets = {i.name: settings.target(i.with_base, i.cols) for i in named}
+    if settings.budget == "tensor":
+        return {i.name: [stats[i.name].shift, *scores.cut_of(stats[i.name].hist(),
+                                                               targets[i.name])]
+                for i in named}
+    total = np.zeros(scores.NORM_BINS, np.int64)
+    for i in named:
+        s = stats[i.name]
+        total[s.lo:s.lo + s.counts.size] += s.counts
+    cut, left = scores.cut_of(total, sum(targets.values()))
+    out = {}
+    for i in named:
+        s = stats[i.name]
+        quota = 0 if cut < 0 else min(left, s.at(cut))
+        left -= quota
+        out[i.name] = [s.shift, cut, quota]
+    return out
+
+
+class Cutter:
+    """The write pass of one tensor under its cut: masks block by block, in row order
+    (the quota of the cut bin is counted across blocks)."""
+
+    def __init__(self, item, cut, settings):
+        self.item, self.settings = item, settings
+        self.shift, self.bin, self.quota = (int(v) for v in cut)
+        self.taken = 0
+
+    def mask(self, rows, brows, r0, r1) -> np.ndarray:
+        bins = block_bins(self.item, rows, brows, r0, r1, self.settings)
+        mask, self.taken = scores.mask_of(bins, self.shift, self.bin, self.quota, self.taken)
+        return mask
