@@ -11,12 +11,15 @@ budget's first pass (the score histograms) is made once and reused by every pass
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import SelectionError
 from ..io.checkpoint import Checkpoint
+from ..io.outputs import HOUSEKEEPING, read_marker, remove_listed
 from ..progress import say
 from ..settings import parse_size
 from .compress import compress
@@ -148,6 +151,7 @@ def compress_to_size(base, finetuned, out, size, *, quiet=False, overwrite=False
             search.lossless = True
             break
         if keep <= MIN_KEEP and got > target:
+            _discard(out)
             raise SelectionError(f"--size {size} ({target:,} bytes) is below the smallest "
                                  f"diff these settings make: {got:,} bytes at keep {keep:g} "
                                  "(tensors stored whole, positions and the shards' headers)",
@@ -160,6 +164,7 @@ def compress_to_size(base, finetuned, out, size, *, quiet=False, overwrite=False
     if got > target or (got < LOW * target and not search.lossless):
         under = [p for p in search.passes if p[1] <= target]
         if not under:
+            _discard(out)
             raise SelectionError(f"--size {size}: no keep tried in {len(search.passes)} "
                                  f"passes made a diff of at most {target:,} bytes",
                                  hint="ask for a larger size")
@@ -169,3 +174,16 @@ def compress_to_size(base, finetuned, out, size, *, quiet=False, overwrite=False
         keep = best[0]
     search.keep = keep
     return dict(index, size=search.to_json())
+
+
+def _discard(out) -> None:
+    """Remove the diff the passes wrote (the files its marker lists, then the marker and
+    the lock, then the folder if that leaves it empty): a request that cannot be met must
+    not leave a complete diff of another size that looks like the answer."""
+    out = Path(out)
+    remove_listed(out, read_marker(out) or [])
+    remove_listed(out, HOUSEKEEPING)
+    try:
+        os.rmdir(out)
+    except OSError:
+        pass  # other files of the user's stay, and the folder with them

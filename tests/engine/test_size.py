@@ -67,6 +67,16 @@ def test_size_refuses_what_it_cannot_reach(pair, tmp_path, capsys, value, needle
     assert run(pair, tmp_path / "diff", "--size", value, "--method", "delta") == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(err) == 1 and needle in err[0], err
+    # No diff of another size is left behind looking like the answer (the passes wrote one).
+    assert not (tmp_path / "diff").exists()
+
+
+def test_size_refusal_leaves_the_users_other_files(pair, tmp_path, capsys):
+    d = tmp_path / "diff"
+    assert run(pair, d, "--keep", "0.5") == 0
+    (d / "notes.txt").write_text("mine")
+    assert run(pair, d, "--size", "200B", "--overwrite") == 2
+    assert sorted(p.name for p in d.iterdir()) == ["notes.txt"]
 
 
 def test_size_excludes_keep_and_resume(pair, tmp_path, capsys):
