@@ -128,13 +128,15 @@ def compress_to_size(base, finetuned, out, size, *, quiet=False, overwrite=False
     search = Search(target)
     first_pass = {}
 
+    said = {}  # keep -> the warnings of its pass, said for the keep chosen only
+
     def run(keep: float) -> dict:
         done = len(search.passes)
-        with warnings.catch_warnings():
-            if done:  # said once is enough: the same inputs give the same warnings
-                warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             index = compress(base, finetuned, out, keep=keep, quiet=True,
                              overwrite=overwrite or done > 0, first_pass=first_pass, **options)
+        said[keep] = [str(w.message) for w in caught]
         got = index["totals"]["diff_bytes"]
         search.passes.append((keep, got))
         say(f"--size pass {done + 1}: keep {keep:.6g} -> {got:,} bytes "
@@ -173,6 +175,10 @@ def compress_to_size(base, finetuned, out, size, *, quiet=False, overwrite=False
             index = run(best[0])
         keep = best[0]
     search.keep = keep
+    for message in dict.fromkeys(said.get(keep, [])):
+        # A pass's warnings speak of the --keep it ran; the user asked for a size.
+        warnings.warn(message.replace(f"--keep {keep:g}", f"the keep --size chose, {keep:g},"),
+                      stacklevel=2)
     return dict(index, size=search.to_json())
 
 

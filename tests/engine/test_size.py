@@ -94,3 +94,14 @@ def test_size_units():
     assert parse_request("300MB", 10) == 300_000_000
     assert parse_request("2MiB", 10) == 2 * 2**20
     assert parse_request("10%", 1000) == 100
+
+
+def test_size_warns_about_the_keep_it_chose_not_a_keep_asked(pair, tmp_path, capsys):
+    """A small size makes some rows keep one value; the warning names the size's keep,
+    once, not a --keep the user never typed (nor the keeps of discarded passes)."""
+    assert run(pair, tmp_path / "diff", "--size", "8kB") == 0
+    captured = capsys.readouterr()
+    chosen = captured.out.split("chose keep ")[1].split()[0]
+    warns = [line for line in captured.err.splitlines() if line.startswith("warning")]
+    assert warns == [f"warning: the keep --size chose, {chosen}, keeps one value a row in 1 "
+                     "tensors (e.g. emb, rows of 64)"], warns
