@@ -163,6 +163,31 @@ def test_hub_cache_snapshot_links_keep_working(pair, capsys, tmp_path):
     assert (out / "config.json").read_bytes() == (f / "config.json").read_bytes()
 
 
+def test_interrupt_between_a_files_creation_and_its_cleanup_leaves_no_temporary(
+        pair, capsys, monkeypatch):
+    """Ctrl-C right after a shard's temporary file is created, before the code that would
+    delete it on the way out has started: the run still leaves no temporary file."""
+    b, f, out = pair
+    argv = compress_argv(b, f, out, "--shard-size", "300B")
+    writer_module = importlib.import_module("kenstream.io.writer")
+    real = writer_module.ShardWriter.__init__
+    made = []
+
+    def created_then_interrupted(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        made.append(self.temp)
+        if len(made) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer_module.ShardWriter, "__init__", created_then_interrupted)
+    assert cli(capsys, argv, [b, f])[0] == 130
+    assert len(made) == 2 and made[1].parent == out
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".partial")]
+    monkeypatch.undo()
+    code, err = cli(capsys, argv + ["--resume"], [b, f])
+    assert code == 0, err
+
+
 # -- 5. temporary files are created, never opened through a link ------------------------------
 
 def test_resume_never_writes_through_links_at_temporary_names(pair, capsys, tmp_path,

@@ -127,7 +127,24 @@ def claim_output(out, *, inputs, resume: bool, overwrite: bool, plan: str, index
         if state == "fresh":
             write_marker(out, files)
             marker = sorted(set(files))
-        yield Claim(out, state, marker or [])
+        claim = Claim(out, state, marker or [])
+        try:
+            yield claim
+        except BaseException:
+            _sweep_temporaries(out, claim.files)
+            raise
+
+
+def _sweep_temporaries(out: Path, names) -> None:
+    """Delete the temporary files of ``names`` after a failed or interrupted run. A writer
+    removes its own on the way out, but a signal can land between a temporary file's
+    creation and the code that would remove it; the lock is still held, so every temporary
+    file of a listed name is this run's."""
+    for name in names:
+        try:
+            _unlink_inside(out, name + TEMP_SUFFIX)
+        except OSError:
+            pass  # absent, or not ours to remove: the files themselves are untouched
 
 
 def _survey(out: Path):
