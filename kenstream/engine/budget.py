@@ -22,7 +22,7 @@ from ..errors import KenstreamError
 from ..format import spec
 from ..io.rows import TensorRows, identical
 from ..kernels import scores
-from .plan import tensor_salt
+from .plan import base_rows, tensor_salt
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,6 @@ class TensorScores:
         return int(self.counts[i]) if 0 <= i < self.counts.size else 0
 
 
-def _base_rows(base, item) -> TensorRows:
-    total = base.info(item.base_name).shape[0] if item.base_rows is not None else item.rows
-    return TensorRows(base, item.base_name, total, item.cols, item.dtype)
-
-
 def gather(ft, base, items, settings, progress, block_elems: int = spec.DEFAULT_BLOCK_ELEMS
            ) -> dict:
     """name -> TensorScores for every selected tensor of plan ``items`` that changed
@@ -60,7 +55,7 @@ def gather(ft, base, items, settings, progress, block_elems: int = spec.DEFAULT_
     for item in items:
         if item.action != "select":
             continue
-        rows, brows = TensorRows(ft, item.name, item.rows, item.cols), _base_rows(base, item)
+        rows, brows = TensorRows(ft, item.name, item.rows, item.cols), base_rows(base, item)
         if item.base_rows is None and identical(rows, brows, block_elems=block_elems):
             progress.update(item.params)
             continue

@@ -15,6 +15,7 @@ from ..errors import MismatchError
 from ..format import spec
 from ..format.layout import EMPTY_HEADER, encoded_sizes, header_cost
 from ..io import safetensors_file
+from ..io.rows import TensorRows
 from ..io.writer import ShardSet, header_budget
 
 # Float dtypes the selection kernels read; F8 tensors are compared and stored whole.
@@ -54,6 +55,13 @@ class Item:
         if self.base_name is None:
             return 0
         return self.rows if self.base_rows is None else self.base_rows
+
+
+def base_rows(base, item) -> TensorRows:
+    """The base tensor of ``item`` (which has one) as rows in the fine-tune's dtype: all the
+    base's rows, which for a resized tensor are fewer than the fine-tune's."""
+    total = base.info(item.base_name).shape[0] if item.base_rows is not None else item.rows
+    return TensorRows(base, item.base_name, total, item.cols, item.dtype)
 
 
 QUANTIZED_WEIGHTS = ("weight", "qweight")

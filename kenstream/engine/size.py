@@ -50,10 +50,13 @@ class Search:
                 "passes": [list(p) for p in self.passes]}
 
 
-def finetuned_bytes(finetuned) -> int:
-    """Bytes of the fine-tune's tensors (what ``--size N%`` is a share of)."""
+def finetuned_bytes(finetuned) -> tuple:
+    """Bytes of the fine-tune's tensors (what ``--size N%`` is a share of), and of its
+    float tensors (what the first guess scales), from one read of its headers."""
     with Checkpoint.open(str(finetuned)) as f:
-        return sum(int(f.info(n).nbytes) for n in f.names())
+        infos = [f.info(n) for n in f.names()]
+    return (sum(int(i.nbytes) for i in infos),
+            sum(int(i.nbytes) for i in infos if i.dtype in SELECTABLE))
 
 
 def parse_request(text, whole: int) -> int:
@@ -77,11 +80,10 @@ def parse_request(text, whole: int) -> int:
             from None
 
 
-def _first_guess(finetuned, target: int) -> float:
-    """A keep to start from: the request as a share of the float tensors' bytes, as if
-    a kept value cost two thirds of its raw bytes. Only a start; passes correct it."""
-    with Checkpoint.open(str(finetuned)) as f:
-        floats = sum(int(f.info(n).nbytes) for n in f.names() if f.info(n).dtype in SELECTABLE)
+def _first_guess(floats: int, target: int) -> float:
+    """A keep to start from: the request as a share of the float tensors' bytes
+    ``floats``, as if a kept value cost two thirds of its raw bytes. Only a start; passes
+    correct it."""
     return min(1.0, max(MIN_KEEP, 1.5 * target / max(floats, 1)))
 
 
@@ -124,7 +126,8 @@ def compress_to_size(base, finetuned, out, size, *, quiet=False, overwrite=False
     if resume:
         raise SelectionError("--size runs compress several times and cannot --resume",
                              hint="rerun the command without --resume")
-    target = parse_request(size, finetuned_bytes(finetuned))
+    whole, floats = finetuned_bytes(finetuned)
+    target = parse_request(size, whole)
     search = Search(target)
     first_pass = {}
 
@@ -143,7 +146,7 @@ def compress_to_size(base, finetuned, out, size, *, quiet=False, overwrite=False
             f"({got / target:.1%} of {target:,})", quiet)
         return index
 
-    keep = _first_guess(finetuned, target)
+    keep = _first_guess(floats, target)
     index = run(keep)
     while True:
         got = search.passes[-1][1]

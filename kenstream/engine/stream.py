@@ -9,13 +9,13 @@ few blocks, whatever the size of the largest tensor or of the model.
 
 from __future__ import annotations
 
-from .. import dtypes, kernels
+from .. import kernels
 from ..errors import KenstreamError
 from ..format import spec
 from ..format.layout import header_reserve
 from ..io.rows import TensorRows, identical
 from .budget import Cutter
-from .plan import tensor_salt
+from .plan import base_rows, tensor_salt
 from .sink_v1 import V1Sink
 from .sink_v2 import V2Sink
 
@@ -53,14 +53,12 @@ def _tensor(sink, item, following, ft, base, settings, block_elems, cut=None) ->
     if item.base_name is None:
         sink.stored(item, rows, None)
         return
-    resized = item.base_rows is not None
-    base_total = base.info(item.base_name).shape[0] if resized else item.rows
-    base_rows = TensorRows(base, item.base_name, base_total, item.cols, item.dtype)
-    if not resized and identical(rows, base_rows, block_elems=block_elems):
+    brows = base_rows(base, item)
+    if item.base_rows is None and identical(rows, brows, block_elems=block_elems):
         sink.unchanged(item)
         return
     if item.action == "store":
-        sink.stored(item, rows, base_rows)
+        sink.stored(item, rows, brows)
         return
     whole = item.k >= item.cols and not sink.needs_kernel_for_full_rows and cut is None
     cutter = None if cut is None else Cutter(item, cut, settings)
@@ -74,17 +72,17 @@ def _tensor(sink, item, following, ft, base, settings, block_elems, cut=None) ->
             s0, s1 = ranges[n + 1]
             rows.prefetch(s0, s1)
             if with_base and s0 < item.with_base:
-                base_rows.prefetch(s0, min(s1, item.with_base))
+                brows.prefetch(s0, min(s1, item.with_base))
         elif following is not None:
             _prefetch_start(following, ft, base, sink, with_base)
         if r0 >= item.with_base:  # a resized tensor's new rows: kept whole, no base
             sink.block(item, rows, None, r0, r1, None)
             continue
         if cutter is not None:
-            mask = cutter.mask(rows, base_rows, r0, r1)
+            mask = cutter.mask(rows, brows, r0, r1)
         else:
-            mask = None if whole else _select(item, rows, base_rows, r0, r1, settings)
-        sink.block(item, rows, base_rows, r0, r1, mask)
+            mask = None if whole else _select(item, rows, brows, r0, r1, settings)
+        sink.block(item, rows, brows, r0, r1, mask)
 
 
 def _select(item, rows, base_rows, r0, r1, settings):
@@ -111,8 +109,5 @@ def _prefetch_start(item, ft, base, sink, with_base: bool) -> None:
     TensorRows(ft, item.name, item.rows, item.cols).prefetch(r0, r1)
     if item.base_name is None:
         return
-    head = 0
-    if with_base:
-        info = base.info(item.base_name)
-        head = min(r1, item.with_base) * item.cols * dtypes.itemsize(info.dtype)
+    head = min(r1, item.with_base) * base_rows(base, item).row_bytes if with_base else 0
     base.prefetch(item.base_name, 0, max(1 << 18, head))
