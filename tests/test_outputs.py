@@ -188,6 +188,26 @@ def test_interrupt_between_a_files_creation_and_its_cleanup_leaves_no_temporary(
     assert code == 0, err
 
 
+def test_a_refused_resume_leaves_a_killed_runs_temporary_file(pair, capsys, monkeypatch):
+    """A run killed outright (no cleanup) leaves a shard's temporary file; a --resume refused
+    for other settings must change nothing in the folder, that file included."""
+    b, f, out = pair
+    argv = compress_argv(b, f, out, "--shard-size", "300B")
+    interrupt_after(monkeypatch, executor_module, "write_shard", 2)
+    assert cli(capsys, argv, [b, f])[0] == 130
+    monkeypatch.undo()
+    listed = json.loads((out / MARKER).read_text())["files"]
+    unwritten = next(n for n in listed if not (out / n).exists() and n.endswith(".kdiff"))
+    stale = out / (unwritten + ".partial")
+    stale.write_bytes(b"left by a run killed with SIGKILL")
+    before = snapshot(out)
+    other = list(argv)
+    other[other.index("--keep") + 1] = "0.25"
+    code, err = cli(capsys, other + ["--resume"], [b, f])
+    assert code == 2 and "but 0.5 in the interrupted run" in err, err
+    assert snapshot(out) == before
+
+
 # -- 5. temporary files are created, never opened through a link ------------------------------
 
 def test_resume_never_writes_through_links_at_temporary_names(pair, capsys, tmp_path,

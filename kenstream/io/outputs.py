@@ -128,19 +128,26 @@ def claim_output(out, *, inputs, resume: bool, overwrite: bool, plan: str, index
             write_marker(out, files)
             marker = sorted(set(files))
         claim = Claim(out, state, marker or [])
+        earlier = _temporaries(out, claim.files)
         try:
             yield claim
         except BaseException:
-            _sweep_temporaries(out, claim.files)
+            _sweep_temporaries(out, set(claim.files), keep=earlier)
             raise
 
 
-def _sweep_temporaries(out: Path, names) -> None:
+def _temporaries(out: Path, names) -> set:
+    """The listed names whose temporary file is in ``out`` now."""
+    return {n for n in names if os.path.lexists(out / (n + TEMP_SUFFIX))}
+
+
+def _sweep_temporaries(out: Path, names, *, keep) -> None:
     """Delete the temporary files of ``names`` after a failed or interrupted run. A writer
     removes its own on the way out, but a signal can land between a temporary file's
-    creation and the code that would remove it; the lock is still held, so every temporary
-    file of a listed name is this run's."""
-    for name in names:
+    creation and the code that would remove it. The lock is held, so a temporary file that
+    was not there when the claim was taken is this run's; one left by an earlier, killed
+    run (``keep``) is not touched, so a run refused after the claim changes nothing."""
+    for name in sorted(set(names) - set(keep)):
         try:
             _unlink_inside(out, name + TEMP_SUFFIX)
         except OSError:
