@@ -24,7 +24,7 @@ def loaded_after(statement: str) -> set:
 
 
 IO_MODULES = ["checkpoint", "safetensors_file", "rows", "writer", "outputs", "jsonfile",
-              "diff_reader", "fingerprint", "safefs", "extras", "torch_bin"]
+              "diff_reader", "fingerprint", "safefs", "extras", "torch_bin", "readahead"]
 
 
 @pytest.mark.parametrize("module", IO_MODULES)

@@ -28,6 +28,7 @@ import numpy as np
 
 from kenstream import dtypes
 from kenstream.errors import CheckpointError, CorruptFileError
+from kenstream.io.readahead import READ_AHEAD
 from kenstream.io.safefs import open_regular
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -278,23 +279,16 @@ class SafetensorsFile(TensorTable):
         """Ask the kernel to start reading ``name``'s pages (bytes ``start:stop``) in the
         background.
 
-        Lets the disk work on the next tensor while the selection kernel computes on this
-        one. Cost: one ``madvise(MADV_WILLNEED)``; nothing is mapped into resident memory
-        until the pages are used. A no-op where unsupported.
+        Lets the disk work on the next block while the selection kernel computes on this
+        one: the range is read into the page cache by the read-ahead thread
+        (:mod:`kenstream.io.readahead`). Nothing is mapped into resident memory until the
+        pages are used. A no-op on a closed file.
         """
-        self._advise(name, "MADV_WILLNEED", start, stop)
-
-    def _advise(self, name: str, advice_name: str, start: int = 0, stop: int | None = None):
-        """madvise bytes ``start:stop`` of ``name``, widened to whole pages (a no-op where
-        unsupported, closed or empty)."""
         info = self.info(name)
-        advice = getattr(mmap, advice_name, None)
         stop = info.nbytes if stop is None else min(stop, info.nbytes)
-        if self._map is None or advice is None or stop <= start:
+        if self._map is None or stop <= start:
             return
-        first = info.offset + max(0, start)
-        first -= first % mmap.PAGESIZE
-        self._map.madvise(advice, first, info.offset + stop - first)
+        READ_AHEAD.submit(self._file.fileno(), info.offset + max(0, start), info.offset + stop)
 
     def check_intact(self, name: str | None = None) -> None:
         """Raise CorruptFileError if the file is now shorter than when it was opened.
