@@ -104,11 +104,10 @@ def copy_floor(src: Path, dst: Path) -> float:
 
 def kernel_only(ft_dir: Path, index: dict, threads: int) -> tuple:
     """Seconds the selection kernel alone spends on the selected tensors (held in RAM)."""
-    import zlib
-
     import numba
 
     from kenstream import kernels
+    from kenstream.engine.plan import tensor_salt
     from kenstream.io.checkpoint import Checkpoint
 
     numba.set_num_threads(threads)
@@ -122,7 +121,7 @@ def kernel_only(ft_dir: Path, index: dict, threads: int) -> tuple:
             ft.release(name)
             t0 = time.perf_counter()
             kernels.select(sel["method"], arr, rec["k"], ties=sel["ties"], seed=sel["seed"],
-                           salt=zlib.crc32(name.encode()))
+                           salt=tensor_salt(name))
             total_t += time.perf_counter() - t0
             params += arr.size
             del arr

@@ -132,7 +132,7 @@ def claim_output(out, *, inputs, resume: bool, overwrite: bool, plan: str, index
         try:
             yield claim
         except BaseException:
-            _sweep_temporaries(out, set(claim.files), keep=earlier)
+            _sweep_temporaries(out, claim.files, keep=earlier)
             raise
 
 
@@ -147,7 +147,7 @@ def _sweep_temporaries(out: Path, names, *, keep) -> None:
     creation and the code that would remove it. The lock is held, so a temporary file that
     was not there when the claim was taken is this run's; one left by an earlier, killed
     run (``keep``) is not touched, so a run refused after the claim changes nothing."""
-    for name in sorted(set(names) - set(keep)):
+    for name in sorted(set(names) - keep):
         try:
             _unlink_inside(out, name + TEMP_SUFFIX)
         except OSError:

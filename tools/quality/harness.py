@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from fractions import Fraction
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -102,9 +102,6 @@ def score(model_dir: Path, split, reference=None) -> dict:
 def kenstream(*args) -> None:
     subprocess.run([sys.executable, "-m", "kenstream", *map(str, args), "-q"], check=True,
                    stdout=subprocess.DEVNULL)
-
-
-RULES = ("ken", "delta", "magnitude", "random")
 
 
 def parse_rule(text: str) -> tuple:
