@@ -4,6 +4,8 @@ Installed by the command line's entry point only (never on import, never by the 
 
 - SIGTERM raises :class:`Terminated`, a ``KeyboardInterrupt``, so a terminated run cleans up
   exactly as one stopped with Ctrl-C (temporary file deleted, plan file kept) and says so.
+- Both are remembered (:func:`raise_pending`): a raise that lands in a finalizer is lost,
+  so every output file raises the interrupt again before it is committed.
 - A bus error (SIGBUS) comes from reading a memory-mapped input that another program cut
   short. Python cannot recover from it (returning from the handler faults again), so a
   C-level handler prints one ``error:`` line naming the file that shrank and ends the
@@ -19,6 +21,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 
 
 class Terminated(KeyboardInterrupt):
@@ -27,8 +30,31 @@ class Terminated(KeyboardInterrupt):
     exit_code = 143
 
 
+_pending = None
+"""The interrupt a handler raised (KeyboardInterrupt or Terminated), kept because the raise
+can be lost: a signal handled while a finalizer or weakref callback runs raises there,
+and Python prints "Exception ignored" and goes on."""
+
+
+def _on_int(signum, frame):
+    global _pending
+    _pending = KeyboardInterrupt
+    raise KeyboardInterrupt
+
+
 def _on_term(signum, frame):
+    global _pending
+    _pending = Terminated
     raise Terminated()
+
+
+def raise_pending() -> None:
+    """Raise again an interrupt this process received, whether or not its first raise got
+    through. Called before a file is committed, so a Ctrl-C or SIGTERM swallowed by a
+    finalizer still ends the run as interrupted (resumable, no index), never as finished.
+    A no-op off the main thread, and in a process whose handlers are not installed."""
+    if _pending is not None and threading.current_thread() is threading.main_thread():
+        raise _pending()
 
 
 _fired = False
@@ -63,8 +89,10 @@ def _on_bus(signum):
 
 
 def install() -> None:
-    """Install the SIGTERM and SIGBUS handlers (main thread of the CLI process only)."""
+    """Install the SIGINT, SIGTERM and SIGBUS handlers (main thread of the CLI process
+    only)."""
     global _bus_handler
+    signal.signal(signal.SIGINT, _on_int)
     signal.signal(signal.SIGTERM, _on_term)
     if not hasattr(signal, "SIGBUS"):
         return

@@ -45,6 +45,38 @@ def test_ctrl_c_while_starting_up(diff):
     assert proc.stderr == "error: interrupted\n"
 
 
+def test_ctrl_c_swallowed_by_a_finalizer_still_ends_the_run(pair):
+    """A SIGINT handled while a finalizer runs raises there, and Python prints "Exception
+    ignored" and goes on. The interrupt is remembered: the run still ends as interrupted
+    (exit 130, resumable, no index), never as a finished diff."""
+    b, f, out = pair
+    proc = child("""
+        import os, signal, sys
+        import kenstream.engine.stream as stream
+        real = stream._select
+        calls = []
+        class Lost:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)
+        def select(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                Lost()  # dropped at once: the interrupt lands in its finalizer
+            return real(*args, **kwargs)
+        stream._select = select
+        from kenstream.cli import entry
+        sys.argv = ["kenstream", *sys.argv[1:]]
+        entry()
+    """, *compress_argv(b, f, out))
+    assert proc.returncode == 130, proc.stderr
+    assert "Exception ignored" in proc.stderr  # the first raise was indeed lost
+    assert proc.stderr.splitlines()[-1] == "error: interrupted; rerun with --resume to continue"
+    assert not (out / "kenstream-diff.json").exists()
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".partial")]
+    assert main([*map(str, compress_argv(b, f, out)), "--resume", "-q"]) == 0
+    assert (out / "kenstream-diff.json").exists()
+
+
 def test_ctrl_c_after_the_work_is_done(diff):
     """SIGINT once the command has finished (at exit) changes nothing: exit 0, no traceback."""
     proc = child("""

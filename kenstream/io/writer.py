@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import faults
 from ..errors import OutputError
 from ..format.spec import TEMP_SUFFIX
 from .safefs import create_exclusive
@@ -117,6 +118,7 @@ class ShardWriter:
 
     def finish(self, metadata: dict | None = None) -> dict:
         """Write the header, fsync, rename into place; returns ``{"size"}``."""
+        faults.raise_pending()
         head = header_bytes(self.entries, metadata)
         if len(head) > self.reserve:
             self.abort()
@@ -358,4 +360,5 @@ class ShardSet:
         """Write the index ``name`` (JSON, atomically): the last file of a run."""
         from .jsonfile import write_json_atomic
 
+        faults.raise_pending()
         write_json_atomic(self.out / name, obj)
