@@ -48,6 +48,14 @@ def _on_term(signum, frame):
     raise Terminated()
 
 
+def _unraisable(info) -> None:
+    """sys.unraisablehook: an interrupt raised inside a finalizer is remembered (and raised
+    again by `raise_pending`), so it is not printed as an ignored exception."""
+    if _pending is not None and isinstance(info.exc_value, KeyboardInterrupt):
+        return
+    sys.__unraisablehook__(info)
+
+
 def raise_pending() -> None:
     """Raise again an interrupt this process received, whether or not its first raise got
     through. Called before a file is committed, so a Ctrl-C or SIGTERM swallowed by a
@@ -94,6 +102,7 @@ def install() -> None:
     global _bus_handler
     signal.signal(signal.SIGINT, _on_int)
     signal.signal(signal.SIGTERM, _on_term)
+    sys.unraisablehook = _unraisable
     if not hasattr(signal, "SIGBUS"):
         return
     try:
