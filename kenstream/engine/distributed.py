@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from collections import deque
@@ -57,9 +58,11 @@ def run_ray(job, groups: list, todo: list, results: list, progress, *, address, 
 
 
 def _connect(ray, address, quiet) -> bool:
-    """Join a cluster unless this process already has; returns whether it joined here."""
+    """Join a cluster unless this process already has; returns whether it joined here.
+    The process's SIGTERM handler is kept (ray.init installs its own in the main thread)."""
     if ray.is_initialized():
         return False
+    on_term = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=address, include_dashboard=False,
                  logging_level=logging.ERROR if quiet else logging.WARNING)
@@ -67,6 +70,9 @@ def _connect(ray, address, quiet) -> bool:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExecutorError(f"cannot start or reach a Ray cluster at {address or 'auto'}: "
                             f"{first}", hint="check --ray-address and `ray status`") from None
+    finally:
+        if threading.current_thread() is threading.main_thread() and on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
     return True
 
 

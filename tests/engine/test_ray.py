@@ -207,6 +207,23 @@ def settled(directory: Path, quiet_for: float = 1.0, timeout: float = 30.0) -> N
     raise AssertionError(f"{directory} still changing after {timeout} s")
 
 
+def signalled_driver(pair, cluster, cwd: Path, sig) -> subprocess.Popen:
+    """A Ray compress driver in its own process, writing ``cwd/diff``, sent ``sig`` once
+    two of its shards are in place (or left to run if it ends first)."""
+    out = cwd / "diff"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    argv = [str(a) for a in compress_argv(pair, "--executor", "ray", "--ray-address", cluster)]
+    proc = subprocess.Popen([sys.executable, "-m", "kenstream", *argv], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 90
+    while proc.poll() is None and time.monotonic() < deadline:
+        if out.exists() and len(list(out.glob("*.kdiff"))) >= 2:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.0005)
+    return proc
+
+
 def test_resume_after_a_killed_ray_driver_keeps_finished_shards(cluster, pair, local,
                                                                 tmp_path, monkeypatch,
                                                                 capsys):
@@ -214,16 +231,7 @@ def test_resume_after_a_killed_ray_driver_keeps_finished_shards(cluster, pair, l
     two shards are in place; ``--resume`` under Ray keeps them and ends in the local
     bytes."""
     out = tmp_path / "diff"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    argv = [str(a) for a in compress_argv(pair, "--executor", "ray", "--ray-address", cluster)]
-    proc = subprocess.Popen([sys.executable, "-m", "kenstream", *argv], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 90
-    while proc.poll() is None and time.monotonic() < deadline:
-        if out.exists() and len(list(out.glob("*.kdiff"))) >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.0005)
+    proc = signalled_driver(pair, cluster, tmp_path, signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "finished before the kill"
     settled(out)
@@ -246,3 +254,27 @@ def test_global_budget_under_ray_is_byte_identical(cluster, pair, tmp_path, monk
     code, _, err = cli([*argv, "--executor", "ray"], tmp_path / "ray", monkeypatch, capsys)
     assert code == 0, err
     assert tree(tmp_path / "ray" / "diff") == tree(tmp_path / "local" / "diff")
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                              (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_to_a_ray_driver_leaves_a_resumable_diff(cluster, pair, local,
+                                                                   tmp_path, monkeypatch,
+                                                                   capsys, sig, code, word):
+    """ray.init puts in a SIGTERM handler of its own; the driver keeps kenstream's, so a
+    Ray run stopped by either signal ends as a local one does: exit 130 / 143, one line,
+    the running tasks cancelled (no temporary file left), and --resume ends in the local
+    bytes."""
+    out = tmp_path / "diff"
+    proc = signalled_driver(pair, cluster, tmp_path, sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert err.decode().strip().splitlines() == [f"error: {word}; rerun with --resume to continue"]
+    settled(out)
+    assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
+    assert not (out / "kenstream-diff.json").exists()
+    code, _, err = cli(compress_argv(pair, "--executor", "ray", "--resume"), tmp_path,
+                       monkeypatch, capsys)
+    assert code == 0, err
+    assert tree(out) == local[1]
+
