@@ -146,7 +146,6 @@ def _plan_files(out, records, limit, header_limit) -> ShardSet:
                                  lambda n: entry_cost(n, records[n].dtype, records[n].shape))
     return ShardSet.plan(out, records, lambda n: records[n].params * records[n].itemsize,
                          limit, _model_file, cost, budget)
-    return index
 
 
 def _first_block_bytes(rec, index, block_elems: int) -> int:
