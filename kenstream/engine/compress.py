@@ -27,7 +27,7 @@ from ..text import printable
 from . import budget as budget_pass
 from .align import align, tie_heads
 from .cards import FINETUNED_CARD, card_license, diff_card
-from .executor import CompressJob, Source, check_executor, run_shards
+from .executor import CompressJob, Source, check_executor, executor_ready, run_shards
 from .plan import make_items, plan_shards
 
 _REDO = "delete it and rerun with --resume"
@@ -193,9 +193,11 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
         rename = {"README.md": FINETUNED_CARD}  # the diff's own README.md is its card
         files = [*shards.names, spec.INDEX_NAME, spec.PARTIAL_NAME, "README.md",
                  *(rename.get(p.name, p.name) for p in extras)]
-        check_executor(executor)
-        with claim_output(out, inputs=[b, f], resume=resume, overwrite=overwrite,
-                          plan=spec.PARTIAL_NAME, index=spec.INDEX_NAME, files=files) as claim:
+        with executor_ready(executor, ray_address=ray_address, quiet=quiet,
+                            threads=kernels.get_threads(), groups=len(shards.names)), \
+                claim_output(out, inputs=[b, f], resume=resume, overwrite=overwrite,
+                             plan=spec.PARTIAL_NAME, index=spec.INDEX_NAME,
+                             files=files) as claim:
             if claim.state == "complete":
                 index = _check_finished(plan, out / spec.INDEX_NAME)
                 say(f"{printable(out)} is already a complete diff; nothing to resume", quiet)

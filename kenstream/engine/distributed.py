@@ -1,16 +1,18 @@
 """The Ray executor: each group of a job's plan as one Ray task, the driver merging.
 
 Imported only for ``--executor ray``. The driver connects (to ``address``, else the running
-cluster, else a new local instance), puts the job in the object store once and keeps a
-bounded number of tasks in flight with ``ray.wait``. A task reserves ``threads`` CPUs,
-opens the inputs by path (a file system every node sees; hub models from each node's cache,
-offline) in the driver's working directory, writes its file through a ``.partial`` name as
-the local loop does, and returns its group's result. Ray retries a task whose worker died
-(``max_retries``); the retry rewrites the same ``.partial`` from its start, so the result
-is the same bytes. A task that meets a bad input returns the KenstreamError as a value
-(pickled whole: class, message, file, tensor, row); the driver cancels the other tasks,
-waits for them to delete their ``.partial`` files, and raises it, so the run ends with the
-local run's one line. Progress reaches the driver's one bar through a small actor.
+cluster, else a new local instance) before its own checks and asks for the workers the run
+will use, so that they start while it works (`joined`). It puts the job in the object store
+once and keeps a bounded number of tasks in flight with ``ray.wait``. A task reserves
+``threads`` CPUs, opens the inputs by path (a file system every node sees; hub models from
+each node's cache, offline) in the driver's working directory, writes its file through a
+``.partial`` name as the local loop does, and returns its group's result. Ray retries a task
+whose worker died (``max_retries``); the retry rewrites the same ``.partial`` from its
+start, so the result is the same bytes. A task that meets a bad input returns the
+KenstreamError as a value (pickled whole: class, message, file, tensor, row); the driver
+cancels the other tasks, waits for them to delete their ``.partial`` files, and raises it,
+so the run ends with the local run's one line. Progress reaches the driver's one bar through
+a small actor.
 """
 
 from __future__ import annotations
@@ -47,14 +49,51 @@ def import_ray():
 def run_ray(job, groups: list, todo: list, results: list, progress, *, address, quiet) -> None:
     """Fill ``results[pos]`` for every ``pos`` in ``todo`` by running ``job.write`` on
     ``groups[pos]`` in Ray tasks; see the module's docstring."""
+    with joined(address, quiet) as ray:
+        if todo:
+            _drive(ray, job, groups, todo, results, progress)
+
+
+@contextmanager
+def joined(address, quiet, *, threads: int = 1, groups: int = 0):
+    """The ray module, joined to a cluster for the body (left at the end if joined here).
+
+    With ``groups``, as many workers as the run can use at once (at most ``groups``, one per
+    ``threads`` CPUs of the cluster) are started at once by a task that imports kenstream
+    and returns, so they start while the driver goes on with its checks and planning: the
+    first tasks find them warm, the same job's workers being reused.
+    """
     ray = import_ray()
     started = _connect(ray, address, quiet)
     try:
-        if todo:
-            _drive(ray, job, groups, todo, results, progress)
+        if groups:
+            threads, slots = _slots(ray, threads)
+            task = ray.remote(warm).options(num_cpus=threads)
+            _WARMING[:] = [task.remote() for _ in range(min(groups, slots))]
+        yield ray
     finally:
+        _WARMING.clear()
         if started:
             ray.shutdown()
+
+
+_WARMING: list = []
+"""The warm-up tasks of the run in progress (kept referenced while it lasts)."""
+
+
+def warm() -> int:
+    """A warm-up task: its worker has imported kenstream (to unpickle this function) and
+    the libraries a shard's bytes depend on; returns the worker's pid."""
+    versions()
+    return os.getpid()
+
+
+def _slots(ray, threads: int) -> tuple:
+    """(CPUs a task reserves: ``threads``, but no more than the largest node has; how many
+    such tasks the cluster runs at once)."""
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    threads = max(1, min(threads, int(max(cpus, default=1))))
+    return threads, max(1, int(sum(cpus) // threads))
 
 
 def _connect(ray, address, quiet) -> bool:
@@ -87,10 +126,9 @@ def versions() -> dict:
 
 
 def _drive(ray, job, groups, todo, results, progress) -> None:
-    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-    threads = max(1, min(job.threads, int(max(cpus, default=1))))  # fits on some node
+    threads, slots = _slots(ray, job.threads)
     job = replace(job, threads=threads)
-    limit = 2 * max(1, int(sum(cpus) // threads))  # keeps every worker fed, bounds the queue
+    limit = 2 * slots  # keeps every worker fed, bounds the queue
     task = ray.remote(run_group).options(num_cpus=threads, max_retries=MAX_RETRIES,
                                          retry_exceptions=False)
     # No bar on screen (--quiet, or stderr not a terminal): no tally, one process fewer.

@@ -40,6 +40,22 @@ def check_executor(executor: str) -> None:
         import_ray()
 
 
+@contextmanager
+def executor_ready(executor: str, *, ray_address=None, quiet=False, threads: int = 1,
+                   groups: int = 0):
+    """The body (the driver's checks, the output's claim, `run_shards`) with the executor
+    made ready first: for ``ray``, the cluster joined and up to ``groups`` workers of
+    ``threads`` CPUs starting while the driver works (:func:`.distributed.joined`)."""
+    check_executor(executor)
+    if executor != "ray":
+        yield
+        return
+    from .distributed import joined
+
+    with joined(ray_address, quiet, threads=threads, groups=groups):
+        yield
+
+
 def run_shards(job, groups: list, progress, *, executor: str = "local", handles=None,
         resume: bool = False, ray_address: str | None = None, quiet: bool = False):
     """Write every group of ``groups`` with ``job`` and return ``job.merge`` of the results,

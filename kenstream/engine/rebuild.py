@@ -23,7 +23,7 @@ from ..settings import MODEL_SHARD_SIZE, parse_size
 from ..text import printable
 from .blocks import TensorBlocks, check_shapes
 from .cards import FINETUNED_CARD, rebuilt_card
-from .executor import RebuildJob, Source, check_executor, run_shards
+from .executor import RebuildJob, Source, check_executor, executor_ready, run_shards
 
 PARTIAL_NAME = "kenstream-rebuild.partial.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -83,10 +83,12 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
         shards = _plan_files(out, records, limit, header_limit)
         extras = [p for p in extra_files(d.path) if p.name not in ("README.md", FINETUNED_CARD)]
         files = [*shards.names, INDEX_NAME, PARTIAL_NAME, "README.md", *(p.name for p in extras)]
-        check_executor(executor)
-        with claim_output(out, inputs=[b, _DiffInput(d.path)], resume=resume,
-                          overwrite=overwrite, plan=PARTIAL_NAME, index=INDEX_NAME,
-                          files=files) as claim:
+        workers = kernels.get_threads() if threads is None else max(1, threads)
+        with executor_ready(executor, ray_address=ray_address, quiet=quiet, threads=workers,
+                            groups=len(shards.names)), \
+                claim_output(out, inputs=[b, _DiffInput(d.path)], resume=resume,
+                             overwrite=overwrite, plan=PARTIAL_NAME, index=INDEX_NAME,
+                             files=files) as claim:
             if claim.state == "complete":
                 say(f"{printable(out)} is already rebuilt; nothing to resume", quiet)
                 return read_json_file(out / INDEX_NAME)
@@ -120,7 +122,6 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
                 if original.is_file() else None))
             metadata = {"format": "pt", "kenstream_version": __version__,
                         "kenstream_diff_sha256": diff_sha}
-            workers = kernels.get_threads() if threads is None else max(1, threads)
             largest = max((_first_block_bytes(r, d.index, block_elems)
                            for r in records.values()), default=0)
             counts = {n: r.params for n, r in records.items()}

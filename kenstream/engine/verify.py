@@ -24,7 +24,7 @@ from ..io.diff_reader import DiffReader
 from ..io.rows import TensorRows
 from ..progress import bar
 from .blocks import TensorBlocks, check_shapes
-from .executor import Source, VerifyJob, check_executor, run_shards
+from .executor import Source, VerifyJob, check_executor, executor_ready, run_shards
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -60,7 +60,9 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None
     blocks a thread.
     """
     check_executor(executor)
-    with kernels.threads(threads), DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
+    with kernels.threads(threads), DiffReader(diff) as d, Checkpoint.open(str(base)) as b, \
+            executor_ready(executor, ray_address=ray_address, quiet=quiet,
+                           threads=kernels.get_threads(), groups=len(_groups(d.records))):
         d.check_hashes()
         d.check_base(b, force=force)
         check_shapes(d, b)

@@ -278,3 +278,24 @@ def test_ctrl_c_or_sigterm_to_a_ray_driver_leaves_a_resumable_diff(cluster, pair
     assert code == 0, err
     assert tree(out) == local[1]
 
+
+def test_workers_are_started_before_the_driver_claims_the_output(cluster, pair, local,
+                                                                 tmp_path, monkeypatch,
+                                                                 capsys):
+    """The workers a run can use at once (2 CPUs, -j 1: two; the plan has more files) are
+    asked for before the driver's own checks, so that they start while it works."""
+    seen = []
+    claim = sys.modules["kenstream.engine.rebuild"].claim_output
+
+    def watched(*args, **kwargs):
+        seen.append(list(distributed._WARMING))
+        return claim(*args, **kwargs)
+
+    monkeypatch.setattr(sys.modules["kenstream.engine.rebuild"], "claim_output", watched)
+    argv = ["rebuild", pair[0], local[0] / "diff", "-o", "rebuilt", *REBUILD, "--executor", "ray"]
+    code, _, err = cli(argv, tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert len(seen) == 1 and len(seen[0]) == 2
+    assert all(isinstance(pid, int) and pid != os.getpid() for pid in ray.get(seen[0]))
+    assert tree(tmp_path / "rebuilt") == local[2]
+    assert distributed._WARMING == []
