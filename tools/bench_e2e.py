@@ -187,6 +187,9 @@ def measure(size: str, args, head=None) -> dict:
 
     def copy_and_rebuild():
         t_copy = copy_floor(base, work / "copy")
+        # Each timed rebuild starts from no output, as each timed copy does: an earlier
+        # repeat's model, deleted by --overwrite, would add its unlinking to the time.
+        shutil.rmtree(out, ignore_errors=True)
         drop_cache(files_under(base) + files_under(diff))
         return (t_copy, *timed_child(ks + ["rebuild", str(base), str(diff), "-o", str(out),
                                            "-q", "--overwrite"]))
