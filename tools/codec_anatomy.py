@@ -11,8 +11,10 @@ headers), and measures what each part could still lose:
   difference is predicted by the base value's sign or by its neighbours' signs (a rank-one
   update makes ``sign(d[i, j]) = sign(d[i, j-1]) * sign(d[i-1, j]) * sign(d[i-1, j-1])``);
 - the lengths: their order-0 entropy alone, given format 2's exponent context, and given
-  that context and the left neighbour's length (format 2 stores them in fewer bits than
-  all three, because zstd's matches also take runs of equal lengths);
+  that context and the left neighbour's length, the length above, both, or the left one
+  and the column's mean length over the rows before (richer models than format 2's, as a
+  bound on what one could save; format 2 stores the lengths in fewer bits than the first
+  three, because zstd's matches also take runs of equal lengths);
 - two changes of the coder: the lengths split into one zstd stream per context, two to a
   byte; and zstd level 19.
 
@@ -70,6 +72,8 @@ def measure(frames, level: int) -> dict:
     zc = zstandard.ZstdCompressor(level=level)
     tot = collections.Counter()
     by_ctx, by_ctx_left = collections.Counter(), collections.Counter()
+    by_ctx_above, by_ctx_left_above = collections.Counter(), collections.Counter()
+    by_ctx_left_column = collections.Counter()
     for ft, base, code in frames:
         w = ft.itemsize * 8
         bits = np.dtype(f"u{ft.itemsize}")
@@ -88,6 +92,18 @@ def measure(frames, level: int) -> dict:
         left = np.zeros_like(L).reshape(ft.shape)
         left[:, 1:] = L.reshape(ft.shape)[:, :-1]
         _count(by_ctx_left, ctx * 8 + np.minimum(left.reshape(-1), 7), L)
+        # The rows above: the length in the same column one row up, and the mean length
+        # of that column over the rows before (both known to a decoder, row by row).
+        grid = L.reshape(ft.shape)
+        above = np.zeros_like(grid)
+        above[1:] = grid[:-1]
+        column = np.zeros(grid.shape)
+        column[1:] = np.cumsum(grid, axis=0)[:-1] / np.arange(1, grid.shape[0])[:, None]
+        column = np.minimum(np.round(column * 2).astype(np.int64), 15).reshape(-1)
+        left7, above7 = np.minimum(left.reshape(-1), 7), np.minimum(above.reshape(-1), 7)
+        _count(by_ctx_above, ctx * 8 + above7, L)
+        _count(by_ctx_left_above, (ctx * 8 + left7) * 8 + above7, L)
+        _count(by_ctx_left_column, (ctx * 16 + column) * 8 + left7, L)
         for c in range(codec.CONTEXTS):
             s = lengths[ctx == c]
             if s.size:
@@ -116,7 +132,8 @@ def measure(frames, level: int) -> dict:
     for (_, x), n in by_ctx.items():
         marginal[x] += n
     return dict(tot=tot, h=entropy(marginal), h_ctx=h_ctx, h_left=h_left,
-                values=sum(by_ctx.values()))
+                h_above=conditional(by_ctx_above), h_left_above=conditional(by_ctx_left_above),
+                h_left_column=conditional(by_ctx_left_column), values=sum(by_ctx.values()))
 
 
 def binary_entropy(p: float) -> float:
@@ -135,6 +152,9 @@ def report(label: str, m: dict) -> None:
     print(f"  lengths, order-0 entropy               {m['h']:.2f} bits a value")
     print(f"    given format 2's exponent context    {m['h_ctx']:.2f} bits")
     print(f"    given the context and left length    {m['h_left']:.2f} bits")
+    print(f"    given the context and length above   {m['h_above']:.2f} bits")
+    print(f"    given context, left and above        {m['h_left_above']:.2f} bits")
+    print(f"    given context, left, column's mean   {m['h_left_column']:.2f} bits")
     print(f"  lengths as one zstd stream a context   {tot['lengths, a stream per context'] / ft:.4f} "
           f"(against {rest / ft:.4f} with the headers)")
     print(f"  format 2 with zstd level 19            {tot['format 2, zstd 19'] / ft:.4f}")
