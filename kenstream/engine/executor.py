@@ -14,7 +14,6 @@ which groups finish, so the outputs are byte-identical.
 from __future__ import annotations
 
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -195,8 +194,7 @@ class RebuildJob:
             else:
                 d, b = handles
             ring = BufferRing(self.threads + 2, self.largest)
-            pool = stack.enter_context(
-                ThreadPoolExecutor(self.threads, thread_name_prefix="kenstream-build"))
+            pool = stack.enter_context(kernels.frame_pool(self.threads, "kenstream-build"))
             yield d, b, ring, pool
 
     def write(self, ctx, name, group, progress) -> dict:

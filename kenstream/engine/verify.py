@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -104,7 +103,7 @@ def check_tensors(d, b, ft, names, progress, block_elems) -> tuple:
     on a pool of the current thread count; with a fine-tune ``ft``, every value is
     compared and counted on ``progress``; without, every block is decoded."""
     rows, problems = OrderedDict(), []
-    with ThreadPoolExecutor(kernels.get_threads(), thread_name_prefix="kenstream-verify") as pool:
+    with kernels.frame_pool(kernels.get_threads(), "kenstream-verify") as pool:
         for name in names:
             rec = d.records[name]
             row = {"encoding": rec.encoding,

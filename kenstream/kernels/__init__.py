@@ -14,9 +14,9 @@ import numpy as np
 from ..errors import MismatchError, SelectionError
 from ..settings import METHODS, TIES
 from ._inputs import as_array, check_k, check_out, check_row_offset, check_ties
-from ._jit import cached, get_threads, threads
+from ._jit import cached, frame_pool, get_threads, threads
 
-__all__ = ["METHODS", "TIES", "compiled", "get_threads", "select", "threads"]
+__all__ = ["METHODS", "TIES", "compiled", "frame_pool", "get_threads", "select", "threads"]
 
 
 def compiled() -> bool:

@@ -8,6 +8,7 @@ beside a kernel.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numba
@@ -40,6 +41,15 @@ def threads(count: int | None):
         yield
     finally:
         numba.set_num_threads(before)
+
+
+def frame_pool(workers: int, name: str) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads named ``name``_N, each running whole frames or blocks,
+    in which numba's parallel kernels run on one thread (numba's count is per thread):
+    the pool is the parallelism, and a team of its own for each worker would put
+    ``workers`` x ``threads`` threads on the cores (a 1B rebuild took about 7 % longer so)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix=name,
+                              initializer=numba.set_num_threads, initargs=(1,))
 
 
 def cached(dispatcher) -> bool:

@@ -58,3 +58,24 @@ def test_errors_pickle_whole(error):
     assert type(back) is type(error) and str(back) == str(error) and back.args == error.args
     assert back.__dict__ == error.__dict__ and back.exit_code == error.exit_code
 
+
+
+def test_rebuild_builds_frames_with_single_threaded_kernels(pair, tmp_path, monkeypatch):
+    """Each of rebuild's build threads decodes whole frames; the kernels it calls run on
+    that thread alone (kernels.frame_pool), not on a team of their own per thread."""
+    import numba
+
+    import kenstream
+    from kenstream.format import v2_tensor
+
+    b, f = pair
+    kenstream.compress(b, f, tmp_path / "diff", keep=0.5, quiet=True)
+    seen, merge = [], v2_tensor.merge_into
+
+    def watched(*args):
+        seen.append(numba.get_num_threads())
+        return merge(*args)
+
+    monkeypatch.setattr(v2_tensor, "merge_into", watched)
+    kenstream.rebuild(b, tmp_path / "diff", tmp_path / "out", quiet=True, threads=2)
+    assert seen and set(seen) == {1}

@@ -81,3 +81,17 @@ def test_row_popcounts_match_unpackbits():
         packed = rng.integers(0, 256, size=shape, dtype=np.uint8)
         expected = np.unpackbits(packed, axis=1).sum(axis=1) if packed.size else np.zeros(shape[0])
         assert np.array_equal(row_popcounts(packed), expected)
+
+
+def test_frame_pool_threads_run_numba_kernels_on_one_thread_each():
+    """The pool is the parallelism: its threads run a kernel's parallel loop alone, while
+    the caller keeps its own count."""
+    import numba
+
+    from kenstream import kernels
+
+    want = min(2, numba.config.NUMBA_NUM_THREADS)
+    with kernels.threads(want), kernels.frame_pool(2, "test-pool") as pool:
+        seen = list(pool.map(lambda _: numba.get_num_threads(), range(4)))
+        assert numba.get_num_threads() == want
+    assert seen == [1, 1, 1, 1]
