@@ -155,18 +155,30 @@ def merge_into(out: np.ndarray, base: np.ndarray, packed: np.ndarray, values: np
 
 
 @njit(**JIT)
-def _gather_row(src, packed, r, o, out):
+def _gather_row(src, packed, r, o, end, out):
+    # As _pack_row: every position is written at the cursor, which advances by its bit,
+    # so a kept value is never overwritten and a random mask costs no mispredicted branch
+    # (about twice as fast as testing each bit); ``o < end`` keeps the writes inside the
+    # row's own slots, so rows can run in parallel.
     cols = src.shape[1]
-    for j in range(cols):
-        if (packed[r, j >> 3] >> (j & 7)) & 1:
+    full = cols // 8
+    for b in range(full):
+        byte = packed[r, b]
+        j0 = b * 8
+        for t in range(8):
+            if o < end:
+                out[o] = src[r, j0 + t]
+                o += (byte >> t) & 1
+    for j in range(full * 8, cols):
+        if o < end:
             out[o] = src[r, j]
-            o += 1
+            o += (packed[r, j >> 3] >> (j & 7)) & 1
 
 
 @njit(**PARALLEL)
 def _gather_parallel(src, packed, offsets, out):
     for r in prange(src.shape[0]):
-        _gather_row(src, packed, r, offsets[r], out)
+        _gather_row(src, packed, r, offsets[r], offsets[r + 1], out)
 
 
 def gather_packed(src: np.ndarray, packed: np.ndarray, counts: np.ndarray) -> np.ndarray:
