@@ -44,8 +44,8 @@ def executor_ready(executor: str, *, ray_address=None, quiet=False, threads: int
                    groups: int = 0):
     """The body (the driver's checks, the output's claim, `run_shards`) with the executor
     made ready first: for ``ray``, the cluster joined and up to ``groups`` workers of
-    ``threads`` CPUs starting while the driver works (:func:`.distributed.joined`)."""
-    check_executor(executor)
+    ``threads`` CPUs starting while the driver works (:func:`.distributed.joined`).
+    ``executor`` has passed `check_executor`, which its callers run before any work."""
     if executor != "ray":
         yield
         return

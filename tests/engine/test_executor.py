@@ -59,7 +59,6 @@ def test_errors_pickle_whole(error):
     assert back.__dict__ == error.__dict__ and back.exit_code == error.exit_code
 
 
-
 def test_rebuild_builds_frames_with_single_threaded_kernels(pair, tmp_path, monkeypatch):
     """Each of rebuild's build threads decodes whole frames; the kernels it calls run on
     that thread alone (kernels.frame_pool), not on a team of their own per thread."""
