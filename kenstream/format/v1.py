@@ -89,6 +89,8 @@ class V1Tensor:
             return
         if enc == "bitmask":
             self.mask = entries["mask"].reshape(rows, -1)
+            if cols % 8 and rows and (self.mask[:, -1] >> (cols % 8)).any():
+                self._bad("mask has bits set past the end of a row")
             counts = row_popcounts(self.mask)
             if int(counts.sum()) != rec.kept:
                 self._bad("mask bit count does not match the kept count")

@@ -211,6 +211,8 @@ class FrameDecoder:
             packed = np.packbits(mask.reshape(rows, cols), axis=1, bitorder="little")
         else:
             raise DiffError(f"frame positions of unknown kind {kind}")
+        if cols % 8 and (packed[:, -1] >> (cols % 8)).any():
+            raise DiffError("frame mask has bits set past the end of a row")
         counts = row_popcounts(packed)
         if int(counts.sum()) != kept:
             raise DiffError("frame mask bit count does not match its kept count")

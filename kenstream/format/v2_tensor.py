@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import DiffError
-from ..kernels.pack import gather_packed, merge_into
+from ..kernels.pack import kept_index, put_at, take_at
 from . import spec
 from .v2 import FrameDecoder
 
@@ -109,10 +109,11 @@ class V2Tensor:
         except DiffError as exc:
             raise exc.located(tensor=self.name)
 
-    def _values(self, i: int, base, packed, counts) -> np.ndarray:
+    def _values(self, i: int, base, idx) -> np.ndarray:
+        """Frame ``i``'s kept values; ``idx`` are the kept positions (None: all)."""
         base_kept = None
         if base is not None:
-            base_kept = base.reshape(-1) if packed is None else gather_packed(base, packed, counts)
+            base_kept = base.reshape(-1) if idx is None else take_at(base, idx)
         try:
             out = self._decoder(i).values(base_kept)
         except DiffError as exc:
@@ -134,8 +135,10 @@ class V2Tensor:
         packed, counts = self.positions(i)
         key = ("values", i)
         if key not in self._cache:
-            self._cache = {("positions", i): (packed, counts),
-                           key: self._values(i, base, packed, counts)}
+            idx = None
+            if packed is not None and base is not None:
+                idx = kept_index(packed, self.rec.cols, counts)
+            self._cache = {("positions", i): (packed, counts), key: self._values(i, base, idx)}
         return self._cache[key]
 
     def build_frame(self, i: int, out: np.ndarray, base: np.ndarray | None) -> None:
@@ -146,11 +149,14 @@ class V2Tensor:
             np.copyto(out, base)
             return
         packed, counts = self._positions(i)
-        values = self._values(i, base, packed, counts)
-        if packed is None:
+        if packed is None or base is None:  # every position kept (rows without a base too)
+            values = self._values(i, base, None)
+            if values.size != out.size:
+                self._bad(f"frame {i} keeps {values.size} of {out.size} positions without a base")
             out.reshape(-1)[:] = values
-        else:
-            merge_into(out, base, packed, values, counts)
+            return
+        idx = kept_index(packed, self.rec.cols, counts)
+        put_at(out, base, idx, self._values(i, base, idx))
 
     def frame_mask(self, i: int) -> np.ndarray:
         """Bool [n, cols] of frame ``i``'s kept positions. Thread-safe (no cache)."""

@@ -5,8 +5,10 @@ The NumPy equivalent (``np.packbits(mask, axis=1, bitorder="little")`` and
 ``values[mask]``) runs on one core and makes two passes; these make one pass per row.
 Values are moved as unsigned integers of the element width, so every bit pattern
 (NaN payloads, -0.0, bf16) is copied exactly. Packing is serial: it runs on the engine's
-encoder thread, beside the (parallel) selection kernel. Unpacking (`merge_into`: base rows
-with the kept values written over them, in one pass) and row popcounts are parallel.
+encoder thread, beside the (parallel) selection kernel. Unpacking turns a packed mask into
+the kept positions (`kept_index`, a table lookup per mask byte), then gathers the base at
+them (`take_at`) or copies the base and writes the kept values over it (`put_at`); these
+and the row popcounts are parallel.
 """
 
 from __future__ import annotations
@@ -68,42 +70,6 @@ def pack_rows(mask: np.ndarray, values: np.ndarray, counts: np.ndarray):
 
 
 @njit(**JIT)
-def _merge_row(base, packed, values, r, o, last, out):
-    # Branch-free over the bits of a byte: every position loads the value at the cursor
-    # (clamped, so the load past the row's last kept value stays in bounds) and takes it
-    # where the bit is set, the base where it is not; the cursor advances by the bit. A
-    # random mask defeats the branch predictor, so this runs ~2x a branching loop.
-    # ``base`` may be ``out`` itself (unpack in place): each position is read then written.
-    cols = out.shape[1]
-    full = cols // 8
-    for b in range(full):
-        byte = packed[r, b]
-        j0 = b * 8
-        if byte == 0:
-            for t in range(8):
-                out[r, j0 + t] = base[r, j0 + t]
-            continue
-        for t in range(8):
-            bit = (byte >> t) & 1
-            v = values[min(o, last)]
-            out[r, j0 + t] = v if bit else base[r, j0 + t]
-            o += bit
-    for j in range(full * 8, cols):
-        if (packed[r, j >> 3] >> (j & 7)) & 1:
-            out[r, j] = values[min(o, last)]
-            o += 1
-        else:
-            out[r, j] = base[r, j]
-
-
-@njit(**PARALLEL)
-def _merge_parallel(base, packed, values, offsets, out):
-    last = values.size - 1
-    for r in prange(out.shape[0]):
-        _merge_row(base, packed, values, r, offsets[r], last, out)
-
-
-@njit(**JIT)
 def _popcount_byte(b):
     b = b - ((b >> 1) & 0x55)
     b = (b & 0x33) + ((b >> 2) & 0x33)
@@ -131,66 +97,129 @@ def row_popcounts(packed: np.ndarray) -> np.ndarray:
     return out
 
 
-def merge_into(out: np.ndarray, base: np.ndarray, packed: np.ndarray, values: np.ndarray,
-               counts: np.ndarray) -> None:
-    """``out`` [rows, cols] = ``base`` (same shape and width, may be read-only) with the
-    positions where ``packed`` has a 1 bit replaced by ``values`` in row-major order.
+def _bit_tables():
+    """For each byte value: its set bits' positions (padded with 0) and how many there are."""
+    bits = np.zeros((256, 8), np.uint8)
+    for byte in range(256):
+        found = [t for t in range(8) if byte >> t & 1]
+        bits[byte, :len(found)] = found
+    return bits.reshape(-1), np.array([bin(b).count("1") for b in range(256)], np.uint8)
 
-    ``counts`` are the rows' set-bit counts, checked by the caller to add up to
-    ``values.size``. In one parallel pass over rows; O(rows * cols).
-    """
-    rows, cols = out.shape
-    width = np.dtype(f"u{out.itemsize}")
-    offsets = np.zeros(rows + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    if offsets[-1] > values.size:
-        raise ValueError("fewer values than mask bits")
-    if not (rows and cols):
-        return
-    if not values.size:  # no set bits (checked above): the base as it is
-        np.copyto(out, base)
-        return
-    _merge_parallel(base.view(width), np.ascontiguousarray(packed),
-                    values.reshape(-1).view(width), offsets, out.view(width))
+
+_BITS, _BIT_COUNT = _bit_tables()
 
 
 @njit(**JIT)
-def _gather_row(src, packed, r, o, end, out):
-    # As _pack_row: every position is written at the cursor, which advances by its bit,
-    # so a kept value is never overwritten and a random mask costs no mispredicted branch
-    # (about twice as fast as testing each bit); ``o < end`` keeps the writes inside the
-    # row's own slots, so rows can run in parallel.
-    cols = src.shape[1]
+def _index_row(packed, r, cols, o, end, bits, count, idx):
+    # A byte's set-bit positions come from a table: 8 unconditional stores at the cursor,
+    # which then advances by the byte's count (no branch per bit, ~8x fewer cursor steps
+    # than bit by bit). Stores past the byte's own bits land where later bytes write, or
+    # past the row's last kept slot; near ``end`` they are bounded, so rows can run in
+    # parallel. Returns the cursor: ``end`` when the row's bits match its count.
     full = cols // 8
+    first = np.int64(r) * cols
     for b in range(full):
-        byte = packed[r, b]
-        j0 = b * 8
-        for t in range(8):
-            if o < end:
-                out[o] = src[r, j0 + t]
-                o += (byte >> t) & 1
+        byte = np.int64(packed[r, b])
+        j0 = first + b * 8
+        if o + 8 <= end:
+            for t in range(8):
+                idx[o + t] = j0 + bits[byte * 8 + t]
+        else:
+            for t in range(8):
+                if o + t < end:
+                    idx[o + t] = j0 + bits[byte * 8 + t]
+        o += np.int64(count[byte])
     for j in range(full * 8, cols):
-        if o < end:
-            out[o] = src[r, j]
-            o += (packed[r, j >> 3] >> (j & 7)) & 1
+        if (packed[r, j >> 3] >> (j & 7)) & 1:
+            if o < end:
+                idx[o] = first + j
+            o += 1
+    return o
 
 
 @njit(**PARALLEL)
-def _gather_parallel(src, packed, offsets, out):
-    for r in prange(src.shape[0]):
-        _gather_row(src, packed, r, offsets[r], offsets[r + 1], out)
+def _kept_index(packed, cols, offsets, bits, count, idx):
+    bad = 0
+    for r in prange(packed.shape[0]):
+        start, end = offsets[r], offsets[r + 1]
+        got = _index_row(packed, r, cols, start, end, bits, count, idx)
+        if got != end:  # bits past the row's end, or counts that are not the mask's
+            for k in range(max(start, min(got, end)), end):
+                idx[k] = np.int64(r) * cols  # in bounds, whatever happens next
+            bad += 1
+    return bad
+
+
+def kept_index(packed: np.ndarray, cols: int, counts: np.ndarray) -> np.ndarray:
+    """Flat positions (row * cols + column, ascending) of the 1 bits of ``packed`` (uint8
+    [rows, ceil(cols/8)]); ``counts`` are the rows' set-bit counts. int32 where the
+    positions fit, else int64. Raises ValueError when a row's bits do not number its
+    count (a padding bit past ``cols`` is set, or the counts are not the mask's).
+    Parallel over rows, O(rows * cols / 8 + kept)."""
+    rows = packed.shape[0]
+    offsets = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    idx = np.empty(int(offsets[-1]), np.int32 if rows * cols < 2**31 else np.int64)
+    if idx.size and _kept_index(np.ascontiguousarray(packed), cols, offsets, _BITS,
+                                _BIT_COUNT, idx):
+        raise ValueError("mask bits do not match the row counts")
+    return idx
+
+
+@njit(**PARALLEL)
+def _take(src, idx, out):
+    for k in prange(idx.shape[0]):
+        out[k] = src[idx[k]]
+
+
+@njit(**PARALLEL)
+def _put(out, idx, values):
+    for k in prange(idx.shape[0]):
+        out[idx[k]] = values[k]
+
+
+def _flat_bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).reshape(-1).view(f"u{a.itemsize}")
+
+
+def take_at(src: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``src.reshape(-1)[idx]`` for positions from :func:`kept_index` (bit patterns kept)."""
+    out = np.empty(idx.size, np.dtype(f"u{src.itemsize}"))
+    if idx.size:
+        _take(_flat_bits(src), idx, out)
+    return out.view(src.dtype)
+
+
+def put_at(out: np.ndarray, base: np.ndarray, idx: np.ndarray, values: np.ndarray) -> None:
+    """``out`` (C-contiguous) = ``base`` (same shape and width; may be ``out`` itself or
+    read-only) with ``values`` written at the flat positions ``idx`` from
+    :func:`kept_index`."""
+    if not out.flags.c_contiguous:
+        raise ValueError("the output must be C-contiguous")
+    width = np.dtype(f"u{out.itemsize}")
+    if out is not base:
+        np.copyto(out.view(width), base.view(width))
+    if idx.size:
+        _put(out.reshape(-1).view(f"u{out.itemsize}"), idx, _flat_bits(values))
+
+
+def merge_into(out: np.ndarray, base: np.ndarray, packed: np.ndarray, values: np.ndarray,
+               counts: np.ndarray) -> None:
+    """``out`` [rows, cols] = ``base`` (same shape and width, may be read-only or ``out``
+    itself) with the positions where ``packed`` has a 1 bit replaced by ``values`` in
+    row-major order.
+
+    ``counts`` are the rows' set-bit counts, checked by the caller to add up to
+    ``values.size``. O(rows * cols); parallel over rows.
+    """
+    rows, cols = out.shape
+    if int(np.sum(counts)) > values.size:
+        raise ValueError("fewer values than mask bits")
+    put_at(out, base, kept_index(packed, cols, counts), values.reshape(-1)[:int(np.sum(counts))])
 
 
 def gather_packed(src: np.ndarray, packed: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """The values of ``src`` [rows, cols] where ``packed`` (uint8 [rows, ceil(cols/8)]) has
     a 1 bit, row-major, as a new array; ``counts`` are the rows' set-bit counts (checked
-    by the caller). Parallel over rows, O(rows * cols)."""
-    rows = src.shape[0]
-    width = np.dtype(f"u{src.itemsize}")
-    offsets = np.zeros(rows + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    out = np.empty(int(offsets[-1]), dtype=width)
-    if out.size:
-        _gather_parallel(np.ascontiguousarray(src).view(width), np.ascontiguousarray(packed),
-                         offsets, out)
-    return out.view(src.dtype)
+    by the caller). Parallel over rows, O(rows * cols / 8 + kept)."""
+    return take_at(src, kept_index(packed, src.shape[1], counts))

@@ -69,12 +69,12 @@ def test_rebuild_builds_frames_with_single_threaded_kernels(pair, tmp_path, monk
 
     b, f = pair
     kenstream.compress(b, f, tmp_path / "diff", keep=0.5, quiet=True)
-    seen, merge = [], v2_tensor.merge_into
+    seen, put = [], v2_tensor.put_at
 
     def watched(*args):
         seen.append(numba.get_num_threads())
-        return merge(*args)
+        return put(*args)
 
-    monkeypatch.setattr(v2_tensor, "merge_into", watched)
+    monkeypatch.setattr(v2_tensor, "put_at", watched)
     kenstream.rebuild(b, tmp_path / "diff", tmp_path / "out", quiet=True, threads=2)
     assert seen and set(seen) == {1}

@@ -11,6 +11,7 @@ import json
 import struct
 
 import numpy as np
+import pytest
 import torch
 
 import kenstream
@@ -113,3 +114,33 @@ def test_diff_within_two_percent_of_raw_encoding(tmp_path):
             raw += min(bitmask, indices)
         diff_bytes = sum(p.stat().st_size for p in out.glob("*.kdiff"))
         assert raw <= diff_bytes <= 1.02 * raw, (keep, ties, diff_bytes, raw)
+
+
+def test_a_mask_bit_past_the_row_end_is_refused(tmp_path):
+    """A re-signed v1 diff whose mask moves a row's bit into the padding past ``cols``:
+    the bit count still matches, so only the padding check stands between it and a row
+    rebuilt with its values shifted."""
+    from kenstream.errors import DiffError
+    from tests.forge import read_header, resign
+
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(3, 10, generator=g)}
+    ft = {"w": base["w"] + 0.01 * torch.randn(3, 10, generator=g)}
+    b, f = save_dir(tmp_path / "b", base), save_dir(tmp_path / "f", ft)
+    diff = tmp_path / "d"
+    kenstream.compress(b, f, diff, k=3, quiet=True, format_version=1)
+    shard = next(diff.glob("kendiff-*.kdiff"))
+    header = read_header(shard)
+    start = 8 + struct.unpack("<Q", shard.read_bytes()[:8])[0]
+    raw = bytearray(shard.read_bytes())
+    at = start + header["w::mask"]["data_offsets"][0]  # row 0: bytes at, at + 1
+    row = int.from_bytes(raw[at:at + 2], "little")
+    assert row and row < 1 << 10
+    row &= row - 1  # one kept column fewer ...
+    row |= 1 << 15  # ... and a bit past column 9
+    raw[at:at + 2] = row.to_bytes(2, "little")
+    shard.write_bytes(bytes(raw))
+    resign(diff)
+    with pytest.raises(DiffError, match="mask has bits set past the end of a row"):
+        kenstream.rebuild(b, diff, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -189,3 +189,23 @@ def test_a_wrong_base_fails_the_checksum_or_the_lengths():
     other[mask] ^= np.uint16(1)
     with pytest.raises(DiffError, match="checksum|lengths|escapes|raw bits"):
         _decode(frame.data, ft, other, mask, frame.kept, frame.positions)
+
+
+def test_a_mask_bit_past_the_row_end_is_refused():
+    """Padding bits of a frame's mask MUST be 0 (6.6). One moved there from a real kept
+    position leaves the bit count right, so the check on the padding must refuse it."""
+    import zstandard
+
+    rng = np.random.default_rng(8)
+    ft, base, mask, frame = _frame(rng)
+    rows, cols = ft.shape
+    assert cols % 8 and frame.data[0] == 1  # 300 columns: 4 padding bits a row; a bitmask
+    packed = np.packbits(mask, axis=1, bitorder="little")
+    col = int(np.flatnonzero(mask[0])[0])
+    packed[0, col // 8] ^= np.uint8(1 << (col % 8))
+    packed[0, -1] |= np.uint8(0x80)
+    positions = bytes([1]) + zstandard.ZstdCompressor().compress(packed.tobytes())
+    forged = positions + frame.data[frame.positions:]
+    dec = FrameDecoder(forged, rows, cols, "BF16", frame.kept, len(positions))
+    with pytest.raises(DiffError, match="past the end of a row"):
+        dec.positions()

@@ -99,6 +99,42 @@ def test_gather_packed_matches_boolean_indexing(dtype):
             assert np.array_equal(got, base[mask]), (shape, density)
 
 
+def test_kept_index_lists_the_set_bits_in_order():
+    """Rebuild's positions of the kept values (flat, row-major) against np.flatnonzero."""
+    from kenstream.kernels.pack import kept_index
+
+    rng = np.random.default_rng(13)
+    for shape in _SHAPES + [(3, 9), (64, 1031)]:
+        for density in _DENSITIES:
+            mask = rng.random(shape) < density
+            packed = np.packbits(mask, axis=1, bitorder="little")
+            got = kept_index(packed, shape[1], np.count_nonzero(mask, axis=1))
+            assert got.dtype == np.int32
+            assert np.array_equal(got, np.flatnonzero(mask)), (shape, density)
+
+
+def test_kept_index_refuses_bits_that_are_not_the_row_counts():
+    """A padding bit past the row's end, or counts that are not the mask's: refused, and
+    every slot still holds a position inside the array (nothing is written out of it)."""
+    from kenstream.kernels.pack import kept_index, put_at
+
+    rng = np.random.default_rng(14)
+    mask = rng.random((6, 13)) < 0.5
+    mask[:, 0] = True
+    packed = np.packbits(mask, axis=1, bitorder="little")
+    counts = np.count_nonzero(mask, axis=1)
+    padded = packed.copy()
+    padded[2, -1] |= np.uint8(0x80)  # column 15 of a 13-column row
+    shifted = counts.copy()
+    shifted[1] += 1
+    shifted[4] -= 1
+    for bits, rows in ((padded, counts + np.eye(6, dtype=np.int64)[2]), (packed, shifted)):
+        with pytest.raises(ValueError, match="do not match the row counts"):
+            kept_index(bits, 13, rows)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        put_at(np.zeros((4, 6))[:, ::2], np.zeros((4, 3)), np.zeros(0, np.int32), np.zeros(0))
+
+
 def test_frame_pool_threads_run_numba_kernels_on_one_thread_each():
     """The pool is the parallelism: its threads run a kernel's parallel loop alone, while
     the caller keeps its own count."""
