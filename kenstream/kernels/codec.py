@@ -136,7 +136,6 @@ def _read_bits(lengths, words, z):
     low32 = np.uint64(0xFFFFFFFF)
     for i in range(lengths.shape[0]):
         n = np.int64(lengths[i])
-        # Branch-free for the usual widths: z = top bit (none for L = 0) | raw bits.
         k = max(n - 1, 0)
         v = np.uint64(0)
         shift = np.uint64(0)
@@ -161,6 +160,22 @@ def _read_bits(lengths, words, z):
 
 
 @njit(**JIT)
+def _read_bits_narrow(lengths, words, z):
+    """`_read_bits` for widths up to 32 (at most 31 raw bits a value): each value's bits
+    lie in the two words at its bit offset, so there is no refill branch, and the only
+    state carried from value to value is the offset."""
+    off = np.int64(0)
+    for i in range(lengths.shape[0]):
+        n = np.int64(lengths[i])
+        k = max(n - 1, 0)
+        q = off >> 5
+        window = np.uint64(words[q]) | (np.uint64(words[q + 1]) << np.uint64(32))
+        v = (window >> np.uint64(off & 31)) & ((np.uint64(1) << np.uint64(k)) - np.uint64(1))
+        off += k
+        z[i] = v | (np.uint64(n > 0) << np.uint64(k))
+
+
+@njit(**JIT)
 def _unzigzag(z, p, w, is_float, out):
     _, mag, full = _masks(w)
     flip = mag if is_float else np.uint64(0)
@@ -179,7 +194,10 @@ def decode_lengths(lengths, words, p, w, is_float, out):
     lengths, raw bits and the prediction. ``words`` must hold every raw bit plus one
     spare word (callers check the raw length against :func:`raw_bits_needed` first)."""
     z = np.empty(lengths.shape[0], np.uint64)
-    _read_bits(lengths, words, z)
+    if w <= 32:
+        _read_bits_narrow(lengths, words, z)
+    else:
+        _read_bits(lengths, words, z)
     _unzigzag(z, p, w, is_float, out)
 
 
@@ -273,24 +291,30 @@ def context_unpack(nibbles, escapes, table, p, w, centre, lengths):
     symbol names an unused rank, the escapes do not match, or a length exceeds ``w``."""
     n = lengths.shape[0]
     shift = np.uint64(_context_shift(w))
+    # The rank table spread over the 256 exponent bytes: one lookup a value.
+    lookup = np.empty(256 * RANKS, np.uint8)
+    for e in range(256):
+        c = _context(np.uint64(e) << shift, shift, centre)
+        for r in range(RANKS):
+            lookup[e * RANKS + r] = table[c * RANKS + r]
     found = 0
+    top = 0
     for i in range(n):  # no branch: vectorised
         r = (np.int64(nibbles[i >> 1]) >> (4 * (i & 1))) & 15
-        escape = r == ESCAPE
-        found += escape
-        length = table[_context(p[i], shift, centre) * RANKS + r]
-        lengths[i] = UNUSED if escape else length
+        found += r == ESCAPE
+        length = lookup[np.int64((np.uint64(p[i]) >> shift) & np.uint64(255)) * RANKS + r]
+        top = max(top, np.int64(length))
+        lengths[i] = length  # at ESCAPE: replaced below
     if found != escapes.shape[0]:
         return -1
     if found:
         used = 0
+        top = 0
         for i in range(n):
             if (np.int64(nibbles[i >> 1]) >> (4 * (i & 1))) & 15 == ESCAPE:
                 lengths[i] = escapes[used]
                 used += 1
-    top = 0
-    for i in range(n):
-        top = max(top, np.int64(lengths[i]))
+            top = max(top, np.int64(lengths[i]))
     return found if top <= w else -1
 
 
