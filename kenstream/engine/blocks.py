@@ -58,10 +58,13 @@ class TensorBlocks:
         r0, r1 = self.ranges[i]
         return (r1 - r0, self.cols)
 
-    def prefetch(self, i: int) -> None:
-        """Ask for block ``i``'s base rows and diff entries."""
+    def prefetch(self, i: int, base: bool = True) -> None:
+        """Ask for block ``i``'s diff entries and (with ``base``) its base rows. Callers that
+        `build` without base rows pass ``base=False``: build then reads the rows itself
+        with ``pread``, which the kernel reads ahead on its own, and reading them ahead
+        here too would copy every base byte once more (2-3 CPU-s at 7B)."""
         r0, r1 = self.ranges[i]
-        if self.base is not None:
+        if base and self.base is not None:
             self.base.prefetch(r0, r1)
         for role in self.codec.roles:
             self.diff.prefetch(self.name, role, *self.codec.byte_span(role, r0, r1))
@@ -71,20 +74,22 @@ class TensorBlocks:
         without a base)."""
         return self._base_range(*self.ranges[i])
 
-    def _base_range(self, r0: int, r1: int) -> np.ndarray | None:
+    def _base_range(self, r0: int, r1: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """Base rows r0..r1 in the fine-tune's dtype (read into ``out`` when given)."""
         if self.rec.encoding == "dense" or r0 >= self.rec.with_base:
             return None
         if self.base is None:
             raise DiffError("needs the base to be decoded", tensor=self.name,
                             hint="pass the base checkpoint")
-        return self.base.read(r0, r1)
+        return self.base.read(r0, r1) if out is None else self.base.read_into(r0, r1, out)
 
     def build(self, i: int, out: np.ndarray, base_rows: np.ndarray | None = None) -> None:
-        """Write block ``i`` of the rebuilt tensor into ``out`` ([n, cols], storage dtype);
-        ``base_rows`` saves reading the base again when the caller has the block."""
+        """Write block ``i`` of the rebuilt tensor into ``out`` ([n, cols], storage dtype,
+        C-contiguous); ``base_rows`` saves reading the base again when the caller has the
+        block. Without it the base rows are read into ``out`` and rebuilt there."""
         r0, r1 = self.ranges[i]
         if base_rows is None:
-            base_rows = self.base_rows(i)
+            base_rows = self._base_range(r0, r1, out)
         try:
             if self.rec.version >= 2:
                 self.codec.build_frame(i, out, base_rows)
@@ -148,7 +153,7 @@ class TensorBlocks:
         out = np.empty((self.rows, self.cols), dtype=self.dtype)
         for i, (r0, r1) in enumerate(self.ranges):
             if i + 1 < len(self.ranges):
-                self.prefetch(i + 1)
+                self.prefetch(i + 1, base=False)
             self.build(i, out[r0:r1])
         return out.reshape(self.rec.shape)
 

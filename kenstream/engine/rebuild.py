@@ -162,15 +162,16 @@ def _write_group(writer, group: list, d: DiffReader, b, progress, ring: BufferRi
                  block_elems: int, pool, metadata: dict) -> None:
     """Write the rebuilt tensors ``group`` into one safetensors file, streaming.
 
-    Three things overlap: the disk reads the next blocks (prefetch, across tensor ends
-    too), the ``pool``'s threads build (decode) the current ones, and a helper thread
-    writes the finished ones in order (`WriteBehind`). Memory is the ring's block buffers
-    plus the pages being read.
+    Three things overlap: the disk reads the next blocks' diff bytes (prefetch, across
+    tensor ends too), the ``pool``'s threads build the current ones (each reads its base
+    rows straight into its output buffer, then decodes the kept values over them), and a
+    helper thread writes the finished ones in order (`WriteBehind`). Memory is the ring's
+    block buffers plus the pages being read.
     """
     with WriteBehind(writer, ring) as behind:
         def opened(pos):  # the tensor at ``pos``, its first block already asked for
             t = TensorBlocks(group[pos], d, b, block_elems)
-            t.prefetch(0)  # every tensor has at least one block
+            t.prefetch(0, base=False)  # every tensor has at least one block
             return t
 
         following = opened(0) if group else None
@@ -179,7 +180,7 @@ def _write_group(writer, group: list, d: DiffReader, b, progress, ring: BufferRi
             behind.begin(t.name, t.rec.dtype)
             for i in range(len(t.ranges)):
                 if i + 1 < len(t.ranges):
-                    t.prefetch(i + 1)
+                    t.prefetch(i + 1, base=False)
                 elif pos + 1 < len(group):
                     following = opened(pos + 1)
                 behind.put(t.dtype, t.shape(i), lambda out, t=t, i=i: t.build(i, out), pool)

@@ -223,6 +223,11 @@ class Checkpoint:
         """Read-only C-contiguous view of ``name`` in its storage dtype (no copy)."""
         return self._reader(name).array(name)
 
+    def read_into(self, name: str, start: int, out) -> None:
+        """Copy bytes ``start : start + out.nbytes`` of ``name`` into the C-contiguous array
+        ``out`` (a ``pread`` for safetensors; see :meth:`SafetensorsFile.read_into`)."""
+        self._reader(name).read_into(name, start, out)
+
     def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Tell the file holding ``name`` that its pages (bytes ``start:stop`` of the tensor)
         are no longer needed (see :meth:`SafetensorsFile.release`); arrays already handed

@@ -43,6 +43,16 @@ class TensorRows:
             block = dtypes.convert(block, self.stored, self.dtype)
         return block
 
+    def read_into(self, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
+        """Rows r0..r1 in ``dtype``'s storage written into ``out`` ([r1 - r0, cols],
+        C-contiguous), which is returned. Unconverted rows are read straight into it (one
+        copy, no page mapped; nothing to `release` afterwards)."""
+        if self.stored != self.dtype:
+            np.copyto(out, self.read(r0, r1))
+        else:
+            self.ckpt.read_into(self.name, r0 * self.row_bytes, out)
+        return out
+
     def raw(self, r0: int, r1: int) -> np.ndarray:
         """Rows r0..r1 in the stored dtype (always a view).
 

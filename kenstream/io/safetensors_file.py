@@ -118,6 +118,12 @@ class TensorTable:
         except KeyError:
             raise CheckpointError("no such tensor in this file", file=self.path, tensor=name) from None
 
+    def read_into(self, name: str, start: int, out: np.ndarray) -> None:
+        """Copy bytes ``start : start + out.nbytes`` of ``name`` into ``out`` (C-contiguous,
+        any dtype). This default copies from :meth:`array`'s view."""
+        flat = self.array(name).reshape(-1).view(np.uint8)
+        np.copyto(out.reshape(-1).view(np.uint8), flat[start:start + out.nbytes])
+
 
 class SafetensorsFile(TensorTable):
     """A validated, memory-mapped safetensors file.
@@ -253,6 +259,25 @@ class SafetensorsFile(TensorTable):
         count = info.nbytes // storage.itemsize
         flat = np.frombuffer(self._map, dtype=storage, count=count, offset=info.offset)
         return flat.reshape(info.shape)
+
+    def read_into(self, name: str, start: int, out: np.ndarray) -> None:
+        """Copy bytes ``start : start + out.nbytes`` of ``name`` into ``out`` (C-contiguous)
+        with ``pread``: one copy out of the page cache and no page mapped, cheaper than
+        reading the memory map for data read once (a rebuilt frame starts as its base
+        rows). A file cut short raises CorruptFileError naming it."""
+        info = self.info(name)
+        if self._closed:
+            raise CheckpointError("file is closed", file=self.path, tensor=name)
+        if start < 0 or start + out.nbytes > info.nbytes:
+            raise ValueError(f"bytes {start}..{start + out.nbytes} are outside {name}")
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        at, done = info.offset + start, 0
+        while done < len(view):
+            got = os.preadv(self._file.fileno(), [view[done:]], at + done)
+            if got <= 0:
+                self.check_intact(name)
+                raise self._corrupt("ends inside the tensor's data", tensor=name)
+            done += got
 
     def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Drop the pages of ``name`` (bytes ``start:stop`` of it) from resident memory.

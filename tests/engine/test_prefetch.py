@@ -54,3 +54,29 @@ def test_format1_ken_does_not_read_ahead_in_the_base(tmp_path, monkeypatch):
     asked = _asked(tmp_path, monkeypatch, format_version=1)
     assert _covers(asked["ft"], ROWS - BLOCK_ROWS, ROWS)
     assert not any(b > 1 for _, b in asked["base"]), asked["base"]
+
+
+def test_rebuild_reads_base_rows_into_its_output_and_not_ahead(tmp_path, monkeypatch):
+    """Rebuild reads each frame's base rows with one read_into (pread) into the buffer it
+    rebuilds in, and does not also ask the read-ahead thread for them (that would copy
+    every base byte twice); the diff's bytes are still asked for ahead."""
+    b, f = _pair(tmp_path)
+    block = BLOCK_ROWS * COLS
+    kenstream.compress(b, f, tmp_path / "diff", keep=0.25, quiet=True, frame_elems=block)
+    read, asked = [], {"base": 0}
+    real_read, real_ask = Checkpoint.read_into, Checkpoint.prefetch
+
+    def spy_read(self, name, start, out):
+        if name == "w":
+            read.append((start // (COLS * 4), out.shape))
+        return real_read(self, name, start, out)
+
+    def spy_ask(self, name, start=0, stop=None):
+        asked["base"] += self.root.name == "base"
+        return real_ask(self, name, start, stop)
+
+    monkeypatch.setattr(Checkpoint, "read_into", spy_read)
+    monkeypatch.setattr(Checkpoint, "prefetch", spy_ask)
+    kenstream.rebuild(b, tmp_path / "diff", tmp_path / "out", quiet=True)
+    assert sorted(read) == [(r0, (BLOCK_ROWS, COLS)) for r0 in range(0, ROWS, BLOCK_ROWS)]
+    assert asked["base"] == 0

@@ -154,6 +154,28 @@ def test_streaming_release_leaves_nothing_resident(tmp_path):
         assert _resident_pages(f) == 0
 
 
+def test_read_into_copies_the_tensor_bytes_and_names_a_file_cut_short(tmp_path):
+    """Rebuild reads base rows with read_into (pread, no map); the bytes are the view's,
+    a range outside the tensor is refused, and a file that shrank is one named error."""
+    import os
+
+    path = tmp_path / "m.safetensors"
+    tensors = _numpy_tensors()
+    np_save_file(tensors, str(path))
+    with SafetensorsFile(path) as sf:
+        for name in ("f32", "u16", "f64"):
+            want = tensors[name].reshape(-1).view(np.uint8)
+            out = np.empty(want.size - 3, np.uint8)
+            sf.read_into(name, 3, out)
+            assert np.array_equal(out, want[3:])
+        with pytest.raises(ValueError):
+            sf.read_into("f32", 8, np.empty(tensors["f32"].nbytes, np.uint8))
+        os.truncate(path, 8 + struct.unpack("<Q", path.read_bytes()[:8])[0])  # no data left
+        with pytest.raises(CorruptFileError, match="shrank from") as err:
+            sf.read_into("u64", 0, np.empty(16, np.uint8))
+        assert str(path) in str(err.value)
+
+
 def test_empty_file_and_empty_tensor(tmp_path, io_helpers):
     path = tmp_path / "e.safetensors"
     path.write_bytes(io_helpers.raw_safetensors({}))
