@@ -121,6 +121,8 @@ class TensorTable:
     def read_into(self, name: str, start: int, out: np.ndarray) -> None:
         """Copy bytes ``start : start + out.nbytes`` of ``name`` into ``out`` (C-contiguous,
         any dtype). This default copies from :meth:`array`'s view."""
+        if not out.flags.c_contiguous:
+            raise ValueError("read_into needs a C-contiguous array")
         flat = self.array(name).reshape(-1).view(np.uint8)
         np.copyto(out.reshape(-1).view(np.uint8), flat[start:start + out.nbytes])
 
@@ -268,8 +270,9 @@ class SafetensorsFile(TensorTable):
         info = self.info(name)
         if self._closed:
             raise CheckpointError("file is closed", file=self.path, tensor=name)
-        if start < 0 or start + out.nbytes > info.nbytes:
-            raise ValueError(f"bytes {start}..{start + out.nbytes} are outside {name}")
+        if start < 0 or start + out.nbytes > info.nbytes or not out.flags.c_contiguous:
+            raise ValueError(f"bytes {start}..{start + out.nbytes} of {name} cannot be read "
+                             "into this array (outside the tensor, or not C-contiguous)")
         view = memoryview(out.reshape(-1).view(np.uint8))
         at, done = info.offset + start, 0
         while done < len(view):

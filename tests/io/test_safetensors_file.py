@@ -170,6 +170,8 @@ def test_read_into_copies_the_tensor_bytes_and_names_a_file_cut_short(tmp_path):
             assert np.array_equal(out, want[3:])
         with pytest.raises(ValueError):
             sf.read_into("f32", 8, np.empty(tensors["f32"].nbytes, np.uint8))
+        with pytest.raises(ValueError):  # a copy of it would be written, not ``out``
+            sf.read_into("f32", 0, np.empty((4, 4), np.uint8)[:, ::2])
         os.truncate(path, 8 + struct.unpack("<Q", path.read_bytes()[:8])[0])  # no data left
         with pytest.raises(CorruptFileError, match="shrank from") as err:
             sf.read_into("u64", 0, np.empty(16, np.uint8))
