@@ -33,6 +33,7 @@ MAX_RETRIES = 3
 """Times Ray runs a task again after its worker died (killed, out of memory, node lost)."""
 _POLL = 0.25  # seconds between progress refreshes while waiting for tasks
 _CANCEL_WAIT = 60.0  # seconds the driver waits for cancelled tasks to clean up
+_SETTLE = 0.2  # seconds tasks just ending get before the others are cancelled
 _REGISTER_WAIT = 30.0  # seconds a task waits for the progress tally to come up
 
 
@@ -180,9 +181,14 @@ def _result(ray, ref, name):
 
 def _cancel(ray, running: dict) -> None:
     """Cancel the tasks still running and wait (a while) until each has ended, so that
-    none is left writing, and every ``.partial`` a cancelled writer held is deleted."""
+    none is left writing, and every ``.partial`` a cancelled writer held is deleted.
+
+    Tasks about to end are given `_SETTLE` seconds first, and only those not done are
+    cancelled: Ray 2.60 can abort the driver ("Tried to complete task that was not
+    pending") when a cancel crosses the reply of a task that has just finished."""
     refs = list(running)
-    for ref in refs:
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=_SETTLE) if refs else ([], [])
+    for ref in set(refs) - set(done):
         ray.cancel(ref)
     deadline = time.monotonic() + _CANCEL_WAIT
     for ref in refs:

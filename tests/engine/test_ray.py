@@ -268,7 +268,7 @@ def test_ctrl_c_or_sigterm_to_a_ray_driver_leaves_a_resumable_diff(cluster, pair
     out = tmp_path / "diff"
     proc = signalled_driver(pair, cluster, tmp_path, sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == code, err
+    assert proc.returncode == code, err.decode()
     assert err.decode().strip().splitlines() == [f"error: {word}; rerun with --resume to continue"]
     settled(out)
     assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
