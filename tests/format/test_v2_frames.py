@@ -209,3 +209,43 @@ def test_a_mask_bit_past_the_row_end_is_refused():
     dec = FrameDecoder(forged, rows, cols, "BF16", frame.kept, len(positions))
     with pytest.raises(DiffError, match="past the end of a row"):
         dec.positions()
+
+
+@pytest.mark.parametrize("distinct", [17, 15])  # 17 lengths: some escape; 15: none do
+def test_length_symbols_round_trip_and_refuse_what_no_writer_makes(distinct):
+    """context_pack / context_unpack against docs/format.md 6.5: each value's symbol is the
+    rank of its length in its context's table (or 15, its length in the escapes); the
+    lengths come back; a symbol naming an unused rank, a length over the width, or
+    escapes that do not match the symbols are refused (-1)."""
+    rng = np.random.default_rng(distinct)
+    w, n = 16, 4001
+    p = rng.integers(0, 1 << 16, n).astype(np.uint16)  # predictions of every exponent
+    lengths = rng.integers(0, distinct, n).astype(np.uint8)
+    centre = codec.median_exponent(p, w)
+    table = np.empty(codec.CONTEXTS * codec.RANKS, np.uint8)
+    nibbles = np.empty((n + 1) // 2, np.uint8)
+    escapes = np.empty(n, np.uint8)
+    found = codec.context_pack(lengths, p, w, centre, table, nibbles, escapes)
+    escapes = escapes[:found]
+    symbols = np.stack([nibbles & 15, nibbles >> 4], axis=1).reshape(-1)[:n]
+    contexts = np.clip(((p.astype(np.int64) >> 7) & 255) - centre + 4, 0, codec.CONTEXTS - 1)
+    named = symbols != codec.ESCAPE
+    assert found == n - named.sum() and (found > 0) == (distinct > 15)
+    assert np.array_equal(table[contexts[named] * codec.RANKS + symbols[named]], lengths[named])
+    assert np.array_equal(escapes, lengths[~named])
+    got = np.empty(n, np.uint8)
+    assert codec.context_unpack(nibbles, escapes, table, p, w, centre, got) == found
+    assert np.array_equal(got, lengths)
+
+    first = int(np.flatnonzero(named)[0])
+    slot = contexts[first] * codec.RANKS + symbols[first]
+    for bad in (codec.UNUSED, w + 1):
+        forged = table.copy()
+        forged[slot] = bad
+        assert codec.context_unpack(nibbles, escapes, forged, p, w, centre, got) == -1, bad
+    extra = np.append(escapes, np.uint8(3))
+    assert codec.context_unpack(nibbles, extra, table, p, w, centre, got) == -1
+    if found:
+        too_long = escapes.copy()
+        too_long[0] = w + 1
+        assert codec.context_unpack(nibbles, too_long, table, p, w, centre, got) == -1
