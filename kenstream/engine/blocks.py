@@ -23,7 +23,7 @@ class TensorBlocks:
 
     `build` writes block ``i`` of the rebuilt tensor (the base rows in the fine-tune's
     dtype, kept values written over them) into a caller's array; `kept` gives the block's
-    kept mask; `prefetch` asks the disk for a block before it is needed. Pages are
+    kept mask; `prefetch` asks the disk for a block's diff bytes before they are needed. Pages are
     released as blocks are built.
     """
 
@@ -58,14 +58,11 @@ class TensorBlocks:
         r0, r1 = self.ranges[i]
         return (r1 - r0, self.cols)
 
-    def prefetch(self, i: int, base: bool = True) -> None:
-        """Ask for block ``i``'s diff entries and (with ``base``) its base rows. Callers that
-        `build` without base rows pass ``base=False``: build then reads the rows itself
-        with ``pread``, which the kernel reads ahead on its own, and reading them ahead
-        here too would copy every base byte once more (2-3 CPU-s at 7B)."""
+    def prefetch(self, i: int) -> None:
+        """Ask for block ``i``'s diff entries. Not its base rows: `build` reads those itself
+        with ``pread``, which the kernel reads ahead on its own, and reading them ahead here
+        too would copy every base byte once more (2-3 CPU-s at 7B)."""
         r0, r1 = self.ranges[i]
-        if base and self.base is not None:
-            self.base.prefetch(r0, r1)
         for role in self.codec.roles:
             self.diff.prefetch(self.name, role, *self.codec.byte_span(role, r0, r1))
 
@@ -153,7 +150,7 @@ class TensorBlocks:
         out = np.empty((self.rows, self.cols), dtype=self.dtype)
         for i, (r0, r1) in enumerate(self.ranges):
             if i + 1 < len(self.ranges):
-                self.prefetch(i + 1, base=False)
+                self.prefetch(i + 1)
             self.build(i, out[r0:r1])
         return out.reshape(self.rec.shape)
 

@@ -171,7 +171,7 @@ def _write_group(writer, group: list, d: DiffReader, b, progress, ring: BufferRi
     with WriteBehind(writer, ring) as behind:
         def opened(pos):  # the tensor at ``pos``, its first block already asked for
             t = TensorBlocks(group[pos], d, b, block_elems)
-            t.prefetch(0, base=False)  # every tensor has at least one block
+            t.prefetch(0)  # every tensor has at least one block
             return t
 
         following = opened(0) if group else None
@@ -180,7 +180,7 @@ def _write_group(writer, group: list, d: DiffReader, b, progress, ring: BufferRi
             behind.begin(t.name, t.rec.dtype)
             for i in range(len(t.ranges)):
                 if i + 1 < len(t.ranges):
-                    t.prefetch(i + 1, base=False)
+                    t.prefetch(i + 1)
                 elif pos + 1 < len(group):
                     following = opened(pos + 1)
                 behind.put(t.dtype, t.shape(i), lambda out, t=t, i=i: t.build(i, out), pool)

@@ -217,9 +217,3 @@ def merge_into(out: np.ndarray, base: np.ndarray, packed: np.ndarray, values: np
         raise ValueError("fewer values than mask bits")
     put_at(out, base, kept_index(packed, cols, counts), values.reshape(-1)[:int(np.sum(counts))])
 
-
-def gather_packed(src: np.ndarray, packed: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """The values of ``src`` [rows, cols] where ``packed`` (uint8 [rows, ceil(cols/8)]) has
-    a 1 bit, row-major, as a new array; ``counts`` are the rows' set-bit counts (checked
-    by the caller). Parallel over rows, O(rows * cols / 8 + kept)."""
-    return take_at(src, kept_index(packed, src.shape[1], counts))

@@ -84,17 +84,17 @@ def test_row_popcounts_match_unpackbits():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.float64, np.uint8])
-def test_gather_packed_matches_boolean_indexing(dtype):
-    """Rebuild and verify gather the base at the kept positions with this kernel; rows of
+def test_gathering_at_kept_positions_matches_boolean_indexing(dtype):
+    """Rebuild and verify gather the base at the kept positions with these kernels; rows of
     every density (all-zero and all-one bytes, ragged last bytes) against NumPy."""
-    from kenstream.kernels.pack import gather_packed
+    from kenstream.kernels.pack import kept_index, take_at
 
     rng = np.random.default_rng(11)
     for shape in _SHAPES:
         for density in _DENSITIES:
             mask, packed, _, base, _ = _case(rng, shape, density, dtype)
             base.flags.writeable = False  # a read-only memory map in rebuild
-            got = gather_packed(base, packed, np.count_nonzero(mask, axis=1))
+            got = take_at(base, kept_index(packed, shape[1], np.count_nonzero(mask, axis=1)))
             assert got.dtype == base.dtype
             assert np.array_equal(got, base[mask]), (shape, density)
 
