@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DiffError
-from ..kernels.pack import merge_into, row_popcounts
+from ..kernels.pack import merge_into, padding_bits_set, row_popcounts
 from . import spec
 from .layout import count_code, encoded_sizes, index_code, uint_dtype
 from .records import TensorRecord
@@ -89,7 +89,7 @@ class V1Tensor:
             return
         if enc == "bitmask":
             self.mask = entries["mask"].reshape(rows, -1)
-            if cols % 8 and rows and (self.mask[:, -1] >> (cols % 8)).any():
+            if padding_bits_set(self.mask, cols):
                 self._bad("mask has bits set past the end of a row")
             counts = row_popcounts(self.mask)
             if int(counts.sum()) != rec.kept:

@@ -20,7 +20,7 @@ import zstandard
 from .. import dtypes
 from ..errors import DiffError
 from ..kernels import codec
-from ..kernels.pack import pack_rows, row_popcounts
+from ..kernels.pack import pack_rows, padding_bits_set, row_popcounts
 from .spec import DEFAULT_LEVEL
 
 POS_BITMASK, POS_GAPS, POS_NONE = 1, 2, 3
@@ -211,7 +211,7 @@ class FrameDecoder:
             packed = np.packbits(mask.reshape(rows, cols), axis=1, bitorder="little")
         else:
             raise DiffError(f"frame positions of unknown kind {kind}")
-        if cols % 8 and (packed[:, -1] >> (cols % 8)).any():
+        if padding_bits_set(packed, cols):
             raise DiffError("frame mask has bits set past the end of a row")
         counts = row_popcounts(packed)
         if int(counts.sum()) != kept:

@@ -97,6 +97,12 @@ def row_popcounts(packed: np.ndarray) -> np.ndarray:
     return out
 
 
+def padding_bits_set(packed: np.ndarray, cols: int) -> bool:
+    """Whether a bit of ``packed`` (uint8 [rows, ceil(cols/8)]) past column ``cols`` is set;
+    the format requires them to be 0, and a set one would shift its row's values. O(rows)."""
+    return bool(cols % 8) and bool((packed[:, -1] >> (cols % 8)).any())
+
+
 def _bit_tables():
     """For each byte value: its set bits' positions (padded with 0) and how many there are."""
     bits = np.zeros((256, 8), np.uint8)
@@ -200,7 +206,7 @@ def put_at(out: np.ndarray, base: np.ndarray, idx: np.ndarray, values: np.ndarra
     if out is not base:
         np.copyto(out.view(width), base.view(width))
     if idx.size:
-        _put(out.reshape(-1).view(f"u{out.itemsize}"), idx, _flat_bits(values))
+        _put(out.reshape(-1).view(width), idx, _flat_bits(values))
 
 
 def merge_into(out: np.ndarray, base: np.ndarray, packed: np.ndarray, values: np.ndarray,
@@ -212,8 +218,8 @@ def merge_into(out: np.ndarray, base: np.ndarray, packed: np.ndarray, values: np
     ``counts`` are the rows' set-bit counts, checked by the caller to add up to
     ``values.size``. O(rows * cols); parallel over rows.
     """
-    rows, cols = out.shape
-    if int(np.sum(counts)) > values.size:
+    kept = int(np.sum(counts))
+    if kept > values.size:
         raise ValueError("fewer values than mask bits")
-    put_at(out, base, kept_index(packed, cols, counts), values.reshape(-1)[:int(np.sum(counts))])
+    put_at(out, base, kept_index(packed, out.shape[1], counts), values.reshape(-1)[:kept])
 
