@@ -192,7 +192,7 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
                             strict, None if coding is None else coding.to_json(), cuts)
         rename = {"README.md": FINETUNED_CARD}  # the diff's own README.md is its card
         files = [*shards.names, spec.INDEX_NAME, spec.PARTIAL_NAME, "README.md",
-                 *(rename.get(p.name, p.name) for p in extras)]
+                 *(rename.get(n, n) for n in extras)]
         with executor_ready(executor, ray_address=ray_address, quiet=quiet,
                             threads=kernels.get_threads(), groups=len(shards.names)), \
                 claim_output(out, inputs=[b, f], resume=resume, overwrite=overwrite,
@@ -215,8 +215,8 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
                 records = run_shards(job, list(shards), progress, executor=executor,
                                      handles=(f, b), resume=claim.state == "resume",
                                      ray_address=ray_address, quiet=quiet)
-            copy_files(extras, out, rename)
-            card = _read_card(extras)
+            copy_files(f.root, extras, out, rename)
+            card = _read_card(f.root, extras)
             write_text_atomic(out / "README.md", diff_card(plan.base, plan.command,
                                                            card_license(card), card is not None))
             index = build_index(plan, alignment, items, records, shards)
@@ -242,10 +242,11 @@ def _cuts(f, b, items, settings, block_elems, first_pass, quiet) -> dict | None:
     return budget_pass.allocate(stats, items, settings)
 
 
-def _read_card(extras) -> str | None:
+def _read_card(root, extras) -> str | None:
     """The text of the fine-tune's README.md among its companion files, if it has one."""
-    card = next((p for p in extras if p.name == "README.md"), None)
-    return None if card is None else card.read_text(encoding="utf-8", errors="replace")
+    if "README.md" not in extras:
+        return None
+    return (Path(root) / "README.md").read_text(encoding="utf-8", errors="replace")
 
 
 def _coding(version, level, frame_elems):

@@ -81,8 +81,8 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
     with DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
         records = d.records
         shards = _plan_files(out, records, limit, header_limit)
-        extras = [p for p in extra_files(d.path) if p.name not in ("README.md", FINETUNED_CARD)]
-        files = [*shards.names, INDEX_NAME, PARTIAL_NAME, "README.md", *(p.name for p in extras)]
+        extras = [n for n in extra_files(d.path) if n not in ("README.md", FINETUNED_CARD)]
+        files = [*shards.names, INDEX_NAME, PARTIAL_NAME, "README.md", *extras]
         workers = kernels.get_threads() if threads is None else max(1, threads)
         with executor_ready(executor, ray_address=ray_address, quiet=quiet, threads=workers,
                             groups=len(shards.names)), \
@@ -114,7 +114,7 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
                 write_json_atomic(partial, plan.to_json())
             # Config, tokenizer and card first: a run killed after the last shard's rename
             # still leaves a loadable, complete model directory.
-            copy_files(extras, out)
+            copy_files(d.path, extras, out)
             diff_sha = sha256_file(d.path / spec.INDEX_NAME)
             original = d.path / FINETUNED_CARD
             write_text_atomic(out / "README.md", rebuilt_card(

@@ -243,8 +243,9 @@ class Checkpoint:
         can (safetensors)."""
         self._reader(name).prefetch(name, start, stop)
 
-    def extra_files(self) -> list[Path]:
-        """Config, tokenizer and generation files beside the weights, sorted by name; links
+    def extra_files(self) -> list[str]:
+        """Config, tokenizer and generation files beside the weights and a sentence-transformers
+        model's module folders, as sorted names relative to `root`; links
         leading out of the folder (or of a hub cache repository) are skipped with a warning
         (see :func:`kenstream.io.extras.extra_files`)."""
         return extra_files(self.root)

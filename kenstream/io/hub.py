@@ -5,7 +5,8 @@ are complete, that folder is returned. Only then, and only when offline mode is 
 the Hub asked for the repository's file list, and just the weights kenstream will read
 (chosen by the same rule as a local folder, :func:`checkpoint.pick_weight_file`:
 safetensors first, ``.bin`` only when the repo has no safetensors; for an index, exactly
-the shards it names) plus config and tokenizer files are downloaded.
+the shards it names) plus config and tokenizer files, and the module folders of a
+sentence-transformers model, are downloaded.
 
 Environment: ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` and the cache location
 variables (``HF_HUB_CACHE``, ``HUGGINGFACE_HUB_CACHE``, ``HF_HOME``, ``XDG_CACHE_HOME``)
@@ -26,7 +27,8 @@ from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundEr
 
 from kenstream.errors import CheckpointError, SourceNotFoundError
 from kenstream.io.checkpoint import pick_weight_file, read_weight_map
-from kenstream.io.extras import EXTRA_PATTERNS
+from kenstream.io.extras import EXTRA_PATTERNS, MODULES_NAME, module_paths
+from kenstream.io.safefs import read_regular
 
 _NAME = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?"
 _REF = re.compile(rf"(?P<repo>(?:{_NAME}/)?{_NAME})(?:@(?P<rev>[^\s@]+))?")
@@ -91,21 +93,27 @@ def weights_complete(folder: Path) -> bool:
     return all((folder / shard).is_file() for shard in shards)
 
 
-def download_plan(filenames, fetch_index) -> list[str] | None:
+def download_plan(filenames, fetch) -> list[str] | None:
     """``allow_patterns`` that fetch only what kenstream reads, or None if no weights.
 
-    ``filenames``: every file path in the repo; ``fetch_index(name) -> Path`` downloads an
-    index file so the shards it names can be listed exactly (a repo may also hold e.g. a
-    ``consolidated.safetensors`` copy that must not be fetched).
+    ``filenames``: every file path in the repo; ``fetch(name) -> Path`` downloads one
+    small file: an index, so the shards it names can be listed exactly (a repo may also
+    hold e.g. a ``consolidated.safetensors`` copy that must not be fetched), and a
+    sentence-transformers ``modules.json``, whose module folders are fetched whole.
     """
     chosen = pick_weight_file([f for f in filenames if "/" not in f])
     if chosen is None:
         return None
     wanted = [chosen]
     if chosen.endswith(".index.json"):
-        wanted += sorted(set(read_weight_map(fetch_index(chosen)).values()))
+        wanted += sorted(set(read_weight_map(fetch(chosen)).values()))
     # Exact names become fnmatch patterns; escaping keeps a "[" in a name literal.
-    return [glob.escape(name) for name in wanted] + list(EXTRA_PATTERNS)
+    plan = [glob.escape(name) for name in wanted] + list(EXTRA_PATTERNS)
+    if MODULES_NAME in filenames:
+        raw = read_regular(fetch(MODULES_NAME), 1 << 20, error=CheckpointError,
+                           what=MODULES_NAME)
+        plan += [glob.escape(folder) + "/*" for folder in module_paths(raw, MODULES_NAME)]
+    return plan
 
 
 def _cached(repo_id, revision, cache) -> Path | None:
@@ -124,11 +132,11 @@ def _download(repo_id, revision, cache) -> Path:
     info = hfh.HfApi().model_info(repo_id, revision=revision)
     names = [s.rfilename for s in (info.siblings or [])]
 
-    def fetch_index(name):
+    def fetch(name):
         return Path(hfh.hf_hub_download(repo_id, name, revision=revision, cache_dir=cache))
 
     try:
-        plan = download_plan(names, fetch_index)
+        plan = download_plan(names, fetch)
     except CheckpointError as exc:
         raise exc.located(file=f"hub repo {repo_id}") from None
     if plan is None:

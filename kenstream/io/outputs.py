@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from ..errors import OutputError
 from ..format.spec import TEMP_SUFFIX
 from .jsonfile import read_json_file, write_json_atomic
-from .safefs import DirLock, is_within
+from .safefs import DirLock, is_within, open_dir_inside, safe_relative
 
 MARKER_NAME = ".kenstream-output"
 """The marker: ``{"format": "kenstream-output", "files": [relative paths]}``."""
@@ -47,14 +47,6 @@ def _input_paths(inputs):
             yield Path(f).resolve()
 
 
-def _safe_name(name) -> bool:
-    """A relative path inside the folder: no root, no '..', no empty or '.' part."""
-    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
-        return False
-    parts = PurePosixPath(name).parts
-    return not PurePosixPath(name).is_absolute() and all(p not in ("", ".", "..") for p in parts)
-
-
 def read_marker(out: Path) -> list | None:
     """The files the marker of ``out`` lists, or None where there is no marker."""
     path = Path(out) / MARKER_NAME
@@ -69,7 +61,7 @@ def read_marker(out: Path) -> list | None:
     obj = read_json_file(path, "marker", error=OutputError, hint=hint, limit=64 << 20)
     files = obj.get("files") if isinstance(obj, dict) else None
     if not (isinstance(obj, dict) and obj.get("format") == MARKER_FORMAT
-            and isinstance(files, list) and all(_safe_name(f) for f in files)):
+            and isinstance(files, list) and all(safe_relative(f) for f in files)):
         raise OutputError("the marker .kenstream-output is damaged", file=path, hint=hint)
     return files
 
@@ -222,17 +214,31 @@ def remove_listed(out: Path, names) -> None:
             except OSError as exc:
                 raise OutputError(f"cannot delete: {exc.strerror}", file=out / victim,
                                   hint="remove it by hand") from exc
+    _remove_emptied_folders(out, names)
+
+
+def _remove_emptied_folders(out: Path, names) -> None:
+    """Remove the subfolders of listed files (``1_Pooling/`` of ``1_Pooling/config.json``)
+    that are empty now, deepest first; a folder that still holds anything stays."""
+    folders = {PurePosixPath(n).parents[i] for n in names
+               for i in range(len(PurePosixPath(n).parts) - 1)}
+    for folder in sorted(folders, key=lambda f: (-len(f.parts), str(f))):
+        try:
+            fd = open_dir_inside(out, folder.parts[:-1])
+        except OSError:
+            continue
+        try:
+            os.rmdir(folder.name, dir_fd=fd)
+        except OSError:
+            pass  # not empty, or gone: either way nothing of ours is left to remove
+        finally:
+            os.close(fd)
 
 
 def _unlink_inside(out: Path, name: str) -> None:
     parts = PurePosixPath(name).parts
-    flags = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(out, flags)
+    fd = open_dir_inside(out, parts[:-1])
     try:
-        for part in parts[:-1]:
-            inner = os.open(part, flags, dir_fd=fd)
-            os.close(fd)
-            fd = inner
         if stat.S_ISDIR(os.lstat(parts[-1], dir_fd=fd).st_mode):
             return  # a folder now stands where a file was listed: not ours to remove
         os.unlink(parts[-1], dir_fd=fd)

@@ -7,6 +7,9 @@
   unlink removes a symbolic link, never its target) and the file is created with
   ``O_CREAT | O_EXCL | O_NOFOLLOW``, so a link planted at a temporary name is never written
   through.
+- Paths inside an output folder are entered part by part with :func:`open_dir_inside`,
+  each folder opened with ``O_NOFOLLOW``, so a link planted where a subfolder was
+  expected leads nowhere outside.
 - :class:`DirLock` is an exclusive ``flock`` on a file inside an output directory, which the
   kernel releases when the process ends, however it ends.
 """
@@ -17,12 +20,13 @@ import errno
 import fcntl
 import os
 import stat
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..errors import CheckpointError, OutputError
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
 
 
 def is_within(child: Path, parent: Path) -> bool:
@@ -32,6 +36,39 @@ def is_within(child: Path, parent: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+def safe_relative(name) -> bool:
+    """Whether ``name`` is a relative POSIX path that stays inside its folder: a non-empty
+    string with no root, no backslash or NUL, and no empty, ``.`` or ``..`` part."""
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
+        return False
+    path = PurePosixPath(name)
+    return not path.is_absolute() and all(p not in ("", ".", "..") for p in path.parts)
+
+
+def open_dir_inside(folder, parts, *, create: bool = False) -> int:
+    """A descriptor of the folder ``folder/parts[0]/parts[1]/...``, each part entered without
+    following a link; with ``create`` a missing part is made (mode 0755, then the umask).
+
+    A part that is a link or not a folder raises OSError (``ELOOP`` or ``ENOTDIR``) for
+    the caller to translate; the caller closes the descriptor.
+    """
+    fd = os.open(folder, _DIR_FLAGS)
+    try:
+        for part in parts:
+            if create:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            inner = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def open_regular(path, *, error=CheckpointError, what: str = "file", hint=None) -> int:
@@ -72,20 +109,22 @@ def read_regular(path, limit: int, *, error, what: str, hint=None) -> bytes:
     return raw
 
 
-def create_exclusive(path, mode: int = 0o644):
+def create_exclusive(path, mode: int = 0o644, *, dir_fd: int | None = None):
     """A new file ``path`` open for binary writing, created by this call and no other.
 
     An existing entry at ``path`` (a leftover temporary file, or a symbolic link someone
     planted) is unlinked first; the file is then created with ``O_EXCL | O_NOFOLLOW``, so
     nothing outside the directory can be written through it. ``mode`` is masked by the
-    umask. OSError propagates for the caller to translate.
+    umask; ``dir_fd``, a folder descriptor, makes ``path`` relative to it. OSError
+    propagates for the caller to translate.
     """
-    path = Path(path)
+    path = str(path) if dir_fd is not None else Path(path)
     try:
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode,
+                 dir_fd=dir_fd)
     return os.fdopen(fd, "wb")
 
 

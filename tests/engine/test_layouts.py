@@ -226,3 +226,44 @@ def test_a_published_folder_keeps_its_card_licence_and_code(tmp_path):
         meta = sf.metadata()
     assert meta["format"] == "pt" and meta["kenstream_diff_sha256"] == diff_sha
     assert meta["kenstream_version"] == kenstream.__version__
+
+
+def test_a_sentence_transformers_folder_keeps_its_module_folders(tmp_path):
+    """modules.json names 1_Pooling/ and 2_Dense/ (the Dense head's own small weights): the
+    diff and the rebuilt folder hold them byte for byte, so the rebuilt model loads as the
+    fine-tune did; an ONNX export is left behind. Replacing the rebuilt folder with one of
+    a model without modules leaves no empty module folder behind."""
+    import json
+    import warnings
+
+    g = torch.Generator().manual_seed(9)
+    base = {"w": _noise(g, 16, 32)}
+    b = save_dir(tmp_path / "b", base)
+    f = save_dir(tmp_path / "f", {"w": base["w"] + _noise(g, 16, 32, std=1e-3)})
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]
+    files = {"modules.json": json.dumps(modules).encode(),
+             "1_Pooling/config.json": b'{"word_embedding_dimension": 32}',
+             "2_Dense/config.json": b'{"in_features": 32, "out_features": 8}',
+             "2_Dense/model.safetensors": bytes(range(256)) * 5}
+    for name, data in files.items():
+        (f / name).parent.mkdir(exist_ok=True)
+        (f / name).write_bytes(data)
+    (f / "onnx").mkdir()
+    (f / "onnx" / "model.onnx").write_bytes(b"\0" * 64)
+    d, out = tmp_path / "d", tmp_path / "out"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kenstream.compress(b, f, d, keep=0.5, quiet=True)
+    assert any("onnx/" in str(w.message) for w in caught)
+    kenstream.rebuild(b, d, out, quiet=True)
+    for name, data in files.items():
+        assert (d / name).read_bytes() == data, name
+        assert (out / name).read_bytes() == data, name
+    assert not (d / "onnx").exists() and not (out / "onnx").exists()
+
+    plain = save_dir(tmp_path / "plain", {"w": base["w"]})
+    kenstream.compress(b, plain, tmp_path / "d2", keep=0.5, quiet=True)
+    kenstream.rebuild(b, tmp_path / "d2", out, overwrite=True, quiet=True)
+    assert not (out / "1_Pooling").exists() and not (out / "2_Dense").exists()

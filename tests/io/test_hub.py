@@ -82,7 +82,7 @@ def test_cached_ref_opens_offline(offline_cache, io_helpers, ref):
         assert sorted(ckpt.names()) == sorted(offline_cache.state)
         for name, tensor in offline_cache.state.items():
             assert io_helpers.same_bits(ckpt.array(name), tensor)
-        assert [p.name for p in ckpt.extra_files()] == ["config.json"]
+        assert ckpt.extra_files() == ["config.json"]
         ident = ckpt.identity()
         snapshot = offline_cache.cache / "models--org--tiny" / "snapshots" / COMMIT
         assert ckpt.root == snapshot
@@ -174,6 +174,31 @@ def test_download_plan_fetches_only_what_is_read(tmp_path):
     assert hub.download_plan(["model.safetensors", "pytorch_model.bin"], fetch)[0] == "model.safetensors"
     assert hub.download_plan(["weird[1].safetensors"], fetch)[0] == "weird[[]1].safetensors"
     assert hub.download_plan(["README.md", "sub/model.safetensors"], fetch) is None
+
+
+def test_download_plan_fetches_the_module_folders_modules_json_names(tmp_path):
+    """A sentence-transformers repo: its module folders come whole (the Dense head's
+    weights too); an ONNX export does not."""
+    import fnmatch
+
+    listing = tmp_path / "modules.json"
+    listing.write_text(json.dumps([{"path": ""}, {"path": "1_Pooling"}, {"path": "2_Dense[x]"},
+                                   {"path": "../up"}]))
+    fetched = []
+
+    def fetch(name):
+        fetched.append(name)
+        return listing
+
+    names = ["model.safetensors", "modules.json", "1_Pooling/config.json",
+             "2_Dense[x]/model.safetensors", "2_Dense[x]/config.json", "onnx/model.onnx",
+             "onnx_data/weights.bin"]
+    with pytest.warns(UserWarning, match="'../up'"):
+        plan = hub.download_plan(names, fetch)
+    assert fetched == ["modules.json"]
+    picked = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in plan)]
+    assert picked == ["model.safetensors", "modules.json", "1_Pooling/config.json",
+                      "2_Dense[x]/model.safetensors", "2_Dense[x]/config.json"]
 
 
 def test_online_download_asks_for_the_planned_files(tmp_path, monkeypatch, io_helpers, no_network):

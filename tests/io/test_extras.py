@@ -1,0 +1,111 @@
+"""Files beside the weights: which travel (top-level companions, sentence-transformers module
+folders), which are named and left behind, and copies that never write outside the output."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+
+from kenstream.errors import OutputError
+from kenstream.io.extras import copy_files, extra_files
+from kenstream.io.outputs import remove_listed
+
+
+def _write(root, files: dict) -> None:
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+
+
+def _modules(*paths) -> str:
+    return json.dumps([{"idx": i, "name": str(i), "path": p, "type": "m"}
+                       for i, p in enumerate(paths)])
+
+
+def _found(folder):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        names = extra_files(folder)
+    return names, [str(w.message) for w in caught]
+
+
+def test_module_folders_travel_and_other_subfolders_are_named(tmp_path):
+    """A sentence-transformers folder: the modules.json folders go whole (the Dense
+    module's weights too, and a nested folder), the sentencepiece vocabulary goes, an ONNX
+    export and tool state stay, and one warning names what was left."""
+    m = tmp_path / "m"
+    _write(m, {"model.safetensors": b"w", "config.json": "{}", "spiece.model": b"sp",
+               "modules.json": _modules("", "1_Pooling", "2_Dense", "3_Normalize"),
+               "1_Pooling/config.json": '{"pooling_mode_mean_tokens": true}',
+               "2_Dense/config.json": "{}", "2_Dense/model.safetensors": b"\x01" * 300,
+               "2_Dense/inner/extra.bin": b"x", "2_Dense/.hidden": b"h",
+               "3_Normalize/README.md": "n",
+               "onnx/model.onnx": b"o", "onnx/config.json": "{}",
+               ".cache/huggingface/download/x.json": "{}"})
+    names, said = _found(m)
+    assert names == ["1_Pooling/config.json", "2_Dense/config.json", "2_Dense/inner/extra.bin",
+                     "2_Dense/model.safetensors", "3_Normalize/README.md", "config.json",
+                     "modules.json", "spiece.model"]
+    assert len(said) == 1 and "onnx/" in said[0] and ".cache" not in said[0]
+
+
+@pytest.mark.parametrize("listing", [
+    '{"not": "a list"}', "[1, 2]", "not json",
+])
+def test_a_damaged_modules_list_copies_no_module_folder_and_says_so(tmp_path, listing):
+    m = tmp_path / "m"
+    _write(m, {"modules.json": listing, "config.json": "{}", "1_Pooling/config.json": "{}"})
+    names, said = _found(m)
+    assert names == ["config.json", "modules.json"]
+    assert any("modules.json" in s and "no module folder" in s for s in said), said
+
+
+def test_module_paths_that_leave_the_folder_are_refused(tmp_path):
+    """A path with '..', an absolute path, a folder that is a link out of the model, and a
+    file that is a link out of it: none is copied, each is named."""
+    outside = tmp_path / "outside"
+    _write(outside, {"secret.json": "s", "sub/key.txt": "k"})
+    m = tmp_path / "m"
+    _write(m, {"modules.json": _modules("../outside", str(outside), "1_Link", "2_Ok",
+                                        "3_Missing"),
+               "2_Ok/config.json": "{}"})
+    os.symlink(outside / "sub", m / "1_Link")
+    os.symlink(outside / "secret.json", m / "2_Ok" / "leak.json")
+    names, said = _found(m)
+    assert names == ["2_Ok/config.json", "modules.json"]
+    text = "\n".join(said)
+    for named in ("'../outside'", repr(str(outside)), "1_Link", "leak.json", "3_Missing"):
+        assert named in text, named
+
+
+def test_copies_make_subfolders_and_never_write_through_a_link(tmp_path):
+    src = tmp_path / "src"
+    _write(src, {"1_Pooling/config.json": "pool", "top.json": "top"})
+    out = tmp_path / "out"
+    out.mkdir()
+    copy_files(src, ["1_Pooling/config.json", "top.json"], out)
+    assert (out / "1_Pooling" / "config.json").read_text() == "pool"
+    assert (out / "top.json").read_text() == "top"
+    assert sorted(p.name for p in (out / "1_Pooling").iterdir()) == ["config.json"]
+
+    elsewhere, planted = tmp_path / "elsewhere", tmp_path / "planted"
+    elsewhere.mkdir()
+    planted.mkdir()
+    os.symlink(elsewhere, planted / "1_Pooling")
+    with pytest.raises(OutputError) as err:
+        copy_files(src, ["1_Pooling/config.json"], planted)
+    assert "1_Pooling/config.json" in str(err.value)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_removing_listed_files_removes_the_folders_they_emptied(tmp_path):
+    out = tmp_path / "out"
+    _write(out, {"a/b/c.json": "c", "a/d.json": "d", "kept/x.json": "x", "kept/mine.txt": "m",
+                 "top.json": "t"})
+    remove_listed(out, ["a/b/c.json", "a/d.json", "kept/x.json", "top.json"])
+    assert sorted(p.name for p in out.iterdir()) == ["kept"]
+    assert [p.name for p in (out / "kept").iterdir()] == ["mine.txt"]
