@@ -33,12 +33,14 @@ from .safefs import (create_exclusive, is_within, open_dir_inside, open_regular,
                      read_regular, safe_relative)
 
 EXTRA_PATTERNS = (
-    "*.json", "*.model", "*.tiktoken", "*.txt", "chat_template*", "*.jinja",
+    "*.json", "*.model", "*.model.v*", "*.spm", "*.codes", "*.tiktoken", "*.txt",
+    "chat_template*", "*.jinja",
     "*.py", "*.md", "LICENSE*", "NOTICE*", "COPYING*", "USE_POLICY*",
 )
 """Files of a model folder that travel beside its weights: configs (model, generation,
-processor, tokenizer), vocabularies (``tokenizer.model``, sentencepiece's ``spiece.model``
-and ``sentencepiece.bpe.model``) and chat templates, custom code (``modeling_*.py``,
+processor, tokenizer), vocabularies (``tokenizer.model`` and Mistral's
+``tokenizer.model.v3``, sentencepiece's ``spiece.model`` and ``sentencepiece.bpe.model``,
+Marian's ``source.spm`` / ``target.spm``, BPE ``bpe.codes``, ``merges.txt``) and chat templates, custom code (``modeling_*.py``,
 ``configuration_*.py``, so ``trust_remote_code`` models load), the card and the licence."""
 
 NOT_EXTRA = ("*.index.json", "kenstream-*.json")

@@ -53,6 +53,22 @@ def test_module_folders_travel_and_other_subfolders_are_named(tmp_path):
     assert len(said) == 1 and "onnx/" in said[0] and ".cache" not in said[0]
 
 
+def test_every_tokenizer_vocabulary_travels_and_weights_do_not(tmp_path):
+    """The vocabulary files transformers' tokenizers load, by the names they use; none of
+    the weight and training files beside them."""
+    vocabularies = ["added_tokens.json", "bpe.codes", "merges.txt", "qwen.tiktoken",
+                    "sentencepiece.bpe.model", "source.spm", "special_tokens_map.json",
+                    "spiece.model", "spm.model", "target.spm", "tekken.json", "tokenizer.json",
+                    "tokenizer.model", "tokenizer.model.v3", "tokenizer_config.json",
+                    "vocab.json", "vocab.txt"]
+    others = ["model.safetensors", "pytorch_model.bin", "model.onnx", "optimizer.pt",
+              "training_args.bin", "rng_state.pth", "model.safetensors.index.json"]
+    m = tmp_path / "m"
+    _write(m, {name: "v" for name in vocabularies + others})
+    names, said = _found(m)
+    assert names == sorted(vocabularies) and said == []
+
+
 @pytest.mark.parametrize("listing", [
     '{"not": "a list"}', "[1, 2]", "not json",
 ])
