@@ -167,16 +167,11 @@ def real_pair(directory: Path, work: Path) -> dict:
                         str(directory)], check=True)
     pairs = {"MiniLM f32": (directory / "base", directory / "finetuned")}
     import torch
-    from safetensors.torch import load_file, save_file
 
-    cast = work / "minilm-bf16"
-    for side in ("base", "finetuned"):
-        out = cast / side
-        if not (out / "model.safetensors").exists():
-            out.mkdir(parents=True, exist_ok=True)
-            tensors = load_file(str(directory / side / "model.safetensors"))
-            save_file({k: (v.to(torch.bfloat16) if v.is_floating_point() else v)
-                       for k, v in tensors.items()}, str(out / "model.safetensors"))
+    sys.path.insert(0, str(ROOT / "tools" / "quality"))
+    from harness import cast_pair  # the quality harness's bf16 pair, made the same way
+
+    cast = cast_pair(directory, work / "minilm-bf16", torch.bfloat16)
     pairs["MiniLM bf16"] = (cast / "base", cast / "finetuned")
     return pairs
 
