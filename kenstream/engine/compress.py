@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import __version__, kernels
 from ..errors import DiffError, OutputError, SelectionError
 from ..format import spec
-from ..format.index import Coding, DiffIndex, Identity, Selection, ShardInfo, Totals
+from ..format.index import Coding, DiffIndex, Identity, Selection, Totals
 from ..format.plans import CompressPlan
 from ..format.records import parse_shard_metadata
 from ..io.checkpoint import Checkpoint
@@ -212,14 +212,15 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
             job = CompressJob(shards, Source.of(f), Source.of(b), settings, version,
                               block_elems, level, frame_elems, kernels.get_threads(), cuts)
             with bar(sum(i.params for i in items), "compress", quiet) as progress:
-                records = run_shards(job, list(shards), progress, executor=executor,
-                                     handles=(f, b), resume=claim.state == "resume",
-                                     ray_address=ray_address, quiet=quiet)
+                records, table = run_shards(job, list(shards), progress,
+                                            executor=executor, handles=(f, b),
+                                            resume=claim.state == "resume",
+                                            ray_address=ray_address, quiet=quiet)
             copy_files(f.root, extras, out, rename)
             card = _read_card(f.root, extras)
             write_text_atomic(out / "README.md", diff_card(plan.base, plan.command,
                                                            card_license(card), card is not None))
-            index = build_index(plan, alignment, items, records, shards)
+            index = build_index(plan, alignment, items, records, table)
             shards.write_index(spec.INDEX_NAME, index.to_json())
             partial.unlink(missing_ok=True)
     return index.to_json()
@@ -279,11 +280,10 @@ def _plan_report(alignment, items) -> str:
     return "; ".join(parts)
 
 
-def build_index(plan: CompressPlan, alignment, items, records, shards) -> DiffIndex:
-    """The index of a finished diff: every shard's size and hash, every record, totals."""
+def build_index(plan: CompressPlan, alignment, items, records, table) -> DiffIndex:
+    """The index of a finished diff: every shard's size and hash (``table``, shard name ->
+    ShardInfo, from the tasks that wrote them), every record, totals."""
     version = plan.format_version
-    table = {n: ShardInfo(shards.path(n).stat().st_size, sha256_file(shards.path(n)))
-             for n, _ in shards}
     tensors = {i.name: records[i.name] for i in items}
     selected = [r for r in tensors.values() if r.selected]
     totals = Totals(params=sum(i.params for i in items),

@@ -13,15 +13,18 @@ which groups finish, so the outputs are byte-identical.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 from .. import kernels
 from ..errors import ExecutorError
+from ..format.index import ShardInfo
 from ..format.records import TensorRecord
 from ..io.checkpoint import Checkpoint
 from ..io.diff_reader import DiffReader
+from ..io.fingerprint import sha256_file
 from ..io.writer import BufferRing, ShardSet, header_bytes
 from ..settings import Settings
 from .stream import write_shard
@@ -127,7 +130,7 @@ class CompressJob:
         path = self.shards.path(name)
         if not path.exists():
             return None
-        return _as_json(read_shard_records(path, [i.name for i in group]))
+        return _shard_result(path, read_shard_records(path, [i.name for i in group]))
 
     @contextmanager
     def session(self, handles=None):
@@ -140,20 +143,30 @@ class CompressJob:
             yield ft, base
 
     def write(self, ctx, name, group, progress) -> dict:
+        """Write diff shard ``name``; returns its records, size and hash (`_shard_result`)."""
         ft, base = ctx
-        return _as_json(write_shard(
+        records = write_shard(
             self.shards, name, group, ft, base, self.settings, progress, version=self.version,
             block_elems=self.block_elems, level=self.level, frame_elems=self.frame_elems,
-            threads=self.threads, cuts=self.cuts))
+            threads=self.threads, cuts=self.cuts)
+        return _shard_result(self.shards.path(name), records)
 
-    def merge(self, results) -> dict:
-        """name -> TensorRecord, parsed by the one record parser."""
-        return {name: TensorRecord.from_json(rec, version=self.version)
-                for part in results for name, rec in part.items()}
+    def merge(self, results) -> tuple:
+        """(tensor name -> TensorRecord, parsed by the one record parser; shard name ->
+        ShardInfo), for the index."""
+        records = {name: TensorRecord.from_json(rec, version=self.version)
+                   for part in results for name, rec in part["records"].items()}
+        table = {name: ShardInfo(part["size"], part["sha256"])
+                 for name, part in zip(self.shards.names, results)}
+        return records, table
 
 
-def _as_json(records: dict) -> dict:
-    return {name: rec.to_json() for name, rec in records.items()}
+def _shard_result(path, records: dict) -> dict:
+    """A written diff shard as a task returns it: its records (JSON), size and sha256. The
+    file is hashed where it was written, while its pages are still cached there, and on a
+    cluster by each worker at once, not read back in turn by the driver."""
+    return {"records": {name: rec.to_json() for name, rec in records.items()},
+            "size": os.stat(path).st_size, "sha256": sha256_file(path)}
 
 
 @dataclass(frozen=True)

@@ -113,9 +113,15 @@ def test_compress_rebuild_verify_under_ray_are_byte_identical(cluster, pair, loc
                                                               monkeypatch, capsys):
     ref_cwd, ref_diff, ref_rebuilt = local
     monkeypatch.setattr(sys.modules["kenstream.engine.compress"], "bar", Recorder)
+    hashed = []  # files the driver hashes: the diff shards are hashed by the tasks
+    for module in ("kenstream.engine.compress", "kenstream.engine.executor"):
+        real = sys.modules[module].sha256_file
+        monkeypatch.setattr(sys.modules[module], "sha256_file",
+                            lambda path, real=real: hashed.append(Path(path).name) or real(path))
     code, _, err = cli(compress_argv(pair, "--executor", "ray"), tmp_path, monkeypatch, capsys)
     assert code == 0, err
-    assert tree(tmp_path / "diff") == ref_diff
+    assert tree(tmp_path / "diff") == ref_diff  # the index's hashes included
+    assert not [n for n in hashed if n.endswith(".kdiff")]
     bar = Recorder.last  # fed while tasks ran, and ends at the total
     assert sum(bar.updates) == bar.total and len(bar.updates) > 1
 
