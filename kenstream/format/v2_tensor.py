@@ -146,7 +146,8 @@ class V2Tensor:
         is the frame's base rows in that dtype (None when the tensor has no base).
         Thread-safe: frames of one tensor may be built on several threads at once."""
         if self.rec.encoding == "unchanged":
-            np.copyto(out, base)
+            if out is not base:  # rebuild reads the base rows into ``out`` already
+                np.copyto(out, base)
             return
         packed, counts = self._positions(i)
         if packed is None or base is None:  # every position kept (rows without a base too)
