@@ -1,6 +1,6 @@
 """Where format 2's lossless bytes go on a real pair, and how much a richer model could save.
 
-    python tools/codec_anatomy.py [--real /tmp/kq/pair] [--work /tmp/kenstream-codec]
+    python tools/codec_anatomy.py [--real /tmp/kq/pair] [--work /tmp/kenstream-codec] [--low-rank]
 
 Codes every frame of the tensors the MiniLM pair shares (tools/quality, cast to bfloat16
 as tools/bench_codec.py does: the case where format 2 misses its size target) at keep 1, then splits the bytes into
@@ -16,7 +16,11 @@ headers), and measures what each part could still lose:
   bound on what one could save; format 2 stores the lengths in fewer bits than the first
   three, because zstd's matches also take runs of equal lengths);
 - two changes of the coder: the lengths split into one zstd stream per context, two to a
-  byte; and zstd level 19.
+  byte; and zstd level 19;
+- a change of the model (``--low-rank``): each matrix's values coded against the base plus
+  a rank-r approximation of the update (``bf16(base + A @ B)``, the factors A and B stored
+  in bfloat16 beside the diff), at each rank in ``--ranks`` and at the best rank of each
+  tensor, factors counted.
 
 Sizes are deterministic. Every figure is a fraction of the fine-tune's bytes unless it
 says bits.
@@ -30,6 +34,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import zstandard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +42,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import bench_codec  # noqa: E402
+from kenstream.format import spec  # noqa: E402
 from kenstream.format.v2 import encode_frame  # noqa: E402
+from kenstream.io.checkpoint import Checkpoint  # noqa: E402
+from kenstream.io.rows import TensorRows  # noqa: E402
 from kenstream.kernels import codec  # noqa: E402
 
 
@@ -169,6 +177,60 @@ def report(label: str, m: dict) -> None:
           f"({binary_entropy(rank_one):.3f} bits)")
 
 
+def _coded(ft: np.ndarray, base: np.ndarray, code: str, level: int) -> int:
+    """Format 2's bytes for the whole tensor ``ft`` [rows, cols] against ``base``."""
+    rows, cols = ft.shape
+    return sum(len(encode_frame(ft[r0:r1], base[r0:r1], None, code, level).data)
+               for r0, r1 in spec.frame_ranges(rows, cols, spec.DEFAULT_FRAME_ELEMS))
+
+
+def low_rank(base_dir, ft_dir, names, ranks, level: int) -> dict:
+    """Bytes of the shared bfloat16 tensors coded against ``bf16(base + A @ B)``.
+
+    A @ B is the best rank-r approximation (SVD) of the update ``ft - base`` of each
+    matrix; A and B are rounded to bfloat16 and cost ``2 r (rows + cols)`` bytes. Returns
+    {"ft": fine-tune bytes, r: bytes at rank r for every matrix, "best": bytes with the
+    rank (0 included) chosen tensor by tensor, "chosen": Counter of the ranks chosen}.
+    """
+    out = collections.Counter()
+    chosen = collections.Counter()
+    with Checkpoint.open(str(base_dir)) as b, Checkpoint.open(str(ft_dir)) as f:
+        for name, bname, code in names:
+            rows, cols = spec.rows_cols_v2(name, f.info(name).shape)
+            ft = np.ascontiguousarray(TensorRows(f, name, rows, cols).raw(0, rows))
+            base = np.ascontiguousarray(TensorRows(b, bname, rows, cols, code).read(0, rows))
+            out["ft"] += ft.nbytes
+            sizes = {0: _coded(ft, base, code, level)}
+            if code == "BF16" and rows > 1 and cols > 1:
+                tb = torch.from_numpy(base.view(np.int16).copy()).view(torch.bfloat16).float()
+                tf = torch.from_numpy(ft.view(np.int16).copy()).view(torch.bfloat16).float()
+                u, s, v = torch.linalg.svd((tf - tb).double(), full_matrices=False)
+                for r in ranks:
+                    a = (u[:, :r] * s[:r]).to(torch.bfloat16).float()
+                    bb = v[:r].to(torch.bfloat16).float()
+                    pred = (tb + a @ bb).to(torch.bfloat16).view(torch.int16).numpy()
+                    sizes[r] = (_coded(ft, pred.view(base.dtype), code, level)
+                                + 2 * r * (rows + cols))
+            for r in ranks:
+                out[r] += sizes.get(r, sizes[0])
+            out[0] += sizes[0]
+            best = min(sizes, key=sizes.get)
+            out["best"] += sizes[best]
+            chosen[best] += 1
+    return dict(tot=out, chosen=chosen)
+
+
+def report_low_rank(label: str, m: dict, ranks) -> None:
+    tot = m["tot"]
+    ft = tot["ft"]
+    print(f"\n{label}, values coded against base + a rank-r update (factors counted):")
+    print(f"  rank 0 (format 2)                      {tot[0] / ft:.4f}")
+    for r in ranks:
+        print(f"  rank {r:<2d} for every matrix               {tot[r] / ft:.4f}")
+    picks = ", ".join(f"rank {r}: {n}" for r, n in sorted(m["chosen"].items()))
+    print(f"  the best rank of each tensor           {tot['best'] / ft:.4f} ({picks})")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--real", type=Path, default=Path("/tmp/kq/pair"),
@@ -176,11 +238,17 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/kenstream-codec"),
                     help="where the bfloat16 cast is kept")
     ap.add_argument("--level", type=int, default=1, help="zstd level of format 2's frames")
+    ap.add_argument("--low-rank", action="store_true",
+                    help="also code the values against base + a rank-r update")
+    ap.add_argument("--ranks", default="2,4,8,16", help="ranks tried by --low-rank")
     args = ap.parse_args(argv)
     label = "MiniLM bf16"
     base, ft = bench_codec.real_pair(args.real, args.work)[label]
     names = bench_codec.shared_tensors(base, ft)
     report(label, measure(bench_codec._frames(base, ft, names), args.level))
+    if args.low_rank:
+        ranks = [int(r) for r in args.ranks.split(",") if r]
+        report_low_rank(label, low_rank(base, ft, names, ranks, args.level), ranks)
     return 0
 
 
