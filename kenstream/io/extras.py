@@ -159,8 +159,10 @@ def _module_files(folder: Path, module: str, roots) -> list[str]:
 
     def walk(where: Path, rel: str, depth: int) -> None:
         for entry in sorted(where.iterdir(), key=lambda p: p.name):
+            if entry.name.startswith("."):  # tool state: not looked at, not named
+                continue
             st = _entry_stat(entry, roots)
-            if st is None or entry.name.startswith("."):
+            if st is None:
                 continue
             name = f"{rel}/{entry.name}"
             if stat.S_ISDIR(st.st_mode):

@@ -36,7 +36,8 @@ def _found(folder):
 def test_module_folders_travel_and_other_subfolders_are_named(tmp_path):
     """A sentence-transformers folder: the modules.json folders go whole (the Dense
     module's weights too, and a nested folder), the sentencepiece vocabulary goes, an ONNX
-    export and tool state stay, and one warning names what was left."""
+    export and tool state stay (a hidden broken link in a module folder is not even
+    looked at), and one warning names what was left."""
     m = tmp_path / "m"
     _write(m, {"model.safetensors": b"w", "config.json": "{}", "spiece.model": b"sp",
                "modules.json": _modules("", "1_Pooling", "2_Dense", "3_Normalize"),
@@ -46,6 +47,7 @@ def test_module_folders_travel_and_other_subfolders_are_named(tmp_path):
                "3_Normalize/README.md": "n",
                "onnx/model.onnx": b"o", "onnx/config.json": "{}",
                ".cache/huggingface/download/x.json": "{}"})
+    os.symlink(tmp_path / "nowhere", m / "2_Dense" / ".lock")  # hidden: passed over unread
     names, said = _found(m)
     assert names == ["1_Pooling/config.json", "2_Dense/config.json", "2_Dense/inner/extra.bin",
                      "2_Dense/model.safetensors", "3_Normalize/README.md", "config.json",
