@@ -61,7 +61,8 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None
     check_executor(executor)
     with kernels.threads(threads), DiffReader(diff) as d, Checkpoint.open(str(base)) as b, \
             executor_ready(executor, ray_address=ray_address, quiet=quiet,
-                           threads=kernels.get_threads(), groups=len(_groups(d.records))):
+                           threads=kernels.get_threads(),
+                           groups=len(groups := _groups(d.records))):
         d.check_hashes()
         d.check_base(b, force=force)
         check_shapes(d, b)
@@ -72,7 +73,7 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None
                             counts, block_elems, kernels.get_threads(), d.forced_base)
             total = sum(counts.values())
             with bar(total if ft else 0, "verify", quiet or ft is None) as progress:
-                tensors, problems = run_shards(job, _groups(d.records), progress,
+                tensors, problems = run_shards(job, groups, progress,
                                                executor=executor, handles=(d, b, ft),
                                                ray_address=ray_address, quiet=quiet)
         finally:
