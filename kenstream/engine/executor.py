@@ -182,6 +182,7 @@ class RebuildJob:
     threads: int
     forced: bool  # the base was let through by --force (decode errors say so)
     metadata: dict  # every file's __metadata__: the format and where the weights came from
+    direct: bool = False  # read the base past the page cache (rebuild._read_past_cache)
 
     def params(self, group) -> int:
         return sum(self.counts[n] for n in group)
@@ -206,6 +207,8 @@ class RebuildJob:
                 b = stack.enter_context(self.base.open())
             else:
                 d, b = handles
+            if self.direct:
+                b.read_directly()
             ring = BufferRing(self.threads + 2, self.largest)
             pool = stack.enter_context(kernels.frame_pool(self.threads, "kenstream-build"))
             yield d, b, ring, pool

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .. import __version__, dtypes, kernels
 from ..errors import OutputError
 from ..format import spec
 from ..format.plans import RebuildPlan
-from ..io import safetensors_file
+from ..io import direct, safetensors_file
 from ..io.checkpoint import Checkpoint
 from ..io.diff_reader import DiffReader
 from ..io.extras import copy_files, extra_files
@@ -125,17 +126,30 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
             largest = max((_first_block_bytes(r, d.index, block_elems)
                            for r in records.values()), default=0)
             counts = {n: r.params for n, r in records.items()}
+            total_size = sum(r.params * r.itemsize for r in records.values())
             job = RebuildJob(shards, str(d.path), Source.of(b), counts, largest, block_elems,
-                             workers, d.forced_base, metadata)
+                             workers, d.forced_base, metadata,
+                             _read_past_cache(b.files, total_size))
             with bar(sum(counts.values()), "rebuild", quiet) as progress:
                 weight_map = run_shards(job, list(shards), progress, executor=executor,
                                         handles=(d, b), resume=claim.state == "resume",
                                         ray_address=ray_address, quiet=quiet)
-            total_size = sum(r.params * r.itemsize for r in records.values())
             index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
             shards.write_index(INDEX_NAME, index)
             partial.unlink(missing_ok=True)
     return index
+
+
+def _read_past_cache(base_files, out_bytes: int) -> bool:
+    """Whether the base is read with ``O_DIRECT`` (:mod:`kenstream.io.direct`): when the
+    base and the model being written together exceed the machine's memory. The page cache
+    then cannot keep the base's pages until anything reads them again, and filling and
+    reclaiming them costs more system time than the rest of the rebuild; a smaller pair
+    keeps buffered reads, with the kernel's read-ahead and a base left warm for the next
+    run (docs/benchmarks.md)."""
+    memory = direct.physical_memory()
+    base_bytes = sum(os.stat(f).st_size for f in base_files)
+    return memory is not None and base_bytes + out_bytes > memory
 
 
 def _plan_files(out, records, limit, header_limit) -> ShardSet:

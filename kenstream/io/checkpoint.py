@@ -228,6 +228,11 @@ class Checkpoint:
         ``out`` (a ``pread`` for safetensors; see :meth:`SafetensorsFile.read_into`)."""
         self._reader(name).read_into(name, start, out)
 
+    def read_directly(self) -> bool:
+        """Let :meth:`read_into` bypass the page cache in every weight file that can
+        (see :meth:`SafetensorsFile.read_directly`); returns whether all of them will."""
+        return all([reader.read_directly() for reader in self._readers])
+
     def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Tell the file holding ``name`` that its pages (bytes ``start:stop`` of the tensor)
         are no longer needed (see :meth:`SafetensorsFile.release`); arrays already handed

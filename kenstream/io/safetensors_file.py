@@ -28,6 +28,7 @@ import numpy as np
 
 from kenstream import dtypes
 from kenstream.errors import CheckpointError, CorruptFileError
+from kenstream.io.direct import open_direct, read_aligned
 from kenstream.io.readahead import READ_AHEAD
 from kenstream.io.safefs import open_regular
 
@@ -126,6 +127,11 @@ class TensorTable:
         flat = self.array(name).reshape(-1).view(np.uint8)
         np.copyto(out.reshape(-1).view(np.uint8), flat[start:start + out.nbytes])
 
+    def read_directly(self) -> bool:
+        """Ask :meth:`read_into` to bypass the page cache; returns whether it will (this
+        default reader cannot)."""
+        return False
+
 
 class SafetensorsFile(TensorTable):
     """A validated, memory-mapped safetensors file.
@@ -139,6 +145,8 @@ class SafetensorsFile(TensorTable):
         self.path = Path(path)
         self._map = None
         self._closed = False
+        self._direct = None  # the O_DIRECT descriptor, once read_directly() opened one
+        self._direct_on = False
         # A FIFO or a device (a link to /dev/zero) is refused here, before any read.
         self._file = os.fdopen(open_regular(self.path), "rb")
         try:
@@ -275,12 +283,27 @@ class SafetensorsFile(TensorTable):
                              "into this array (outside the tensor, or not C-contiguous)")
         view = memoryview(out.reshape(-1).view(np.uint8))
         at, done = info.offset + start, 0
+        if self._direct_on:
+            try:
+                done = read_aligned(self._direct, at, view)
+            except OSError:
+                self._direct_on = False  # refused (alignment, device): buffered from now on
         while done < len(view):
             got = os.preadv(self._file.fileno(), [view[done:]], at + done)
             if got <= 0:
                 self.check_intact(name)
                 raise self._corrupt("ends inside the tensor's data", tensor=name)
             done += got
+
+    def read_directly(self) -> bool:
+        """From now on let :meth:`read_into` read past the page cache (``O_DIRECT``, see
+        :mod:`kenstream.io.direct`) where the system allows it; returns whether it will.
+        For a file read once that the page cache could not keep anyway. Bytes read are
+        the same either way; a file cut short still raises CorruptFileError."""
+        if self._direct is None and not self._closed:
+            self._direct = open_direct(self._file.fileno())
+            self._direct_on = self._direct is not None
+        return self._direct_on
 
     def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Drop the pages of ``name`` (bytes ``start:stop`` of it) from resident memory.
@@ -342,6 +365,9 @@ class SafetensorsFile(TensorTable):
             except BufferError:
                 pass  # views still export the buffer; the map is freed with the last one
             self._map = None
+        self._direct_on = False
+        if self._direct is not None:
+            os.close(self._direct)
         self._file.close()
 
     def __enter__(self):

@@ -80,3 +80,35 @@ def test_rebuild_reads_base_rows_into_its_output_and_not_ahead(tmp_path, monkeyp
     kenstream.rebuild(b, tmp_path / "diff", tmp_path / "out", quiet=True)
     assert sorted(read) == [(r0, (BLOCK_ROWS, COLS)) for r0 in range(0, ROWS, BLOCK_ROWS)]
     assert asked["base"] == 0
+
+
+def test_rebuild_reads_the_base_past_the_page_cache_only_when_the_pair_exceeds_memory(
+        tmp_path, monkeypatch):
+    """Base and rebuilt model larger than the machine's memory: the base's files are asked
+    for O_DIRECT reads (the page cache could not keep them); smaller: not. The model
+    written is the same bytes either way."""
+    from kenstream.io import direct
+    from kenstream.io.safetensors_file import SafetensorsFile
+
+    b, f = _pair(tmp_path)
+    kenstream.compress(b, f, tmp_path / "diff", keep=0.25, quiet=True,
+                       frame_elems=BLOCK_ROWS * COLS)
+    asked = []
+    real = SafetensorsFile.read_directly
+
+    def spy(self):
+        asked.append(self.path.parent.name)
+        return real(self)
+
+    monkeypatch.setattr(SafetensorsFile, "read_directly", spy)
+    pair_bytes = 2 * ROWS * COLS * 4 + 2 * 4096  # base file and model, headers included
+    outputs = {}
+    for memory in (10 * pair_bytes, ROWS * COLS * 4):
+        monkeypatch.setattr(direct, "physical_memory", lambda memory=memory: memory)
+        asked.clear()
+        out = tmp_path / f"out-{memory}"
+        kenstream.rebuild(b, tmp_path / "diff", out, quiet=True)
+        outputs[memory] = asked[:], {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    (big_asked, big), (small_asked, small) = outputs.values()
+    assert big_asked == [] and small_asked == ["base"]
+    assert big == small and big

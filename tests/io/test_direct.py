@@ -1,0 +1,133 @@
+"""Reads past the page cache: aligned reads that return the file's bytes, the safetensors
+reader routing through them once asked to, and its fall-backs."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from kenstream.errors import CorruptFileError
+from kenstream.io import direct, safetensors_file
+from kenstream.io.safetensors_file import SafetensorsFile
+
+
+@pytest.fixture
+def small_bounce(monkeypatch):
+    """Two alignment units a read: every test range spans several reads."""
+    monkeypatch.setattr(direct, "BOUNCE", 2 * direct.ALIGN)
+    monkeypatch.setattr(direct, "_local", direct.threading.local())
+
+
+def _aligned_only(monkeypatch, fds):
+    """os.preadv that, on the descriptors ``fds``, refuses what O_DIRECT refuses: an
+    offset, a length or a buffer address off the alignment."""
+    real = os.preadv
+    calls = []
+
+    def preadv(fd, buffers, offset):
+        if fd not in fds:
+            return real(fd, buffers, offset)
+        (buf,) = buffers
+        address = np.frombuffer(buf, np.uint8).ctypes.data if len(buf) else 0
+        if offset % direct.ALIGN or len(buf) % direct.ALIGN or address % direct.ALIGN:
+            raise OSError(22, "unaligned")
+        calls.append((offset, len(buf)))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(direct.os, "preadv", preadv)
+    return calls
+
+
+def test_aligned_reads_return_the_files_bytes_at_any_offset_and_length(tmp_path, monkeypatch,
+                                                                       small_bounce):
+    data = np.random.default_rng(3).integers(0, 256, 5 * direct.ALIGN + 123, np.uint8).tobytes()
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    calls = _aligned_only(monkeypatch, [fd])
+    try:
+        for at, n in [(0, 10), (1, direct.ALIGN), (direct.ALIGN - 1, 2),
+                      (5, 3 * direct.ALIGN + 7), (0, len(data)), (len(data) - 9, 9),
+                      (2 * direct.ALIGN, direct.ALIGN)]:
+            out = bytearray(n)
+            assert direct.read_aligned(fd, at, memoryview(out)) == n
+            assert bytes(out) == data[at:at + n], (at, n)
+        out = bytearray(50)  # past the end: what there is, and the count says so
+        assert direct.read_aligned(fd, len(data) - 20, memoryview(out)) == 20
+        assert bytes(out[:20]) == data[-20:]
+    finally:
+        os.close(fd)
+    assert calls and max(n for _, n in calls) <= direct.BOUNCE + direct.ALIGN
+    assert len(calls) >= 4  # 3 * ALIGN + 7 bytes from offset 5: two-unit reads, several
+
+
+def _tensor_file(tmp_path):
+    rng = np.random.default_rng(5)
+    tensors = {"a": rng.standard_normal((37, 129)).astype(np.float32),
+               "b": rng.integers(0, 2**16, (3001,), dtype=np.uint16)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    return path, tensors
+
+
+def _reads(sf, tensors):
+    for name, want in tensors.items():
+        raw = want.reshape(-1).view(np.uint8)
+        for start in (0, 1, 4093, raw.size // 3):
+            out = np.empty(raw.size - start, np.uint8)
+            sf.read_into(name, start, out)
+            assert np.array_equal(out, raw[start:]), (name, start)
+
+
+def test_read_into_goes_through_aligned_reads_once_asked(tmp_path, monkeypatch, small_bounce):
+    """With read_directly() on, every read_into goes through read_aligned on the second
+    descriptor (a plain one here, so that the test does not depend on the file system
+    taking O_DIRECT) and returns the same bytes; close() closes that descriptor."""
+    path, tensors = _tensor_file(tmp_path)
+    opened = []
+    monkeypatch.setattr(safetensors_file, "open_direct",
+                        lambda fd: opened.append(os.dup(fd)) or opened[-1])
+    calls = _aligned_only(monkeypatch, opened)
+    with SafetensorsFile(path) as sf:
+        _reads(sf, tensors)
+        assert calls == []  # buffered until asked
+        assert sf.read_directly()
+        _reads(sf, tensors)
+        assert len(calls) > 8
+    with pytest.raises(OSError):
+        os.fstat(opened[0])
+
+
+def test_direct_reads_fall_back_when_refused_and_still_name_a_short_file(tmp_path,
+                                                                         monkeypatch):
+    path, tensors = _tensor_file(tmp_path)
+    monkeypatch.setattr(safetensors_file, "open_direct", lambda fd: None)
+    with SafetensorsFile(path) as sf:
+        assert not sf.read_directly()
+        _reads(sf, tensors)
+
+    refused = []
+
+    def refuse(fd, at, view):
+        refused.append(at)
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(safetensors_file, "open_direct", os.dup)
+    monkeypatch.setattr(safetensors_file, "read_aligned", refuse)
+    with SafetensorsFile(path) as sf:
+        assert sf.read_directly()
+        _reads(sf, tensors)
+        assert len(refused) == 1  # buffered from the first refusal on
+
+    monkeypatch.undo()
+    with SafetensorsFile(path) as sf:
+        sf.read_directly()  # whatever this file system allows, the bytes are the same
+        _reads(sf, tensors)
+        os.truncate(path, 8 + struct.unpack("<Q", path.read_bytes()[:8])[0] + 100)
+        with pytest.raises(CorruptFileError, match="shrank from") as err:
+            sf.read_into("b", 0, np.empty(6002, np.uint8))
+        assert str(path) in str(err.value)
