@@ -4,7 +4,7 @@ stay cached.
 A rebuild reads every base byte once. When the base and the model being written together
 exceed the machine's memory, the pages a buffered ``pread`` puts in the page cache are
 reclaimed before anyone reads them again, and filling then reclaiming them is most of the
-rebuild's system time (at 7B on 2 cores: 22-28 s of system time with buffered reads,
+rebuild's system time (at 7B on 2 cores: 18-28 s of system time with buffered reads,
 6.5-8.7 s with these; docs/benchmarks.md). ``O_DIRECT`` moves the bytes from the disk into
 this process's memory and nowhere else.
 
