@@ -11,8 +11,8 @@ this process's memory and nowhere else.
 ``O_DIRECT`` wants the file offset, the length and the memory address aligned to the
 device's logical block (512 or 4096 bytes), which a tensor's bytes are not. So a read
 covers the aligned range around the bytes asked for, into a page-aligned per-thread
-buffer of `BOUNCE` bytes, and copies the bytes asked for out of it: one memory copy
-instead of the page cache's two. Where the system refuses ``O_DIRECT`` (no such flag, a
+buffer of `BOUNCE` bytes, and copies the bytes asked for out of it: the one memory copy
+a buffered read also makes, without page-cache pages to allocate, track and reclaim. Where the system refuses ``O_DIRECT`` (no such flag, a
 file system without it, ``/proc`` missing), :func:`open_direct` returns None and the
 caller reads as before.
 """

@@ -274,7 +274,8 @@ class SafetensorsFile(TensorTable):
         """Copy bytes ``start : start + out.nbytes`` of ``name`` into ``out`` (C-contiguous)
         with ``pread``: one copy out of the page cache and no page mapped, cheaper than
         reading the memory map for data read once (a rebuilt frame starts as its base
-        rows). A file cut short raises CorruptFileError naming it."""
+        rows); past the page cache once :meth:`read_directly` is on. A file cut short
+        raises CorruptFileError naming it."""
         info = self.info(name)
         if self._closed:
             raise CheckpointError("file is closed", file=self.path, tensor=name)
