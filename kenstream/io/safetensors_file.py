@@ -146,6 +146,8 @@ class SafetensorsFile(TensorTable):
         self._map = None
         self._closed = False
         self._direct = None  # the O_DIRECT descriptor, once read_directly() opened one
+        # Off again after a refused read; the descriptor stays open until close(), since
+        # another thread may be reading through it.
         self._direct_on = False
         # A FIFO or a device (a link to /dev/zero) is refused here, before any read.
         self._file = os.fdopen(open_regular(self.path), "rb")
