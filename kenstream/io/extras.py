@@ -130,11 +130,17 @@ def module_paths(raw: bytes, where) -> list[str]:
     return paths
 
 
+def read_modules(path) -> bytes:
+    """The bytes of the ``modules.json`` at ``path`` (a regular file of at most 1 MiB), or
+    CheckpointError naming it."""
+    return read_regular(path, 1 << 20, error=CheckpointError, what=MODULES_NAME)
+
+
 def module_folders(folder) -> list[str]:
     """The module folders the ``modules.json`` of ``folder`` names (see `module_paths`)."""
     where = Path(folder) / MODULES_NAME
     try:
-        raw = read_regular(where, 1 << 20, error=CheckpointError, what=MODULES_NAME)
+        raw = read_modules(where)
     except CheckpointError as exc:
         warnings.warn(f"{exc}; no module folder is copied", stacklevel=2)
         return []

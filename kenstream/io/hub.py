@@ -27,8 +27,7 @@ from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundEr
 
 from kenstream.errors import CheckpointError, SourceNotFoundError
 from kenstream.io.checkpoint import pick_weight_file, read_weight_map
-from kenstream.io.extras import EXTRA_PATTERNS, MODULES_NAME, module_paths
-from kenstream.io.safefs import read_regular
+from kenstream.io.extras import EXTRA_PATTERNS, MODULES_NAME, module_paths, read_modules
 
 _NAME = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?"
 _REF = re.compile(rf"(?P<repo>(?:{_NAME}/)?{_NAME})(?:@(?P<rev>[^\s@]+))?")
@@ -110,8 +109,7 @@ def download_plan(filenames, fetch) -> list[str] | None:
     # Exact names become fnmatch patterns; escaping keeps a "[" in a name literal.
     plan = [glob.escape(name) for name in wanted] + list(EXTRA_PATTERNS)
     if MODULES_NAME in filenames:
-        raw = read_regular(fetch(MODULES_NAME), 1 << 20, error=CheckpointError,
-                           what=MODULES_NAME)
+        raw = read_modules(fetch(MODULES_NAME))
         plan += [glob.escape(folder) + "/*" for folder in module_paths(raw, MODULES_NAME)]
     return plan
 
