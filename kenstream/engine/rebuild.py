@@ -147,9 +147,7 @@ def _read_past_cache(base_files, out_bytes: int) -> bool:
     reclaiming them costs more system time than the rest of the rebuild; a smaller pair
     keeps buffered reads, with the kernel's read-ahead and a base left warm for the next
     run (docs/benchmarks.md)."""
-    memory = direct.physical_memory()
-    base_bytes = sum(os.stat(f).st_size for f in base_files)
-    return memory is not None and base_bytes + out_bytes > memory
+    return direct.exceeds_memory(sum(os.stat(f).st_size for f in base_files) + out_bytes)
 
 
 def _plan_files(out, records, limit, header_limit) -> ShardSet:

@@ -39,6 +39,8 @@ def write_shard(shards, shard: str, items, ft, base, settings, progress, *, vers
         sink = make_sink(writer, shard, progress, version=version, block_elems=block_elems,
                          level=level, frame_elems=frame_elems, threads=threads)
         try:
+            if items:  # later tensors' first blocks are asked for as the one before ends
+                _prefetch_start(items[0], ft, base, sink, _reads_base(sink, settings))
             for pos, item in enumerate(items):
                 following = items[pos + 1] if pos + 1 < len(items) else None
                 cut = None if cuts is None else cuts.get(item.name)

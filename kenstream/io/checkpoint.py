@@ -233,6 +233,11 @@ class Checkpoint:
         (see :meth:`SafetensorsFile.read_directly`); returns whether all of them will."""
         return all([reader.read_directly() for reader in self._readers])
 
+    def staged(self, name: str, start: int, stop: int):
+        """Bytes ``start:stop`` of ``name`` from a range :meth:`prefetch` read past the page
+        cache (read-only uint8), or None (see :meth:`SafetensorsFile.staged`)."""
+        return self._reader(name).staged(name, start, stop)
+
     def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Tell the file holding ``name`` that its pages (bytes ``start:stop`` of the tensor)
         are no longer needed (see :meth:`SafetensorsFile.release`); arrays already handed

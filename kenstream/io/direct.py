@@ -15,6 +15,12 @@ buffer of `BOUNCE` bytes, and copies the bytes asked for out of it: the one memo
 a buffered read also makes, without page-cache pages to allocate, track and reclaim. Where the system refuses ``O_DIRECT`` (no such flag, a
 file system without it, ``/proc`` missing), :func:`open_direct` returns None and the
 caller reads as before.
+
+A compress reads both inputs once, a row block ahead of the kernel that selects from it.
+There a block is *staged* (:class:`StagedReads`): read past the page cache straight into
+aligned memory of its own by the read-ahead thread, with no copy at all, and the views the
+kernel and the coders read are views of that memory. A range no staged read holds is read
+through the memory map as before, so staging changes where bytes come from, never which.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+from collections import deque
+
+import numpy as np
 
 ALIGN = 4096
 """Alignment of every direct read's offset, length and buffer (a multiple of any
@@ -43,6 +52,13 @@ def open_direct(fd: int) -> int | None:
         return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | flag | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
+
+
+def exceeds_memory(nbytes: int) -> bool:
+    """Whether ``nbytes`` of files read once (and written) exceed this machine's memory:
+    then the page cache cannot keep their pages until anything reads them again."""
+    memory = physical_memory()
+    return memory is not None and nbytes > memory
 
 
 def physical_memory() -> int | None:
@@ -86,3 +102,97 @@ def read_aligned(fd: int, at: int, view: memoryview) -> int:
         if take < want:
             break
     return done
+
+
+MAX_STAGED = 4
+"""Staged reads one file holds at once: the block being selected, the next one, one still
+being coded, and the head of the next tensor. Adding one more drops the oldest (its
+memory goes once no view of it is left), so a caller that never releases still holds at
+most this many blocks a file."""
+
+
+class Staged:
+    """Bytes ``start:stop`` of a file, read past the page cache into aligned memory of
+    their own by :meth:`fill` (the read-ahead thread). Cost: ``stop - start`` bytes plus
+    at most ``3 * ALIGN``, allocated at once."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+        self._lo = start - start % ALIGN
+        hi = -(-stop // ALIGN) * ALIGN
+        memory = np.empty(hi - self._lo + ALIGN, np.uint8)
+        skip = -memory.ctypes.data % ALIGN
+        self._span = memory[skip:skip + hi - self._lo]
+        self._ready = threading.Event()
+        self.ok = False
+        self.refused = False  # the system refused the read (alignment, device)
+
+    def fill(self, fd: int) -> None:
+        """Read the aligned span around the bytes with ``pread``s on the ``O_DIRECT``
+        descriptor ``fd``; short only where the file ends, refused with OSError."""
+        pos, end = self._lo, self._lo + len(self._span)
+        try:
+            while pos < end:
+                got = os.preadv(fd, [self._span[pos - self._lo:]], pos)
+                if got <= 0:
+                    break
+                pos += got
+                if got % ALIGN:  # the file's end; a further read would start unaligned
+                    break
+        except OSError:
+            self.refused = True
+        finally:
+            self.ok = pos >= self.stop
+            self._ready.set()
+
+    def bytes(self, start: int, stop: int) -> np.ndarray | None:
+        """Read-only uint8 view of file bytes ``start:stop`` (inside this read) once the
+        read is done, or None when it failed (the caller reads the bytes another way)."""
+        self._ready.wait()
+        if not self.ok:
+            return None
+        view = self._span[start - self._lo:stop - self._lo]
+        view.flags.writeable = False
+        return view
+
+
+class StagedReads:
+    """One file's staged reads, found by the byte ranges they hold. Thread-safe: the
+    compress loop adds and looks up, the coding threads look up and drop."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._reads = deque()
+        self.refused = False  # a read was refused: the file is read buffered from then on
+
+    def add(self, start: int, stop: int) -> Staged:
+        """A new staged read of file bytes ``start:stop`` (the caller queues its fill)."""
+        read = Staged(start, stop)
+        with self._lock:
+            self._reads.append(read)
+            while len(self._reads) > MAX_STAGED:
+                self._reads.popleft()
+        return read
+
+    def find(self, start: int, stop: int) -> np.ndarray | None:
+        """File bytes ``start:stop`` from a staged read that holds all of them (waiting
+        for it to finish), or None."""
+        with self._lock:
+            read = next((r for r in reversed(self._reads)
+                         if r.start <= start and stop <= r.stop), None)
+        if read is None:
+            return None
+        view = read.bytes(start, stop)
+        if read.refused:
+            self.refused = True
+        return view
+
+    def drop(self, start: int, stop: int) -> None:
+        """Forget the staged reads that end inside file bytes ``start:stop`` (the last of
+        their bytes is used); views already handed out stay valid."""
+        with self._lock:
+            self._reads = deque(r for r in self._reads if not start < r.stop <= stop)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._reads.clear()

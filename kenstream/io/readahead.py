@@ -12,6 +12,10 @@ Nothing read here enters the process's own memory beyond the buffer: the pages g
 page cache, which the kernel reclaims as it needs. A range is read through a duplicate
 of the file's descriptor, so closing the file while a read is queued is safe. A failed
 read is dropped: reading ahead is only ever a hint, and the real read reports any error.
+
+The same thread runs a file's staged reads (:class:`kenstream.io.direct.Staged`, through
+`ReadAhead.call`): with ``O_DIRECT`` on, a range is read into memory of its own instead of
+the page cache, and the views the kernel reads are views of that memory.
 """
 
 from __future__ import annotations
@@ -34,13 +38,17 @@ class ReadAhead:
 
     def submit(self, fd: int, start: int, stop: int) -> None:
         """Read bytes ``start:stop`` of the open file ``fd`` in the background."""
-        if stop <= start:
-            return
+        if stop > start:
+            self.call(fd, lambda own: _read_range(own, start, stop))
+
+    def call(self, fd: int, read) -> None:
+        """Call ``read(descriptor)`` in the background, with a duplicate of the open file
+        ``fd`` that is closed after (``read`` handles its own errors: see `Staged.fill`)."""
         try:
             own = os.dup(fd)
         except OSError:
             return
-        self._jobs.put((own, start, stop))
+        self._jobs.put((own, read))
         self._ensure_thread()
 
     def flush(self) -> None:
@@ -59,24 +67,36 @@ class ReadAhead:
                 self._thread.start()
 
     def _run(self) -> None:
-        buffer = memoryview(bytearray(CHUNK))
         while True:
             job = self._jobs.get()
             if isinstance(job, threading.Event):
                 job.set()
                 continue
-            fd, start, stop = job
+            fd, read = job
             try:
-                pos = start
-                while pos < stop:
-                    got = os.preadv(fd, [buffer[:min(CHUNK, stop - pos)]], pos)
-                    if got <= 0:
-                        break
-                    pos += got
-            except OSError:
-                pass
+                read(fd)
             finally:
                 os.close(fd)
+
+
+_local = threading.local()
+
+
+def _read_range(fd: int, start: int, stop: int) -> None:
+    """Read bytes ``start:stop`` into the page cache (``pread`` into one reused buffer);
+    a failed read is dropped."""
+    buffer = getattr(_local, "buffer", None)
+    if buffer is None:
+        buffer = _local.buffer = memoryview(bytearray(CHUNK))
+    try:
+        pos = start
+        while pos < stop:
+            got = os.preadv(fd, [buffer[:min(CHUNK, stop - pos)]], pos)
+            if got <= 0:
+                break
+            pos += got
+    except OSError:
+        pass
 
 
 READ_AHEAD = ReadAhead()

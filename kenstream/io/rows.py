@@ -54,11 +54,16 @@ class TensorRows:
         return out
 
     def raw(self, r0: int, r1: int) -> np.ndarray:
-        """Rows r0..r1 in the stored dtype (always a view).
+        """Rows r0..r1 in the stored dtype (always a read-only view): of the range
+        `prefetch` staged past the page cache when one holds them, else of the memory map.
 
         The file is first checked to be as long as when it was opened: a file cut short by
         another program is one error naming it, not a bus error when the view is read."""
         self.ckpt.check_intact(self.name)
+        r1 = min(r1, self.rows)
+        staged = self.ckpt.staged(self.name, r0 * self.row_bytes, r1 * self.row_bytes)
+        if staged is not None:
+            return staged.view(dtypes.storage_dtype(self.stored)).reshape(r1 - r0, self.cols)
         return self._view()[r0:r1]
 
     def release(self, r0: int = 0, r1: int | None = None) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 
 from kenstream import dtypes
 from kenstream.errors import CheckpointError, CorruptFileError
-from kenstream.io.direct import open_direct, read_aligned
+from kenstream.io.direct import StagedReads, open_direct, read_aligned
 from kenstream.io.readahead import READ_AHEAD
 from kenstream.io.safefs import open_regular
 
@@ -132,6 +132,10 @@ class TensorTable:
         default reader cannot)."""
         return False
 
+    def staged(self, name: str, start: int, stop: int) -> None:
+        """No range is staged here (see :meth:`SafetensorsFile.staged`): read the view."""
+        return None
+
 
 class SafetensorsFile(TensorTable):
     """A validated, memory-mapped safetensors file.
@@ -149,6 +153,7 @@ class SafetensorsFile(TensorTable):
         # Off again after a refused read; the descriptor stays open until close(), since
         # another thread may be reading through it.
         self._direct_on = False
+        self._staged = StagedReads()  # ranges prefetch read past the page cache, when direct
         # A FIFO or a device (a link to /dev/zero) is refused here, before any read.
         self._file = os.fdopen(open_regular(self.path), "rb")
         try:
@@ -299,14 +304,24 @@ class SafetensorsFile(TensorTable):
             done += got
 
     def read_directly(self) -> bool:
-        """From now on let :meth:`read_into` read past the page cache (``O_DIRECT``, see
-        :mod:`kenstream.io.direct`) where the system allows it; returns whether it will.
-        For a file read once that the page cache could not keep anyway. Bytes read are
-        the same either way; a file cut short still raises CorruptFileError."""
+        """From now on read past the page cache (``O_DIRECT``, see :mod:`kenstream.io.direct`)
+        where the system allows it; returns whether it will. :meth:`read_into` then reads
+        that way, and :meth:`prefetch` stages its range for :meth:`staged`. For a file
+        read once that the page cache could not keep anyway. Bytes read are the same
+        either way; a file cut short still raises CorruptFileError."""
         if self._direct is None and not self._closed:
             self._direct = open_direct(self._file.fileno())
             self._direct_on = self._direct is not None
         return self._direct_on
+
+    def staged(self, name: str, start: int, stop: int) -> np.ndarray | None:
+        """Bytes ``start:stop`` of ``name`` as a read-only uint8 array, from the range
+        :meth:`prefetch` staged (waiting for its read), or None when no staged read holds
+        them all (read the memory map then)."""
+        if stop <= start or not self._direct_on:
+            return None
+        offset = self.info(name).offset
+        return self._staged.find(offset + start, offset + stop)
 
     def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Drop the pages of ``name`` (bytes ``start:stop`` of it) from resident memory.
@@ -323,6 +338,7 @@ class SafetensorsFile(TensorTable):
         """
         info = self.info(name)
         stop = info.nbytes if stop is None else min(stop, info.nbytes)
+        self._staged.drop(info.offset + max(0, start), info.offset + stop)
         if self._map is None or not hasattr(mmap, "MADV_DONTNEED") or stop <= start:
             return
         first, last = _release_span(info.offset + max(0, start), info.offset + stop)
@@ -336,11 +352,18 @@ class SafetensorsFile(TensorTable):
         Lets the disk work on the next block while the selection kernel computes on this
         one: the range is read into the page cache by the read-ahead thread
         (:mod:`kenstream.io.readahead`). Nothing is mapped into resident memory until the
-        pages are used. A no-op on a closed file.
+        pages are used. Once :meth:`read_directly` is on, the range is staged instead:
+        read past the page cache into memory of its own, which :meth:`staged` hands out
+        (the memory goes when the range is released and no view of it is left). A no-op
+        on a closed file.
         """
         info = self.info(name)
         stop = info.nbytes if stop is None else min(stop, info.nbytes)
         if self._map is None or stop <= start:
+            return
+        if self._direct_on and not self._staged.refused:
+            read = self._staged.add(info.offset + max(0, start), info.offset + stop)
+            READ_AHEAD.call(self._direct, read.fill)
             return
         READ_AHEAD.submit(self._file.fileno(), info.offset + max(0, start), info.offset + stop)
 
@@ -369,6 +392,7 @@ class SafetensorsFile(TensorTable):
                 pass  # views still export the buffer; the map is freed with the last one
             self._map = None
         self._direct_on = False
+        self._staged.clear()
         if self._direct is not None:
             os.close(self._direct)
         self._file.close()

@@ -1,8 +1,10 @@
 """Reads past the page cache: aligned reads that return the file's bytes, the safetensors
-reader routing through them once asked to, and its fall-backs."""
+reader routing through them once asked to (read_into, and ranges staged by prefetch), and
+their fall-backs."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 
@@ -12,6 +14,7 @@ from safetensors.numpy import save_file
 
 from kenstream.errors import CorruptFileError
 from kenstream.io import direct, safetensors_file
+from kenstream.io.readahead import READ_AHEAD
 from kenstream.io.safetensors_file import SafetensorsFile
 
 
@@ -23,13 +26,15 @@ def small_bounce(monkeypatch):
 
 
 def _aligned_only(monkeypatch, fds):
-    """os.preadv that, on the descriptors ``fds``, refuses what O_DIRECT refuses: an
-    offset, a length or a buffer address off the alignment."""
+    """os.preadv that, on the descriptors ``fds`` (a list, or a test of a descriptor),
+    refuses what O_DIRECT refuses: an offset, a length or a buffer address off the
+    alignment."""
     real = os.preadv
     calls = []
+    picked = fds if callable(fds) else fds.__contains__
 
     def preadv(fd, buffers, offset):
-        if fd not in fds:
+        if not picked(fd):
             return real(fd, buffers, offset)
         (buf,) = buffers
         address = np.frombuffer(buf, np.uint8).ctypes.data if len(buf) else 0
@@ -131,3 +136,84 @@ def test_direct_reads_fall_back_when_refused_and_still_name_a_short_file(tmp_pat
         with pytest.raises(CorruptFileError, match="shrank from") as err:
             sf.read_into("b", 0, np.empty(6002, np.uint8))
         assert str(path) in str(err.value)
+
+
+def _staging(monkeypatch, tmp_path):
+    """A tensor file whose second descriptor is opened without O_DIRECT (so that the test
+    does not depend on the file system taking it) but refuses unaligned reads, as do its
+    duplicates: it is marked by O_NONBLOCK, a status flag that, like O_DIRECT, duplicates
+    share and that changes nothing for a regular file."""
+    path, tensors = _tensor_file(tmp_path)
+    monkeypatch.setattr(safetensors_file, "open_direct",
+                        lambda fd: os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK))
+    marked = lambda fd: bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)  # noqa: E731
+    return path, tensors, _aligned_only(monkeypatch, marked)
+
+
+def test_prefetch_stages_ranges_read_past_the_page_cache_and_hands_out_their_bytes(
+        tmp_path, monkeypatch):
+    path, tensors, calls = _staging(monkeypatch, tmp_path)
+    raw = tensors["a"].reshape(-1).view(np.uint8)
+    with SafetensorsFile(path) as sf:
+        sf.prefetch("a", 100, 9000)
+        READ_AHEAD.flush()
+        assert sf.staged("a", 100, 9000) is None and calls == []  # buffered until asked
+        assert sf.read_directly()
+        sf.prefetch("a", 100, 9000)
+        READ_AHEAD.flush()
+        assert calls  # read aligned on the second descriptor, in the background
+        for start, stop in [(100, 9000), (101, 102), (4000, 9000), (100, 101)]:
+            got = sf.staged("a", start, stop)
+            assert np.array_equal(got, raw[start:stop]), (start, stop)
+            assert not got.flags.writeable
+            with pytest.raises(ValueError):
+                got[0] = 0
+        # Only ranges a staged read holds whole: the rest is read from the map.
+        assert sf.staged("a", 99, 200) is None and sf.staged("a", 8000, 9001) is None
+        assert sf.staged("b", 0, 10) is None
+        kept = sf.staged("a", 100, 9000)
+        sf.release("a", 0, 5000)  # not to the range's end: still staged
+        assert sf.staged("a", 200, 300) is not None
+        sf.release("a", 5000, 9000)  # its last byte used: forgotten, views stay valid
+        assert sf.staged("a", 200, 300) is None
+        assert np.array_equal(kept, raw[100:9000])
+
+
+def test_staged_reads_are_bounded_and_fall_back_when_refused_or_short(tmp_path, monkeypatch):
+    path, tensors, calls = _staging(monkeypatch, tmp_path)
+    raw = tensors["a"].reshape(-1).view(np.uint8)
+    with SafetensorsFile(path) as sf:
+        sf.read_directly()
+        spans = [(i * 1000, i * 1000 + 500) for i in range(direct.MAX_STAGED + 2)]
+        for start, stop in spans:
+            sf.prefetch("a", start, stop)
+        READ_AHEAD.flush()
+        found = [sf.staged("a", *span) is not None for span in spans]
+        assert found == [False] * 2 + [True] * direct.MAX_STAGED  # the oldest dropped
+
+    ahead = []
+    monkeypatch.setattr(safetensors_file.READ_AHEAD, "submit",
+                        lambda fd, start, stop: ahead.append((start, stop)))
+
+    def refuse(fd, buffers, offset):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(direct.os, "preadv", refuse)
+    with SafetensorsFile(path) as sf:
+        sf.read_directly()
+        sf.prefetch("a", 0, 600)
+        READ_AHEAD.flush()
+        assert sf.staged("a", 0, 600) is None  # refused: the caller reads the map
+        sf.prefetch("a", 600, 1200)  # and from then on the page cache reads ahead
+        assert len(ahead) == 1
+
+    monkeypatch.undo()
+    path, tensors, calls = _staging(monkeypatch, tmp_path)
+    with SafetensorsFile(path) as sf:
+        sf.read_directly()
+        end = raw.size
+        os.truncate(path, sf.info("a").offset + end // 2)  # cut short before the read
+        sf.prefetch("a", 0, end)
+        READ_AHEAD.flush()
+        assert sf.staged("a", 0, end) is None  # a short read hands out nothing
+        assert sf.staged("a", 0, 10) is None
