@@ -21,14 +21,18 @@ There a block is *staged* (:class:`StagedReads`): read past the page cache strai
 aligned memory of its own by the read-ahead thread, with no copy at all, and the views the
 kernel and the coders read are views of that memory. A range no staged read holds is read
 through the memory map as before, so staging changes where bytes come from, never which.
+A range mostly in the page cache already (an input read a moment ago) is not staged: the
+disk would be read again for bytes memory holds (:func:`resident_fraction`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import threading
 from collections import deque
+from functools import cache
 
 import numpy as np
 
@@ -67,6 +71,44 @@ def physical_memory() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
+
+
+CACHED = 0.5
+"""Fraction of a range's pages in the page cache from which the range is read through the
+page cache instead of staged."""
+
+
+@cache
+def _mincore():
+    """libc's ``mincore``, or None where there is none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def map_address(mapped: mmap.mmap) -> int:
+    """Where ``mapped`` (a read-only file map) starts in this process's memory."""
+    return np.frombuffer(mapped, np.uint8, count=1).ctypes.data
+
+
+def resident_fraction(address: int, start: int, stop: int) -> float | None:
+    """Fraction of the pages holding bytes ``start:stop`` of a file mapped at ``address``
+    that the page cache holds now (``mincore``), or None where the system does not say.
+    Cost: one system call and one byte of scratch a page."""
+    fn = _mincore()
+    if fn is None or stop <= start:
+        return None
+    page = mmap.PAGESIZE
+    lo = start - start % page
+    pages = -(-(stop - lo) // page)
+    vec = np.zeros(pages, np.uint8)
+    if fn(address + lo, pages * page, vec.ctypes.data) != 0:
+        return None
+    return float(np.count_nonzero(vec & 1)) / pages
 
 
 def _buffer() -> memoryview:

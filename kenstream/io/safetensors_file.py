@@ -28,7 +28,8 @@ import numpy as np
 
 from kenstream import dtypes
 from kenstream.errors import CheckpointError, CorruptFileError
-from kenstream.io.direct import StagedReads, open_direct, read_aligned
+from kenstream.io.direct import (CACHED, StagedReads, map_address, open_direct, read_aligned,
+                                 resident_fraction)
 from kenstream.io.readahead import READ_AHEAD
 from kenstream.io.safefs import open_regular
 
@@ -161,6 +162,7 @@ class SafetensorsFile(TensorTable):
             self._infos, self.metadata = self._read_header()
             # One read-only map of the whole file; pages load only when a view is read.
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            self._address = map_address(self._map)
             MAPPED[id(self)] = (os.fsencode(self.path), self._size)
         except BaseException:
             self._file.close()
@@ -354,18 +356,20 @@ class SafetensorsFile(TensorTable):
         (:mod:`kenstream.io.readahead`). Nothing is mapped into resident memory until the
         pages are used. Once :meth:`read_directly` is on, the range is staged instead:
         read past the page cache into memory of its own, which :meth:`staged` hands out
-        (the memory goes when the range is released and no view of it is left). A no-op
-        on a closed file.
+        (the memory goes when the range is released and no view of it is left), unless
+        the page cache holds most of it already. A no-op on a closed file.
         """
         info = self.info(name)
         stop = info.nbytes if stop is None else min(stop, info.nbytes)
         if self._map is None or stop <= start:
             return
+        lo, hi = info.offset + max(0, start), info.offset + stop
         if self._direct_on and not self._staged.refused:
-            read = self._staged.add(info.offset + max(0, start), info.offset + stop)
-            READ_AHEAD.call(self._direct, read.fill)
-            return
-        READ_AHEAD.submit(self._file.fileno(), info.offset + max(0, start), info.offset + stop)
+            cached = resident_fraction(self._address, lo, hi)
+            if cached is None or cached < CACHED:
+                READ_AHEAD.call(self._direct, self._staged.add(lo, hi).fill)
+                return
+        READ_AHEAD.submit(self._file.fileno(), lo, hi)
 
     def check_intact(self, name: str | None = None) -> None:
         """Raise CorruptFileError if the file is now shorter than when it was opened.

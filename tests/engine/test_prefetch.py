@@ -144,6 +144,9 @@ def test_compress_selects_and_codes_from_blocks_staged_past_the_page_cache(tmp_p
         return got
 
     monkeypatch.setattr(TensorRows, "raw", spy)
+    # Both inputs were just written, so the page cache holds them: say it does not, as for
+    # a checkpoint read from the disk (which prefetch stages).
+    monkeypatch.setattr(safetensors_file, "resident_fraction", lambda address, lo, hi: 0.0)
     shards = {}
     for allowed, opener in (("no", lambda fd: None), ("yes", os.dup)):
         monkeypatch.setattr(safetensors_file, "open_direct", opener)

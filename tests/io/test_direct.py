@@ -142,8 +142,10 @@ def _staging(monkeypatch, tmp_path):
     """A tensor file whose second descriptor is opened without O_DIRECT (so that the test
     does not depend on the file system taking it) but refuses unaligned reads, as do its
     duplicates: it is marked by O_NONBLOCK, a status flag that, like O_DIRECT, duplicates
-    share and that changes nothing for a regular file."""
+    share and that changes nothing for a regular file. The file was just written, so the
+    page cache holds it: the test says it does not, as for a checkpoint read from the disk."""
     path, tensors = _tensor_file(tmp_path)
+    monkeypatch.setattr(safetensors_file, "resident_fraction", lambda address, lo, hi: 0.0)
     monkeypatch.setattr(safetensors_file, "open_direct",
                         lambda fd: os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK))
     marked = lambda fd: bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)  # noqa: E731
@@ -217,3 +219,53 @@ def test_staged_reads_are_bounded_and_fall_back_when_refused_or_short(tmp_path, 
         READ_AHEAD.flush()
         assert sf.staged("a", 0, end) is None  # a short read hands out nothing
         assert sf.staged("a", 0, 10) is None
+
+
+def test_resident_fraction_counts_the_pages_the_page_cache_holds(tmp_path):
+    """Written pages are in the page cache; pages of a hole never read or written are not."""
+    page = direct.mmap.PAGESIZE
+    path = tmp_path / "sparse"
+    with open(path, "wb") as fh:
+        fh.truncate(64 * page)  # a hole: no page of it has been read
+        fh.write(b"x" * (16 * page))  # the first 16 pages written, so cached
+    with open(path, "rb") as fh, direct.mmap.mmap(fh.fileno(), 0,
+                                                   access=direct.mmap.ACCESS_READ) as mapped:
+        at = direct.map_address(mapped)
+        assert direct.resident_fraction(at, 0, 16 * page) == 1.0
+        assert direct.resident_fraction(at, 16 * page, 64 * page) == 0.0
+        assert direct.resident_fraction(at, 8 * page + 1, 24 * page - 1) == 0.5
+        assert direct.resident_fraction(at, 5, 5) is None
+
+
+@pytest.mark.parametrize("cached, staged", [(0.49, True), (direct.CACHED, False), (1.0, False)])
+def test_prefetch_reads_a_range_mostly_in_the_page_cache_from_there(tmp_path, monkeypatch,
+                                                                     cached, staged):
+    """A range the page cache mostly holds is not read from the disk again: prefetch
+    leaves it to the map (read ahead as a buffered read) instead of staging it."""
+    path, tensors, calls = _staging(monkeypatch, tmp_path)
+    asked = []
+    monkeypatch.setattr(safetensors_file, "resident_fraction",
+                        lambda address, lo, hi: asked.append((lo, hi)) or cached)
+    buffered = []
+    monkeypatch.setattr(safetensors_file.READ_AHEAD, "submit",
+                        lambda fd, lo, hi: buffered.append((lo, hi)))
+    with SafetensorsFile(path) as sf:
+        sf.read_directly()
+        sf.prefetch("a", 100, 9000)
+        READ_AHEAD.flush()
+        span = (sf.info("a").offset + 100, sf.info("a").offset + 9000)
+        assert asked == [span]
+        assert (sf.staged("a", 100, 9000) is not None) == staged
+        assert bool(calls) == staged
+        assert buffered == ([] if staged else [span])
+
+
+def test_a_file_just_written_is_read_ahead_through_the_page_cache(tmp_path, monkeypatch):
+    """With the real page-cache query: the file was just written, so nothing is staged."""
+    path, tensors = _tensor_file(tmp_path)
+    monkeypatch.setattr(safetensors_file, "open_direct", os.dup)
+    with SafetensorsFile(path) as sf:
+        assert sf.read_directly()
+        sf.prefetch("a", 0, 9000)
+        READ_AHEAD.flush()
+        assert sf.staged("a", 0, 9000) is None
