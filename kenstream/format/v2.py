@@ -20,7 +20,7 @@ import zstandard
 from .. import dtypes
 from ..errors import DiffError
 from ..kernels import codec
-from ..kernels.pack import pack_rows, padding_bits_set, row_popcounts
+from ..kernels.pack import pack_pair, pack_rows, padding_bits_set, row_counts, row_popcounts
 from .spec import DEFAULT_LEVEL
 
 POS_BITMASK, POS_GAPS, POS_NONE = 1, 2, 3
@@ -131,11 +131,15 @@ def encode_frame(ft: np.ndarray, base: np.ndarray | None, mask: np.ndarray | Non
         a = np.ascontiguousarray(ft).reshape(-1).view(bits)
         p = None if base is None else np.ascontiguousarray(base).reshape(-1).view(bits)
     else:
-        counts = np.count_nonzero(mask, axis=1).astype(np.int64)
-        packed, a = pack_rows(mask, ft, counts)
+        counts = row_counts(mask)
+        if base is None:
+            packed, a = pack_rows(mask, ft, counts)
+            p = None
+        else:
+            packed, a, p = pack_pair(mask, ft, base, counts)
+            p = p.view(bits)
         a = a.view(bits)
         positions = _positions(mask, packed, counts, level)
-        p = None if base is None else pack_rows(mask, base, counts)[1].view(bits)
     kept = int(counts.sum())
     if kept == 0:
         values = b""

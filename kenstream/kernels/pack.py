@@ -19,17 +19,9 @@ from ._jit import JIT, PARALLEL, njit, prange
 
 
 @njit(**JIT)
-def _pack_row(mask, values_in, r, start, end, packed, values_out):
-    # mask is uint8 0/1. The value at the cursor is overwritten until a kept one lands, and
-    # the cursor advances by the mask bit: no data-dependent branch. Once the row's last
-    # kept value is placed the cursor sits on the next row's first slot, which is never
-    # written (the well-predicted `o < end` test), so rows can run in parallel.
+def _pack_bits(mask, r, packed):
+    """Row ``r`` of ``mask`` (uint8 0/1) as bits, least significant first, into ``packed``."""
     cols = mask.shape[1]
-    o = start
-    for j in range(cols):
-        if o < end:
-            values_out[o] = values_in[r, j]
-            o += mask[r, j]
     full = cols // 8
     for b in range(full):
         j = b * 8
@@ -45,9 +37,80 @@ def _pack_row(mask, values_in, r, start, end, packed, values_out):
 
 
 @njit(**JIT)
+def _pack_row(mask, values_in, r, start, end, packed, values_out):
+    # mask is uint8 0/1. The value at the cursor is overwritten until a kept one lands, and
+    # the cursor advances by the mask bit: no data-dependent branch. Once the row's last
+    # kept value is placed the cursor sits on the next row's first slot, which is never
+    # written (the well-predicted `o < end` test), so rows can run in parallel.
+    cols = mask.shape[1]
+    o = start
+    for j in range(cols):
+        if o < end:
+            values_out[o] = values_in[r, j]
+            o += mask[r, j]
+    _pack_bits(mask, r, packed)
+
+
+@njit(**JIT)
 def _pack_serial(mask, values_in, offsets, packed, values_out):
     for r in range(mask.shape[0]):
         _pack_row(mask, values_in, r, offsets[r], offsets[r + 1], packed, values_out)
+
+
+@njit(**JIT)
+def _pack_pair_serial(mask, a_in, b_in, offsets, packed, a_out, b_out):
+    # _pack_row's cursor loop, gathering two tensors at once (one pass over the mask).
+    cols = mask.shape[1]
+    for r in range(mask.shape[0]):
+        o, end = offsets[r], offsets[r + 1]
+        for j in range(cols):
+            if o < end:
+                a_out[o] = a_in[r, j]
+                b_out[o] = b_in[r, j]
+                o += mask[r, j]
+        _pack_bits(mask, r, packed)
+
+
+@njit(**JIT)
+def _row_counts(mask, out):
+    for r in range(mask.shape[0]):
+        n = 0
+        for j in range(mask.shape[1]):
+            n += mask[r, j]
+        out[r] = n
+
+
+def row_counts(mask: np.ndarray) -> np.ndarray:
+    """Kept positions of each row of ``mask`` bool [rows, cols] -> int64 [rows]. Serial (it
+    runs on a coding thread), O(rows * cols)."""
+    out = np.zeros(mask.shape[0], dtype=np.int64)
+    if mask.size:
+        _row_counts(np.ascontiguousarray(mask).view(np.uint8), out)
+    return out
+
+
+def _pack_outputs(mask, counts, dtype):
+    rows, cols = mask.shape
+    offsets = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    packed = np.empty((rows, (cols + 7) // 8), dtype=np.uint8)
+    return offsets, packed, np.empty(int(offsets[-1]), dtype=dtype)
+
+
+def pack_pair(mask: np.ndarray, values: np.ndarray, base: np.ndarray, counts: np.ndarray):
+    """(packed bits, kept values of ``values``, kept values of ``base``): :func:`pack_rows`
+    of two tensors of one shape under one mask, in one pass over it. Cost O(rows * cols)."""
+    rows, cols = mask.shape
+    if values.itemsize != base.itemsize:
+        raise ValueError(f"values of {values.itemsize} and {base.itemsize} bytes")
+    width = np.dtype(f"u{values.itemsize}")
+    offsets, packed, a_out = _pack_outputs(mask, counts, width)
+    b_out = np.empty_like(a_out)
+    if rows and cols:
+        _pack_pair_serial(np.ascontiguousarray(mask).view(np.uint8),
+                          values.reshape(rows, cols).view(width),
+                          base.reshape(rows, cols).view(width), offsets, packed, a_out, b_out)
+    return packed, a_out.view(values.dtype), b_out.view(base.dtype)
 
 
 def pack_rows(mask: np.ndarray, values: np.ndarray, counts: np.ndarray):
@@ -60,10 +123,7 @@ def pack_rows(mask: np.ndarray, values: np.ndarray, counts: np.ndarray):
     rows, cols = mask.shape
     width = np.dtype(f"u{values.itemsize}")
     bits = values.reshape(rows, cols).view(width)
-    offsets = np.zeros(rows + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    packed = np.empty((rows, (cols + 7) // 8), dtype=np.uint8)
-    out = np.empty(int(offsets[-1]), dtype=width)
+    offsets, packed, out = _pack_outputs(mask, counts, width)
     if rows and cols:
         _pack_serial(np.ascontiguousarray(mask).view(np.uint8), bits, offsets, packed, out)
     return packed, out.view(values.dtype)

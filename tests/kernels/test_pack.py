@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kenstream.kernels.pack import pack_rows
+from kenstream.kernels.pack import pack_pair, pack_rows, row_counts
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16, np.float64, np.int8])
@@ -17,6 +17,25 @@ def test_pack_rows_matches_numpy(dtype, shape):
         assert np.array_equal(packed, np.packbits(mask, axis=1, bitorder="little"))
         assert kept.dtype == values.dtype
         assert np.array_equal(kept.view(np.uint8), values[mask].view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.float64, np.int8])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 8), (4, 17), (0, 5), (6, 64), (2, 1001)])
+def test_pack_pair_and_row_counts_match_numpy(dtype, shape):
+    """Both tensors' kept values in mask order, the bits and the per-row counts."""
+    rng = np.random.default_rng(sum(shape) + 1)
+    for density in (0.0, 0.03, 0.3, 1.0):
+        mask = rng.random(shape) < density
+        values = rng.integers(0, 255, size=shape).astype(dtype)
+        base = rng.integers(0, 255, size=shape).astype(dtype)
+        counts = row_counts(mask)
+        assert counts.dtype == np.int64
+        assert counts.tolist() == [int(row.sum()) for row in mask]
+        packed, kept, kept_base = pack_pair(mask, values, base, counts)
+        assert np.array_equal(packed, np.packbits(mask, axis=1, bitorder="little"))
+        assert kept.dtype == values.dtype and kept_base.dtype == base.dtype
+        assert np.array_equal(kept.view(np.uint8), values[mask].view(np.uint8))
+        assert np.array_equal(kept_base.view(np.uint8), base[mask].view(np.uint8))
 
 
 def test_pack_keeps_nan_payloads_and_negative_zero():
