@@ -143,9 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     _executor(p)
     _common(p)
 
-    p = sub.add_parser("verify", help="check a diff's hashes, its base, and kept values")
-    p.add_argument("diff", help="diff directory to check")
-    p.add_argument("--base", required=True, help="the base the diff was made against")
+    p = sub.add_parser("verify", help="check a diff's hashes, its base, and kept values",
+                       usage="%(prog)s [options] BASE DIFF  (or: %(prog)s [options] DIFF "
+                             "--base BASE)")
+    p.add_argument("paths", nargs="+", metavar="BASE DIFF",
+                   help="the base the diff was made against (same forms as for compress), "
+                        "then the diff directory to check; as for rebuild")
+    p.add_argument("--base", help="the base, given as an option instead (then only DIFF "
+                                  "comes as an argument)")
+    p.set_defaults(usage_error=p.error)
     p.add_argument("--finetuned", help="also compare every kept value with this fine-tune")
     p.add_argument("--force", action="store_true", help="verify even if the base differs")
     p.add_argument("-j", "--threads", type=int, default=None,
@@ -265,6 +271,21 @@ def _run(args, argv) -> int:
     raise AssertionError(args.command)  # argparse guarantees a known command
 
 
+def _verify_paths(args) -> None:
+    """``args.base`` and ``args.diff`` from ``verify BASE DIFF`` or ``verify DIFF --base
+    BASE``; any other count is a usage error (exit 2)."""
+    paths = args.paths
+    if args.base is None and len(paths) == 2:
+        args.base, args.diff = paths
+    elif args.base is not None and len(paths) == 1:
+        args.diff = paths[0]
+    elif args.base is None and len(paths) == 1:
+        args.usage_error("the base is missing: kenstream verify BASE DIFF (or DIFF --base BASE)")
+    else:
+        args.usage_error(f"expected BASE DIFF, or DIFF with --base; got {len(paths)} paths"
+                         + (" and --base" if args.base is not None else ""))
+
+
 def _print_size(index) -> None:
     """What --size chose (on stdout even with -q: it is the result asked for)."""
     found, got = index["size"], index["totals"]["diff_bytes"]
@@ -290,7 +311,16 @@ def _interrupted(command, exc) -> tuple[str, int]:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "verify":
+        # `verify BASE --finetuned FT DIFF`: argparse ends a list of positionals at the
+        # first option and leaves what follows it over, where rebuild's two would take it.
+        args.paths += [a for a in extra if not a.startswith("-")]
+        extra = [a for a in extra if a.startswith("-")]
+    if extra:
+        parser.error("unrecognized arguments: " + " ".join(extra))
+    if args.command == "verify":
+        _verify_paths(args)
     debug = getattr(args, "debug", False)
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):

@@ -126,6 +126,6 @@ def _demo(directory: Path, keep, quiet) -> int:
     worst = max((r.get("rel_error", 0.0) for r in report["tensors"].values()), default=0.0)
     print(f"   OK: {len(report['tensors'])} tensors checked bit for bit; largest relative "
           f"reconstruction error ||rebuilt - ft|| / ||ft - base|| = {worst:.3f}")
-    print(printable(f"Try: kenstream info {diff}    kenstream verify {diff} --base {base} "
+    print(printable(f"Try: kenstream info {diff}    kenstream verify {base} {diff} "
                     f"--finetuned {ft}"))
     return 0

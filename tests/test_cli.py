@@ -57,6 +57,33 @@ def test_verify_finds_a_changed_kept_value(made, tmp_path, capsys):
     assert report["problems"] == ["emb.weight: a kept value differs from the fine-tune"]
 
 
+def test_verify_takes_the_base_first_as_rebuild_does(made, tmp_path, capsys):
+    """`verify BASE DIFF` (options anywhere, as rebuild takes them) checks against that
+    base; `verify DIFF --base BASE` still works; any other count of paths is a usage
+    error naming both forms."""
+    b, f, d, ft = made
+    assert main(["verify", str(b), "--finetuned", str(f), str(d), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True and set(report["tensors"]) == set(ft)
+    assert main(["verify", str(b), str(d), "-q"]) == 0
+    assert main(["verify", str(d), "-q", "--base", str(b)]) == 0
+    capsys.readouterr()
+    other = save_dir(tmp_path / "other", {k: v + 1.0 for k, v in toy_pair(torch.float32)[0].items()})
+    assert main(["verify", str(other), str(d), "-q"]) == 2  # the base given first is checked
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "differs from the base" in err
+    for argv in (["verify", str(d)], ["verify", str(b), str(d), "--base", str(b)],
+                 ["verify", str(b), str(d), str(f)]):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert "BASE DIFF" in err and "--base" in err, argv
+    with pytest.raises(SystemExit):  # an unknown option is still refused
+        main(["verify", str(b), str(d), "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_info_per_layer_figures_add_up(made, capsys):
     b, f, d, _ = made
     assert main(["info", str(d), "--json"]) == 0
