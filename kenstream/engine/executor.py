@@ -135,9 +135,9 @@ class CompressJob:
     @contextmanager
     def session(self, handles=None):
         """(fine-tune, base): the driver's, or opened here by path. Both are read once,
-        a block ahead of the kernel: each block is staged past the page cache where the
-        system allows (:mod:`kenstream.io.direct`; at 1B and 7B 0.72-0.94 of the time
-        of buffered reads from a cold page cache, 1.00-1.06 from a warm one at 1B:
+        a block ahead of the kernel: each block not already in the page cache is staged
+        past it where the system allows (:mod:`kenstream.io.direct`; at 1B and 7B
+        0.72-0.94 of the time of buffered reads from a cold page cache:
         docs/benchmarks.md)."""
         with ExitStack() as stack:
             if handles is None:
