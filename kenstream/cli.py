@@ -57,6 +57,13 @@ def _keep(text) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a fraction such as 0.25 or 25%")
 
 
+_DIRECT_OFF = "set KENSTREAM_DIRECT_IO=0 to read through the page cache instead."
+_COMPRESS_NOTE = ("Blocks of the inputs that the page cache does not hold are read past it "
+                  "(O_DIRECT) where the system allows it; " + _DIRECT_OFF)
+_REBUILD_NOTE = ("When base and model together exceed memory, the base is read past the page "
+                 "cache (O_DIRECT) where the system allows it; " + _DIRECT_OFF)
+
+
 def _common(p):
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or status lines")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -85,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser = add_parser
 
-    p = sub.add_parser("compress", help="prune FINETUNED against BASE into a diff directory")
+    p = sub.add_parser("compress", help="prune FINETUNED against BASE into a diff directory",
+                       epilog=_COMPRESS_NOTE)
     p.add_argument("base", help="base checkpoint: directory, .safetensors/.bin file or org/name[@rev]")
     p.add_argument("finetuned", help="fine-tuned checkpoint, same forms as BASE")
     p.add_argument("-o", "--output", required=True, help="diff directory to write")
@@ -126,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     _executor(p)
     _common(p)
 
-    p = sub.add_parser("rebuild", help="write base + diff as a model directory")
+    p = sub.add_parser("rebuild", help="write base + diff as a model directory",
+                       epilog=_REBUILD_NOTE)
     p.add_argument("base", help="the base the diff was made against (same forms as for "
                                 "compress)")
     p.add_argument("diff", help="diff directory written by compress")

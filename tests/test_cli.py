@@ -150,3 +150,14 @@ def test_executor_flags_are_not_recorded():
     argv = ["compress", "b", "f", "-o", "d", "--executor", "ray", "--ray-address=h:6379",
             "--keep", "0.5", "--res", "--ray-a", "h:1", "--exe=local", "-q"]
     assert _recorded(argv) == ["compress", "b", "f", "-o", "d", "--keep", "0.5", "-q"]
+
+
+@pytest.mark.parametrize("command", ["compress", "rebuild"])
+def test_help_names_the_switch_that_turns_direct_reads_off(command, capsys):
+    from kenstream.io import direct
+
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"{direct.SWITCH}=0" in text and "O_DIRECT" in text

@@ -45,12 +45,18 @@ BOUNCE = 4 << 20
 _local = threading.local()
 
 
+SWITCH = "KENSTREAM_DIRECT_IO"
+"""Environment variable: ``0`` reads every input through the page cache, as where the
+system refuses ``O_DIRECT`` (for a file system on which it is slow); unset or anything
+else lets kenstream choose."""
+
+
 def open_direct(fd: int) -> int | None:
     """A second, ``O_DIRECT`` descriptor of the file open as ``fd`` (the same file: it is
     reopened through ``/proc/self/fd``, never by its name), or None where the system
-    refuses one. The caller closes it."""
+    refuses one or `SWITCH` is ``0``. The caller closes it."""
     flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
+    if not flag or os.environ.get(SWITCH, "").strip() == "0":
         return None
     try:
         return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | flag | getattr(os, "O_CLOEXEC", 0))

@@ -269,3 +269,25 @@ def test_a_file_just_written_is_read_ahead_through_the_page_cache(tmp_path, monk
         sf.prefetch("a", 0, 9000)
         READ_AHEAD.flush()
         assert sf.staged("a", 0, 9000) is None
+
+
+def test_direct_reads_can_be_switched_off_from_the_environment(tmp_path, monkeypatch):
+    """KENSTREAM_DIRECT_IO=0 keeps every read in the page cache: no O_DIRECT descriptor is
+    even asked for. Unset (or another value), one is (the system may still refuse it)."""
+    path, tensors = _tensor_file(tmp_path)
+    asked = []
+    monkeypatch.setattr(direct.os, "O_DIRECT", 0o40000, raising=False)
+    monkeypatch.setattr(direct.os, "open", lambda name, flags: asked.append(flags) or
+                        os.dup(int(name.rsplit("/", 1)[1])))
+    with open(path, "rb") as fh:
+        for value, opened in (("0", False), (" 0 ", False), ("1", True), (None, True)):
+            if value is None:
+                monkeypatch.delenv(direct.SWITCH, raising=False)
+            else:
+                monkeypatch.setenv(direct.SWITCH, value)
+            asked.clear()
+            fd = direct.open_direct(fh.fileno())
+            assert (fd is not None) == opened and bool(asked) == opened, value
+            if fd is not None:
+                assert asked[0] & direct.os.O_DIRECT
+                os.close(fd)
