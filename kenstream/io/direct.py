@@ -222,18 +222,11 @@ class StagedReads:
                 self._reads.popleft()
         return read
 
-    def find(self, start: int, stop: int) -> np.ndarray | None:
-        """File bytes ``start:stop`` from a staged read that holds all of them (waiting
-        for it to finish), or None."""
+    def find(self, start: int, stop: int) -> Staged | None:
+        """The staged read that holds all of file bytes ``start:stop``, or None."""
         with self._lock:
-            read = next((r for r in reversed(self._reads)
+            return next((r for r in reversed(self._reads)
                          if r.start <= start and stop <= r.stop), None)
-        if read is None:
-            return None
-        view = read.bytes(start, stop)
-        if read.refused:
-            self.refused = True
-        return view
 
     def drop(self, start: int, stop: int) -> None:
         """Forget the staged reads that end inside file bytes ``start:stop`` (the last of

@@ -319,11 +319,21 @@ class SafetensorsFile(TensorTable):
     def staged(self, name: str, start: int, stop: int) -> np.ndarray | None:
         """Bytes ``start:stop`` of ``name`` as a read-only uint8 array, from the range
         :meth:`prefetch` staged (waiting for its read), or None when no staged read holds
-        them all (read the memory map then)."""
+        them all or its read failed (read the memory map then). A read that came back
+        short means the file shrank since it was opened: CorruptFileError naming it, where
+        the map would end the process with a bus error."""
         if stop <= start or not self._direct_on:
             return None
-        offset = self.info(name).offset
-        return self._staged.find(offset + start, offset + stop)
+        lo, hi = self.info(name).offset + start, self.info(name).offset + stop
+        read = self._staged.find(lo, hi)
+        if read is None:
+            return None
+        view = read.bytes(lo, hi)  # waits for the read
+        if read.refused:
+            self._staged.refused = True  # the file is read buffered from now on
+        elif view is None:
+            self.check_intact(name)
+        return view
 
     def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Drop the pages of ``name`` (bytes ``start:stop`` of it) from resident memory.
