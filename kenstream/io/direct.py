@@ -211,7 +211,6 @@ class StagedReads:
     def __init__(self):
         self._lock = threading.Lock()
         self._reads = deque()
-        self.refused = False  # a read was refused: the file is read buffered from then on
 
     def add(self, start: int, stop: int) -> Staged:
         """A new staged read of file bytes ``start:stop`` (the caller queues its fill)."""

@@ -324,13 +324,13 @@ class SafetensorsFile(TensorTable):
         the map would end the process with a bus error."""
         if stop <= start or not self._direct_on:
             return None
-        lo, hi = self.info(name).offset + start, self.info(name).offset + stop
-        read = self._staged.find(lo, hi)
+        offset = self.info(name).offset
+        read = self._staged.find(offset + start, offset + stop)
         if read is None:
             return None
-        view = read.bytes(lo, hi)  # waits for the read
+        view = read.bytes(offset + start, offset + stop)  # waits for the read
         if read.refused:
-            self._staged.refused = True  # the file is read buffered from now on
+            self._direct_on = False  # as in read_into: buffered from now on
         elif view is None:
             self.check_intact(name)
         return view
@@ -374,7 +374,7 @@ class SafetensorsFile(TensorTable):
         if self._map is None or stop <= start:
             return
         lo, hi = info.offset + max(0, start), info.offset + stop
-        if self._direct_on and not self._staged.refused:
+        if self._direct_on:
             cached = resident_fraction(self._address, lo, hi)
             if cached is None or cached < CACHED:
                 READ_AHEAD.call(self._direct, self._staged.add(lo, hi).fill)
