@@ -15,7 +15,7 @@ from .. import dtypes
 from ..format import spec
 from ..format.records import TensorRecord, shard_metadata
 from ..format.v1 import tail_entries
-from ..kernels.pack import pack_rows
+from ..kernels.pack import pack_rows, row_counts
 
 
 def record(item, encoding, reason, shard, kept, row_kept, nbytes, *extra, version=1):
@@ -83,7 +83,7 @@ class V1Sink:
                          packed=np.zeros((item.rows, (item.cols + 7) // 8), dtype=np.uint8),
                          counts=np.zeros(item.rows, dtype=np.int64))
             writer.begin(spec.entry_name(item.name, "values"), item.dtype)
-        counts = np.count_nonzero(mask, axis=1)
+        counts = row_counts(mask)
         packed, values = pack_rows(mask, rows.raw(r0, r1), counts)
         state["packed"][r0:r1] = packed
         state["counts"][r0:r1] = counts
