@@ -19,7 +19,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.extras import copy_files
 from ..io.fingerprint import sha256_file
 from ..io.jsonfile import read_json_file, read_plan, write_json_atomic, write_text_atomic
-from ..io.outputs import claim_output
+from ..io.outputs import SEARCH_NAME, claim_output
 from ..io.safetensors_file import SafetensorsFile
 from ..progress import bar, say
 from ..settings import DEFAULT_TIES, DIFF_SHARD_SIZE, Settings, parse_size
@@ -143,7 +143,7 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
              frame_elems=spec.DEFAULT_FRAME_ELEMS, block_elems=spec.DEFAULT_BLOCK_ELEMS,
              resume=False, strict_resume=False, overwrite=False, quiet=False, command=None,
              header_limit=None, executor="local", ray_address=None, budget="row",
-             first_pass=None) -> dict:
+             first_pass=None, search=None) -> dict:
     """Prune ``finetuned`` against ``base`` and write the diff directory ``out``.
 
     Returns the index (also written as ``out/kenstream-diff.json``) as JSON. ``keep=1``
@@ -159,7 +159,9 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
     same bytes; see :mod:`.executor`. ``budget`` ``tensor`` or ``global`` shares the keep
     across rows (:mod:`.budget`: one more read of the selected tensors first);
     ``first_pass``, a dict, keeps that read's result for another call with the same
-    inputs and rule (``--size`` runs compress several times).
+    inputs and rule (``--size`` runs compress several times); ``search``, a ``--size``
+    search's record, is written into the output once it is claimed (a run without one that
+    starts the output afresh deletes a stale record).
     """
     check_executor(executor)
     settings = Settings(method=method, k=k, keep=keep, ties=ties, include=include,
@@ -202,6 +204,10 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
                 index = _check_finished(plan, out / spec.INDEX_NAME)
                 say(f"{printable(out)} is already a complete diff; nothing to resume", quiet)
                 return index
+            if search is not None:
+                write_json_atomic(out / SEARCH_NAME, search)
+            elif claim.state == "fresh":
+                (out / SEARCH_NAME).unlink(missing_ok=True)
             partial = out / spec.PARTIAL_NAME
             if claim.state == "resume":
                 plan = _resumed_plan(plan, partial)

@@ -5,7 +5,9 @@ well the kept values code against the base, so the size is found by measuring: c
 at a first guess, read the diff's size, correct, and compress again until the diff is
 within ``[LOW, 1] x`` the request (docs/algorithm.md section 7). Each pass is a whole
 compress into the output directory, which the next pass replaces; a tensor or global
-budget's first pass (the score histograms) is made once and reused by every pass.
+budget's first pass (the score histograms) is made once and reused by every pass. Each
+pass records the search so far in the output (``.kenstream-size``), from which ``--resume``
+takes it up at the pass a kill interrupted.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import SelectionError
+from ..errors import KenstreamError, OutputError, SelectionError
+from ..format import spec
 from ..io.checkpoint import Checkpoint
-from ..io.outputs import HOUSEKEEPING, read_marker, remove_listed
+from ..io.jsonfile import read_json_file, write_json_atomic
+from ..io.outputs import HOUSEKEEPING, SEARCH_NAME, read_marker, remove_listed
 from ..progress import say
 from ..settings import parse_size
 from .compress import compress
@@ -33,6 +37,8 @@ MAX_PASSES = 8
 """Passes before the search settles for the largest diff under the request found."""
 MIN_KEEP = 1e-6
 """The smallest keep tried: one value a row (row budget), almost none (others)."""
+SEARCH_FORMAT = "kenstream-size"
+"""The ``format`` of a search's record (``.kenstream-size``, docs/algorithm.md section 7)."""
 
 
 @dataclass
@@ -111,6 +117,39 @@ def _next_keep(passes, target: int) -> float:
     return min(1.0, max(MIN_KEEP, k))
 
 
+def _decide(passes, target: int, floats: int, size) -> tuple:
+    """What the search does after ``passes`` (each (keep, diff bytes), in order):
+    ``("run", keep)`` for another pass, or ``("done", keep, lossless)``. A pure function of
+    the passes measured, so a resumed search decides as the uninterrupted one did. Raises
+    SelectionError when the request cannot be met."""
+    if not passes:
+        return "run", _first_guess(floats, target)
+    keep, got = passes[-1]
+    if LOW * target <= got <= target:
+        return "done", keep, False
+    if keep >= 1.0 and got <= target:
+        return "done", keep, True
+    if keep <= MIN_KEEP and got > target:
+        raise SelectionError(f"--size {size} ({target:,} bytes) is below the smallest "
+                             f"diff these settings make: {got:,} bytes at keep {keep:g} "
+                             "(tensors stored whole, positions and the shards' headers)",
+                             hint="ask for a larger size, or --exclude fewer tensors")
+    tried = [p[0] for p in passes]
+    if keep in tried[:-1]:
+        return "done", keep, False  # the best pass under the request, written again
+    nxt = _next_keep(passes, target)
+    if len(passes) < MAX_PASSES and nxt not in tried:
+        return "run", nxt
+    # Out of passes, or between two keeps that make the same diffs: the largest under.
+    under = [p for p in passes if p[1] <= target]
+    if not under:
+        raise SelectionError(f"--size {size}: no keep tried in {len(passes)} "
+                             f"passes made a diff of at most {target:,} bytes",
+                             hint="ask for a larger size")
+    best = max(under, key=lambda p: p[1])
+    return ("done", keep, False) if best == passes[-1] else ("run", best[0])
+
+
 def compress_to_size(base, finetuned, out, size, *, quiet=False, overwrite=False,
                      resume=False, **options) -> dict:
     """Compress ``finetuned`` against ``base`` into ``out`` at the keep that lands the
@@ -121,68 +160,130 @@ def compress_to_size(base, finetuned, out, size, *, quiet=False, overwrite=False
     3 to 5 passes, at most MAX_PASSES (and one more to rewrite the best of them when none
     landed in the window: rows of few columns change size in steps). A request at or
     above the lossless diff keeps everything (``lossless``). Raises SelectionError when
-    even the smallest keep makes a diff over the request.
+    even the smallest keep makes a diff over the request. ``resume`` finishes a search
+    that was interrupted, from the record its passes keep in ``out`` (``SEARCH_NAME``).
     """
-    if resume:
-        raise SelectionError("--size runs compress several times and cannot --resume",
-                             hint="rerun the command without --resume")
+    out = Path(out)
     whole, floats = finetuned_bytes(finetuned)
     target = parse_request(size, whole)
     search = Search(target)
     first_pass = {}
-
     said = {}  # keep -> the warnings of its pass, said for the keep chosen only
+    mode = "overwrite" if overwrite else "fresh"  # how the next pass claims the output
 
-    def run(keep: float) -> dict:
-        done = len(search.passes)
+    def record(running) -> dict:
+        return {"format": SEARCH_FORMAT, "requested": target,
+                "passes": [list(p) for p in search.passes], "running": running}
+
+    def run(keep: float, how: str) -> dict:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             index = compress(base, finetuned, out, keep=keep, quiet=True,
-                             overwrite=overwrite or done > 0, first_pass=first_pass, **options)
+                             overwrite=how == "overwrite", resume=how == "resume",
+                             first_pass=first_pass, search=record(keep), **options)
         said[keep] = [str(w.message) for w in caught]
-        got = index["totals"]["diff_bytes"]
-        search.passes.append((keep, got))
-        say(f"--size pass {done + 1}: keep {keep:.6g} -> {got:,} bytes "
-            f"({got / target:.1%} of {target:,})", quiet)
         return index
 
-    keep = _first_guess(floats, target)
-    index = run(keep)
+    if resume:
+        mode = _resume_from(out, target, floats, size, search, quiet)
+    index = None
     while True:
-        got = search.passes[-1][1]
-        if LOW * target <= got <= target:
-            break
-        if keep >= 1.0 and got <= target:
-            search.lossless = True
-            break
-        if keep <= MIN_KEEP and got > target:
+        try:
+            action = _decide(search.passes, target, floats, size)
+        except SelectionError:
             _discard(out)
-            raise SelectionError(f"--size {size} ({target:,} bytes) is below the smallest "
-                                 f"diff these settings make: {got:,} bytes at keep {keep:g} "
-                                 "(tensors stored whole, positions and the shards' headers)",
-                                 hint="ask for a larger size, or --exclude fewer tensors")
-        keep = _next_keep(search.passes, target)
-        if len(search.passes) >= MAX_PASSES or keep in [p[0] for p in search.passes]:
-            break  # out of passes, or between two keeps that make the same diffs
-        index = run(keep)
-    keep, got = search.passes[-1]
-    if got > target or (got < LOW * target and not search.lossless):
-        under = [p for p in search.passes if p[1] <= target]
-        if not under:
-            _discard(out)
-            raise SelectionError(f"--size {size}: no keep tried in {len(search.passes)} "
-                                 f"passes made a diff of at most {target:,} bytes",
-                                 hint="ask for a larger size")
-        best = max(under, key=lambda p: p[1])
-        if best != search.passes[-1]:
-            index = run(best[0])
-        keep = best[0]
-    search.keep = keep
-    for message in dict.fromkeys(said.get(keep, [])):
+            raise
+        if action[0] == "done":
+            break
+        index = run(action[1], mode)
+        mode = "overwrite"  # each later pass replaces the one before
+        got = index["totals"]["diff_bytes"]
+        search.passes.append((action[1], got))
+        say(f"--size pass {len(search.passes)}: keep {action[1]:.6g} -> {got:,} bytes "
+            f"({got / target:.1%} of {target:,})", quiet)
+    search.keep, search.lossless = action[1], action[2]
+    if index is None:  # a finished search, resumed: its diff is checked, not rewritten
+        index = run(search.keep, "resume")
+    # The finished search's record stays (as the marker does): a resume then finds it done.
+    write_json_atomic(out / SEARCH_NAME, record(None))
+    for message in dict.fromkeys(said.get(search.keep, [])):
         # A pass's warnings speak of the --keep it ran; the user asked for a size.
-        warnings.warn(message.replace(f"--keep {keep:g}", f"the keep --size chose, {keep:g},"),
+        warnings.warn(message.replace(f"--keep {search.keep:g}",
+                                      f"the keep --size chose, {search.keep:g},"),
                       stacklevel=2)
     return dict(index, size=search.to_json())
+
+
+def _resume_from(out: Path, target: int, floats: int, size, search, quiet) -> str:
+    """Take up the search recorded in ``out``: fill ``search.passes`` with its finished
+    passes and return how the next pass claims the output: ``"resume"`` when the folder
+    holds the running pass's plan or index; ``"overwrite"`` (the search starts again) when
+    it holds neither, as after a kill between a pass's claim and its plan file; ``"fresh"``
+    where no search ever started. A folder with other output and no record, or a record
+    of another request, is refused and left as it is."""
+    path = out / SEARCH_NAME
+    if not os.path.lexists(path):
+        if _holds_output(out):
+            raise OutputError("--resume: holds no --size search to resume", file=out,
+                              hint="finish it with the compress command that started it, "
+                                   "or pass --overwrite instead of --resume")
+        return "fresh"
+    record = _read_search(path)
+    if record["requested"] != target:
+        raise OutputError(f"--resume: the search here asked for {record['requested']:,} "
+                          f"bytes, this run asks for {target:,}", file=path,
+                          hint="repeat the --size of the interrupted command, or pass "
+                               "--overwrite instead of --resume")
+    passes = [tuple(p) for p in record["passes"]]
+    running = record["running"]
+    action = _decide(passes, target, floats, size)
+    if running is None and action[0] == "done":
+        running = action[1]  # finished: the index of the keep chosen must be there
+    elif action != ("run", running):
+        return "overwrite"  # a record this version would not have made: search again
+    if (out / spec.PARTIAL_NAME).exists() or _held_keep(out) == running:
+        search.passes.extend(passes)
+        if action[0] == "run":
+            say(f"--size: resuming pass {len(passes) + 1} (keep {running:.6g})", quiet)
+        return "resume"
+    return "overwrite"  # nothing of the search left to build on: it starts again
+
+
+def _read_search(path: Path) -> dict:
+    hint = "pass --overwrite instead of --resume"
+    obj = read_json_file(path, "--size record", error=OutputError, hint=hint, limit=1 << 20)
+    ok = (isinstance(obj, dict) and obj.get("format") == SEARCH_FORMAT
+          and isinstance(obj.get("requested"), int)
+          and (obj.get("running") is None or _is_keep(obj.get("running")))
+          and isinstance(obj.get("passes"), list)
+          and all(isinstance(p, list) and len(p) == 2 and _is_keep(p[0])
+                  and isinstance(p[1], int) for p in obj["passes"]))
+    if not ok:
+        raise OutputError("--resume: the --size record is damaged", file=path, hint=hint)
+    return obj
+
+
+def _is_keep(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and 0 < value <= 1
+
+
+def _holds_output(out: Path) -> bool:
+    """Whether ``out`` holds anything but kenstream's bookkeeping."""
+    try:
+        return any(p.name not in HOUSEKEEPING for p in out.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def _held_keep(out: Path):
+    """The keep recorded by the index in ``out`` (None without one, or unreadable: the
+    pass that meets it then says what is wrong)."""
+    try:
+        obj = read_json_file(out / spec.INDEX_NAME)
+        return obj["selection"]["keep"]
+    except (KenstreamError, KeyError, TypeError):  # absent or damaged: nothing to build on
+        return None
 
 
 def _discard(out) -> None:

@@ -28,7 +28,10 @@ MARKER_NAME = ".kenstream-output"
 """The marker: ``{"format": "kenstream-output", "files": [relative paths]}``."""
 MARKER_FORMAT = "kenstream-output"
 LOCK_NAME = ".kenstream.lock"
-HOUSEKEEPING = (MARKER_NAME, MARKER_NAME + TEMP_SUFFIX, LOCK_NAME)
+SEARCH_NAME = ".kenstream-size"
+"""A ``--size`` search's record while it runs (:mod:`kenstream.engine.size`)."""
+HOUSEKEEPING = (MARKER_NAME, MARKER_NAME + TEMP_SUFFIX, LOCK_NAME, SEARCH_NAME,
+                SEARCH_NAME + TEMP_SUFFIX)
 """Names in an output directory that are kenstream's bookkeeping, not its content."""
 
 # Files whose presence makes a directory look finished; removed first on --overwrite so

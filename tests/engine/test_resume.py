@@ -185,6 +185,38 @@ def test_compress_killed_at_a_late_moment(pair, reference, tmp_path, moment):
     assert tree(out) == ref_diff
 
 
+def _search_in_pass(n: int):
+    """The ``--size`` search is inside pass ``n`` (its record names n - 1 finished passes)
+    and has written one of that pass's shards."""
+    def ready(out):
+        try:
+            record = json.loads((out / ".kenstream-size").read_text())
+        except (FileNotFoundError, ValueError):
+            return False
+        return len(record["passes"]) == n - 1 and _shard(2)(out)
+    return ready
+
+
+def test_size_search_killed_then_resumed(pair, tmp_path):
+    """A --size search SIGKILLed inside its second pass resumes with --resume into the files
+    of an uninterrupted search, the record of its passes included."""
+    argv = command("compress", pair)
+    argv[argv.index("--keep"):argv.index("--keep") + 2] = ["--size", "4MB"]
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    proc = run(argv, whole)
+    assert proc.returncode == 0, proc.stderr
+    ref = tree(whole / "diff")
+    out = tmp_path / "diff"
+    proc = start(argv, tmp_path)
+    assert kill_when(proc, lambda: out.exists() and _search_in_pass(2)(out)), \
+        "finished before the kill"
+    assert not (out / "kenstream-diff.json").exists()
+    proc = run(argv + ["--resume"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert tree(out) == ref
+
+
 def test_resume_with_other_settings_is_refused(pair, reference, tmp_path):
     out = tmp_path / "diff"
     proc = start(command("compress", pair), tmp_path)

@@ -3,10 +3,17 @@ the request's forms and the refusals."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import json
+
 import pytest
 import torch
 
 from kenstream.cli import main
+from kenstream.engine import size as size_mod
+from kenstream.engine.size import compress_to_size
+from kenstream.io.outputs import SEARCH_NAME
 from tests.ckpt import save_dir
 
 
@@ -79,12 +86,159 @@ def test_size_refusal_leaves_the_users_other_files(pair, tmp_path, capsys):
     assert sorted(p.name for p in d.iterdir()) == ["notes.txt"]
 
 
-def test_size_excludes_keep_and_resume(pair, tmp_path, capsys):
+def test_size_excludes_keep(pair, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run(pair, tmp_path / "diff", "--size", "10%", "--keep", "0.5")
     assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
-    assert run(pair, tmp_path / "diff", "--size", "10%", "--resume") == 2
-    assert "cannot --resume" in capsys.readouterr().err
+
+
+def tree(directory) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.iterdir())}
+
+
+class Stop(KeyboardInterrupt):
+    """Raised by a test to interrupt a pass."""
+
+
+@pytest.fixture(scope="module")
+def whole_search(pair, tmp_path_factory):
+    """An uninterrupted search's folder (file name -> sha256) and its passes' keeps; the
+    command line is the same as the tests' (the output is the relative path ``diff``)."""
+    cwd = tmp_path_factory.mktemp("whole")
+    keeps = []
+    real = size_mod.compress
+
+    def counting(*args, **kwargs):
+        keeps.append(kwargs["keep"])
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        mp.setattr(size_mod, "compress", counting)
+        assert run(pair, "diff", *SEARCH) == 0
+    assert len(keeps) >= 3, keeps  # enough passes to interrupt one in the middle
+    return tree(cwd / "diff"), keeps
+
+
+SEARCH = ("--size", "30kB", "--shard-size", "20kB")
+
+
+def interrupted(pair, monkeypatch, tmp_path, at: int, where: str) -> list:
+    """Run the search in ``tmp_path/diff`` and stop it in pass ``at`` (1-based): ``'before'``
+    it starts, or ``'inside'`` it (its shards written, its index not). Returns the keeps
+    the passes ran with."""
+    compress_mod = importlib.import_module("kenstream.engine.compress")
+    keeps, real, real_copy = [], size_mod.compress, compress_mod.copy_files
+
+    def counting(*args, **kwargs):
+        keeps.append(kwargs["keep"])
+        if len(keeps) == at and where == "before":
+            raise Stop()
+        return real(*args, **kwargs)
+
+    def copy_files(*args, **kwargs):
+        if len(keeps) == at:
+            raise Stop()
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.chdir(tmp_path)
+    with monkeypatch.context() as mp:
+        mp.setattr(size_mod, "compress", counting)
+        mp.setattr(compress_mod, "copy_files", copy_files)
+        with pytest.raises(Stop):
+            compress_to_size(pair[0], pair[1], "diff", "30kB", shard_size="20kB", quiet=True,
+                             command=["kenstream", "compress", str(pair[0]), str(pair[1]),
+                                      "-o", "diff", "-q", *SEARCH])
+    return keeps
+
+
+def resumed(pair, monkeypatch) -> list:
+    keeps, real = [], size_mod.compress
+
+    def counting(*args, **kwargs):
+        keeps.append((kwargs["keep"], kwargs["resume"]))
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(size_mod, "compress", counting)
+        assert run(pair, "diff", *SEARCH, "--resume") == 0
+    return keeps
+
+
+@pytest.mark.parametrize("at, where", [(2, "inside"), (3, "before"), (3, "inside")])
+def test_size_interrupted_resumes_into_the_same_bytes(pair, whole_search, tmp_path,
+                                                      monkeypatch, capsys, at, where):
+    """A search stopped inside a pass, or between two, resumes: the finished passes are
+    not run again, the stopped one is finished with --resume, and every file of the
+    folder (the record included) matches an uninterrupted search's."""
+    ref, ref_keeps = whole_search
+    assert interrupted(pair, monkeypatch, tmp_path, at, where) == ref_keeps[:at]
+    # The record names the pass that holds the folder: the stopped one, or the one before.
+    first = at - 1 if where == "inside" else at - 2
+    record = json.loads((tmp_path / "diff" / SEARCH_NAME).read_text())
+    assert [p[0] for p in record["passes"]] == ref_keeps[:first]
+    assert record["running"] == ref_keeps[first]
+    assert (tmp_path / "diff" / "kenstream-diff.partial.json").exists() == (where == "inside")
+    capsys.readouterr()
+    again = resumed(pair, monkeypatch)
+    assert again == [(k, i == 0) for i, k in enumerate(ref_keeps[first:])]
+    assert tree(tmp_path / "diff") == ref
+    assert json.loads((tmp_path / "diff" / SEARCH_NAME).read_text())["running"] is None
+
+
+def test_size_resume_of_a_finished_search_checks_it(pair, whole_search, tmp_path,
+                                                    monkeypatch, capsys):
+    ref, ref_keeps = whole_search
+    monkeypatch.chdir(tmp_path)
+    assert run(pair, "diff", *SEARCH) == 0
+    capsys.readouterr()
+    assert resumed(pair, monkeypatch) == [(ref_keeps[-1], True)]  # checked, not rewritten
+    assert tree(tmp_path / "diff") == ref
+    assert f"in {len(ref_keeps)} passes" in capsys.readouterr().out
+
+
+def test_size_resume_starts_again_when_no_pass_is_left(pair, whole_search, tmp_path,
+                                                       monkeypatch, capsys):
+    """The running pass's plan and index are gone (killed between its claim of the folder
+    and its plan file): the search starts over, into the same bytes."""
+    ref, ref_keeps = whole_search
+    interrupted(pair, monkeypatch, tmp_path, 2, "inside")
+    (tmp_path / "diff" / "kenstream-diff.partial.json").unlink()
+    again = resumed(pair, monkeypatch)
+    assert [k for k, _ in again] == ref_keeps and not any(r for _, r in again)
+    assert tree(tmp_path / "diff") == ref
+
+
+def test_size_resume_refuses_another_request_or_a_plain_compress(pair, tmp_path,
+                                                                 monkeypatch, capsys):
+    interrupted(pair, monkeypatch, tmp_path, 2, "inside")
+    before = tree(tmp_path / "diff")
+    assert run(pair, "diff", "--size", "40kB", "--shard-size", "20kB", "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "asked for 30,000 bytes, this run asks for 40,000" in err
+    assert tree(tmp_path / "diff") == before
+    # An unfinished plain compress holds no search: --size --resume refuses it, untouched.
+    plain = tmp_path / "plain"
+    assert run(pair, plain, "--keep", "0.5") == 0
+    (plain / "kenstream-diff.json").unlink()
+    before = tree(plain)
+    assert run(pair, plain, *SEARCH, "--resume") == 2
+    assert "holds no --size search to resume" in capsys.readouterr().err
+    assert tree(plain) == before
+
+
+def test_size_resume_into_a_new_folder_searches(pair, whole_search, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run(pair, "diff", *SEARCH, "--resume") == 0
+    assert tree(tmp_path / "diff") == whole_search[0]
+
+
+def test_a_plain_compress_over_a_search_drops_its_record(pair, tmp_path, monkeypatch):
+    interrupted(pair, monkeypatch, tmp_path, 2, "inside")
+    assert run(pair, "diff", "--keep", "0.5", "--overwrite") == 0
+    assert not (tmp_path / "diff" / SEARCH_NAME).exists()
 
 
 def test_size_units():
