@@ -34,6 +34,17 @@ def test_verify_json_reports_every_tensor(made, capsys):
     assert set(report["tensors"]) == set(ft)
     mlp = report["tensors"]["layer.0.mlp.weight"]
     assert mlp["encoding"] == "coded" and mlp["kept_fraction"] == pytest.approx(7 / 24)
+    # Each error is ||rebuilt - ft|| / ||ft - base||, the rebuilt model from the slow rule.
+    base = toy_pair(torch.float32)[0]
+    rebuilt = expected_model(base, ft, keep=0.3)
+    for name, row in report["tensors"].items():
+        if name not in base or not ft[name].is_floating_point():
+            continue
+        f64 = ft[name].double()
+        error = float((rebuilt[name].double() - f64).norm())
+        change = float((f64 - base[name].double()).norm())
+        want = error / change if change else (0.0 if error == 0 else float("inf"))
+        assert row["rel_error"] == pytest.approx(want, rel=1e-9), name
     assert 0 < mlp["rel_error"] < 1
 
 

@@ -13,36 +13,16 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-import numpy as np
-
-from .. import dtypes, kernels
+from .. import kernels
 from ..errors import VerifyError
 from ..format import spec
 from ..io.checkpoint import Checkpoint
 from ..io.diff_reader import DiffReader
 from ..io.rows import TensorRows
+from ..kernels.compare import DIFFERS, KEPT_DIFFERS, RESET_DIFFERS, compare_block
 from ..progress import bar
-from .blocks import TensorBlocks, check_shapes
+from .blocks import TensorBlocks, ThreadBuffers, check_shapes
 from .executor import Source, VerifyJob, check_executor, executor_ready, run_shards
-
-
-def _bits(a: np.ndarray) -> np.ndarray:
-    """The raw bits of ``a`` as unsigned integers of its width, same shape."""
-    return np.ascontiguousarray(a).view(np.dtype(f"u{a.itemsize}"))
-
-
-def _floats(arr, code) -> np.ndarray | None:
-    """Values of ``arr`` (storage dtype of ``code``) as float32 (float64 for F64), for
-    error norms; None for integer dtypes, which have none."""
-    if code == "F64":
-        return np.asarray(arr, dtype=np.float64).reshape(-1)
-    if not dtypes.is_float(code):
-        return None
-    return dtypes.widen_to_f32(np.ascontiguousarray(arr), code).reshape(-1)
-
-
-def _sq(x: np.ndarray) -> float:
-    return float(np.dot(x, x))
 
 
 def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None,
@@ -104,6 +84,7 @@ def check_tensors(d, b, ft, names, progress, block_elems) -> tuple:
     on a pool of the current thread count; with a fine-tune ``ft``, every value is
     compared and counted on ``progress``; without, every block is decoded."""
     rows, problems = OrderedDict(), []
+    buffers = ThreadBuffers()  # each pool thread's block buffers, kept across tensors
     with kernels.frame_pool(kernels.get_threads(), "kenstream-verify") as pool:
         for name in names:
             rec = d.records[name]
@@ -112,69 +93,54 @@ def check_tensors(d, b, ft, names, progress, block_elems) -> tuple:
                    else rec.kept / max(1, rec.params)}
             blocks = TensorBlocks(name, d, b, block_elems)
             if ft is not None and name in ft:
-                row.update(_compare(name, blocks, ft, problems, pool))
+                row.update(_compare(name, blocks, ft, problems, pool, buffers))
             else:
                 if ft is not None:
                     problems.append(f"{name}: not in the fine-tune")
-                _decode_all(blocks, pool)
+                _decode_all(blocks, pool, buffers)
             if ft is not None:
                 progress.update(rec.params)
             rows[name] = row
     return rows, problems
 
 
-def _decode_all(blocks: TensorBlocks, pool) -> None:
+def _decode_all(blocks: TensorBlocks, pool, buffers) -> None:
     """Decode every block (the content checks and checksums of every frame) and drop it."""
     def build(i):
-        blocks.build(i, np.empty(blocks.shape(i), dtype=blocks.dtype))
+        blocks.build(i, buffers.get("built", blocks.shape(i), blocks.dtype))
 
     for _ in pool.map(build, range(len(blocks.ranges))):
         pass
     blocks.release()
 
 
-_CHUNK = 1 << 16  # values compared at once: temporaries stay well under a block's size
-
-
-def _check_block(blocks: TensorBlocks, ft_rows: TensorRows, i: int):
+def _check_block(blocks: TensorBlocks, ft_rows: TensorRows, i: int, buffers):
     """(problems found, ||ft - base||^2, ||rebuilt - ft||^2) of block ``i``, compared in
-    chunks of rows so that no temporary is larger than a few hundred kilobytes."""
+    one pass (:func:`.kernels.compare.compare_block`)."""
     rec = blocks.rec
     r0, r1 = blocks.ranges[i]
     if rec.params == 0:  # nothing to compare, however many (empty) rows
         return set(), 0.0, 0.0
-    base_rows = blocks.base_rows(i)
-    kept_all = blocks.kept(i)  # before build, which releases the diff's pages it read
-    built = np.empty(blocks.shape(i), dtype=blocks.dtype)
+    shape, dtype = blocks.shape(i), blocks.dtype
+    base_rows = blocks.base_rows(i, buffers.get("base", shape, dtype))
+    kept = blocks.kept(i)  # before build, which releases the diff's pages it read
+    built = buffers.get("built", shape, dtype)
     blocks.build(i, built, base_rows)
-    ft_all = ft_rows.raw(r0, r1)
+    want = ft_rows.read_into(r0, r1, buffers.get("finetuned", shape, dtype))
+    flags, change, error = compare_block(built, want, base_rows, kept, rec.dtype)
     found = set()
-    change = error = 0.0
-    step = max(1, _CHUNK // max(rec.cols, 1))
-    for c0 in range(0, r1 - r0, step):
-        c1 = min(r1 - r0, c0 + step)
-        kept = kept_all[c0:c1]
-        got, want = _bits(built[c0:c1]), _bits(ft_all[c0:c1])
-        base = None if base_rows is None else base_rows[c0:c1]
-        expected = want if base is None else np.where(kept, want, _bits(base))
-        if not np.array_equal(got, expected):
-            if not np.array_equal(got[kept], want[kept]):
-                found.add("a kept value differs from the fine-tune")
-            if base is not None and not np.array_equal(got[~kept], expected[~kept]):
-                found.add("a reset value differs from the base")
-        if rec.encoding == "unchanged" and not np.array_equal(got, want):
-            found.add("recorded unchanged but the fine-tune differs from the base")
-        ftf = _floats(ft_all[c0:c1], rec.dtype) if base is not None else None
-        if ftf is not None:
-            with np.errstate(over="ignore", invalid="ignore"):
-                change += _sq(ftf - _floats(base, rec.dtype))
-                error += _sq(_floats(built[c0:c1], rec.dtype) - ftf)
+    if flags & KEPT_DIFFERS:
+        found.add("a kept value differs from the fine-tune")
+    if flags & RESET_DIFFERS:
+        found.add("a reset value differs from the base")
+    if rec.encoding == "unchanged" and flags & DIFFERS:
+        found.add("recorded unchanged but the fine-tune differs from the base")
     ft_rows.release(r0, r1)
     blocks.release_block(i)  # the comparison read the base rows again
     return found, change, error
 
 
-def _compare(name, blocks: TensorBlocks, ft, problems, pool) -> dict:
+def _compare(name, blocks: TensorBlocks, ft, problems, pool, buffers) -> dict:
     """Kept positions equal the fine-tune and the rest equal the base, bit for bit, block
     by block on the pool's threads; returns the tensor's relative reconstruction error
     ||rebuilt - ft|| / ||ft - base||."""
@@ -187,7 +153,8 @@ def _compare(name, blocks: TensorBlocks, ft, problems, pool) -> dict:
         return {}
     ft_rows = TensorRows(ft, name, rec.rows, rec.cols)
     found, change, error = set(), 0.0, 0.0
-    for got in pool.map(lambda i: _check_block(blocks, ft_rows, i), range(len(blocks.ranges))):
+    for got in pool.map(lambda i: _check_block(blocks, ft_rows, i, buffers),
+                        range(len(blocks.ranges))):
         found |= got[0]
         change += got[1]
         error += got[2]

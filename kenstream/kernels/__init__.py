@@ -4,7 +4,8 @@
 inputs once, runs the rule's parallel kernel and names bad rows by their global row
 number. The public single-rule functions live in :mod:`.ken` (the KEN rule, bit-exact
 with the golden vectors) and :mod:`.baselines` (``delta``, ``magnitude``, ``random``);
-:mod:`.pack` holds the bit packing and merging kernels of the diff encodings.
+:mod:`.pack` holds the bit packing and merging kernels of the diff encodings, :mod:`.compare`
+verify's comparison of a rebuilt block.
 """
 
 from __future__ import annotations

@@ -1,0 +1,108 @@
+"""Verify's comparison of a rebuilt block with the fine-tune and the base: the bit checks and
+the two error norms, serial and with no temporaries (verify runs blocks on a pool of
+threads, one block a thread).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import dtypes
+from ._jit import JIT, njit
+
+KEPT_DIFFERS = 1
+"""A kept position of the rebuilt block differs from the fine-tune."""
+RESET_DIFFERS = 2
+"""A position that is not kept differs from the base."""
+DIFFERS = 4
+"""Some position differs from the fine-tune (wrong for a tensor recorded unchanged)."""
+
+@njit(**JIT)
+def _flags(got, want, base, kept, has_base):
+    # OR-ed without branches (about 10x faster than testing each position).
+    differs = np.uint8(0)
+    kept_differs = np.uint8(0)
+    reset_differs = np.uint8(0)
+    for i in range(got.size):
+        k = np.uint8(kept[i])
+        d = np.uint8(got[i] != want[i])
+        differs |= d
+        kept_differs |= d & k
+        if has_base:
+            reset_differs |= np.uint8(got[i] != base[i]) & (k ^ np.uint8(1))
+    return np.int64(differs) * 4 + np.int64(kept_differs) + np.int64(reset_differs) * 2
+
+
+@njit(**JIT)
+def _norms_table(got, want, base, table, sums):
+    change = 0.0
+    error = 0.0
+    for i in range(got.size):
+        w = np.float64(table[want[i]])
+        c = w - np.float64(table[base[i]])
+        e = np.float64(table[got[i]]) - w
+        change += c * c
+        error += e * e
+    sums[0] = change
+    sums[1] = error
+
+
+@njit(**JIT)
+def _norms_floats(got, want, base, sums):
+    change = 0.0
+    error = 0.0
+    for i in range(got.size):
+        w = np.float64(want[i])
+        c = w - np.float64(base[i])
+        e = np.float64(got[i]) - w
+        change += c * c
+        error += e * e
+    sums[0] = change
+    sums[1] = error
+
+
+_TABLES: dict = {}
+
+
+def _table(code: str) -> np.ndarray:
+    """float32 value of every bit pattern of a float dtype of at most 16 bits."""
+    if code not in _TABLES:
+        width = dtypes.lookup(code).storage.itemsize
+        bits = np.arange(1 << (8 * width), dtype=np.dtype(f"u{width}"))
+        values = dtypes.widen_to_f32(bits.view(dtypes.lookup(code).storage), code)
+        _TABLES[code] = np.ascontiguousarray(values, np.float32)
+    return _TABLES[code]
+
+
+def _flat_bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).reshape(-1).view(np.dtype(f"u{a.itemsize}"))
+
+
+def compare_block(got: np.ndarray, want: np.ndarray, base: np.ndarray | None,
+                  kept: np.ndarray, code: str) -> tuple:
+    """(flags, ||want - base||^2, ||got - want||^2) of a rebuilt block ``got`` against the
+    fine-tune's rows ``want`` and the base's ``base`` (None: the tensor has no base), all in
+    the storage dtype of ``code`` and one shape; ``kept`` (bool, same shape) marks the
+    positions taken from the diff.
+
+    Flags (OR of :data:`KEPT_DIFFERS`, :data:`RESET_DIFFERS`, :data:`DIFFERS`) compare bit
+    patterns. The norms are sums of squares in float64 of the exact values, 0.0 for
+    integer dtypes or without a base. Two passes (the flags, then the norms), O(size),
+    no temporaries larger than a 65536-entry table (about 1.5 ns a value, one thread).
+    """
+    if not got.shape == want.shape == kept.shape or (base is not None
+                                                    and base.shape != got.shape):
+        raise ValueError("compare_block takes arrays of one shape")
+    entry = dtypes.lookup(code)
+    g, w = _flat_bits(got), _flat_bits(want)
+    b = g if base is None else _flat_bits(base)
+    k = np.ascontiguousarray(kept, dtype=np.bool_).reshape(-1)
+    flags = _flags(g, w, b, k, base is not None)
+    sums = np.zeros(2, np.float64)
+    if entry.is_float and base is not None:
+        if code in ("F32", "F64"):
+            wide = np.float32 if code == "F32" else np.float64
+            _norms_floats(g.view(wide), w.view(wide), b.view(wide), sums)
+        else:
+            _norms_table(g, w, b, _table(code), sums)
+    return int(flags), float(sums[0]), float(sums[1])
