@@ -202,7 +202,8 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
                              files=files) as claim:
             if claim.state == "complete":
                 index = _check_finished(plan, out / spec.INDEX_NAME)
-                say(f"{printable(out)} is already a complete diff; nothing to resume", quiet)
+                say(f"{printable(out)} is already a complete diff; nothing to resume",
+                    quiet or search is not None)
                 return index
             if search is not None:
                 write_json_atomic(out / SEARCH_NAME, search)
@@ -214,10 +215,12 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
                 claim.record(files)
             else:
                 write_json_atomic(partial, plan.to_json())
-            say(_plan_report(alignment, items), quiet)
+            # A --size search reports its plan once, and labels each pass's bar.
+            say(_plan_report(alignment, items), quiet or bool(search and search["passes"]))
+            label = "compress" if search is None else f"--size pass {len(search['passes']) + 1}"
             job = CompressJob(shards, Source.of(f), Source.of(b), settings, version,
                               block_elems, level, frame_elems, kernels.get_threads(), cuts)
-            with bar(sum(i.params for i in items), "compress", quiet) as progress:
+            with bar(sum(i.params for i in items), label, quiet) as progress:
                 records, table = run_shards(job, list(shards), progress,
                                             executor=executor, handles=(f, b),
                                             resume=claim.state == "resume",

@@ -178,7 +178,7 @@ def compress_to_size(base, finetuned, out, size, *, quiet=False, overwrite=False
     def run(keep: float, how: str) -> dict:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            index = compress(base, finetuned, out, keep=keep, quiet=True,
+            index = compress(base, finetuned, out, keep=keep, quiet=quiet,
                              overwrite=how == "overwrite", resume=how == "resume",
                              first_pass=first_pass, search=record(keep), **options)
         said[keep] = [str(w.message) for w in caught]

@@ -259,3 +259,13 @@ def test_size_warns_about_the_keep_it_chose_not_a_keep_asked(pair, tmp_path, cap
     warns = [line for line in captured.err.splitlines() if line.startswith("warning")]
     assert warns == [f"warning: the keep --size chose, {chosen}, keeps one value a row in 1 "
                      "tensors (e.g. emb, rows of 64)"], warns
+
+
+def test_size_reports_the_plan_once_and_every_pass(pair, tmp_path, capsys):
+    """Without -q the passes say what they do: the plan's line once, a line a pass."""
+    b, f = pair[:2]
+    assert main(["compress", str(b), str(f), "-o", str(tmp_path / "diff"), "--size", "60kB"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    passes = [line for line in err if line.startswith("--size pass ")]
+    assert len([line for line in err if line.startswith("aligned ")]) == 1, err
+    assert len(passes) >= 2 and passes[0].startswith("--size pass 1: keep "), err
