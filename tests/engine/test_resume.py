@@ -186,14 +186,14 @@ def test_compress_killed_at_a_late_moment(pair, reference, tmp_path, moment):
 
 
 def _search_in_pass(n: int):
-    """The ``--size`` search is inside pass ``n`` (its record names n - 1 finished passes)
-    and has written one of that pass's shards."""
+    """The ``--size`` search is inside pass ``n``: its record names n - 1 finished passes
+    and the pass's plan file is there (for the whole pass: the widest window to kill in)."""
     def ready(out):
         try:
             record = json.loads((out / ".kenstream-size").read_text())
         except (FileNotFoundError, ValueError):
             return False
-        return len(record["passes"]) == n - 1 and _shard(2)(out)
+        return len(record["passes"]) == n - 1 and (out / "kenstream-diff.partial.json").exists()
     return ready
 
 
