@@ -48,6 +48,35 @@ def test_verify_json_reports_every_tensor(made, capsys):
     assert 0 < mlp["rel_error"] < 1
 
 
+@pytest.mark.parametrize("with_finetuned", [True, False])
+def test_verify_counts_every_parameter_on_its_bar(made, monkeypatch, with_finetuned):
+    """verify shows progress whether or not it compares with a fine-tune (decoding a large
+    diff alone takes minutes): its bar's total is every parameter, and all are counted."""
+    import importlib
+    from contextlib import contextmanager
+
+    verify_mod = importlib.import_module("kenstream.engine.verify")
+
+    b, f, d, ft = made
+    seen = {}
+
+    class Bar:
+        disable = False
+
+        def update(self, n):
+            seen["counted"] = seen.get("counted", 0) + n
+
+    @contextmanager
+    def bar(total, desc, quiet=False):
+        seen.update(total=total, quiet=quiet)
+        yield Bar()
+
+    monkeypatch.setattr(verify_mod, "bar", bar)
+    kenstream.verify(d, b, f if with_finetuned else None)
+    params = sum(t.numel() for t in ft.values())
+    assert seen == {"total": params, "quiet": False, "counted": params}
+
+
 def test_verify_finds_a_changed_kept_value(made, tmp_path, capsys):
     """A fine-tune that differs from the one the diff was made from, at a kept position:
     exit 1, one error line, and --json still prints the report naming the tensor."""

@@ -249,13 +249,13 @@ class VerifyJob:
     diff: str
     base: Source
     finetuned: Source | None
-    counts: dict  # tensor name -> parameters, for progress (only with a fine-tune)
+    counts: dict  # tensor name -> parameters, for progress
     block_elems: int
     threads: int
     forced: bool
 
     def params(self, group) -> int:
-        return sum(self.counts[n] for n in group) if self.finetuned is not None else 0
+        return sum(self.counts[n] for n in group)
 
     def finished(self, name, group):
         return None

@@ -52,7 +52,7 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None
             job = VerifyJob(str(d.path), Source.of(b), None if ft is None else Source.of(ft),
                             counts, block_elems, kernels.get_threads(), d.forced_base)
             total = sum(counts.values())
-            with bar(total if ft else 0, "verify", quiet or ft is None) as progress:
+            with bar(total, "verify", quiet) as progress:
                 tensors, problems = run_shards(job, groups, progress,
                                                executor=executor, handles=(d, b, ft),
                                                ray_address=ray_address, quiet=quiet)
@@ -81,8 +81,8 @@ def _groups(records) -> list:
 
 def check_tensors(d, b, ft, names, progress, block_elems) -> tuple:
     """(name -> report row, problems) of tensors ``names`` of diff ``d`` over base ``b``,
-    on a pool of the current thread count; with a fine-tune ``ft``, every value is
-    compared and counted on ``progress``; without, every block is decoded."""
+    on a pool of the current thread count, each counted on ``progress`` when done; with a
+    fine-tune ``ft``, every value is compared; without, every block is decoded."""
     rows, problems = OrderedDict(), []
     buffers = ThreadBuffers()  # each pool thread's block buffers, kept across tensors
     with kernels.frame_pool(kernels.get_threads(), "kenstream-verify") as pool:
@@ -98,8 +98,7 @@ def check_tensors(d, b, ft, names, progress, block_elems) -> tuple:
                 if ft is not None:
                     problems.append(f"{name}: not in the fine-tune")
                 _decode_all(blocks, pool, buffers)
-            if ft is not None:
-                progress.update(rec.params)
+            progress.update(rec.params)
             rows[name] = row
     return rows, problems
 
