@@ -121,7 +121,7 @@ def whole_search(pair, tmp_path_factory):
     return tree(cwd / "diff"), keeps
 
 
-SEARCH = ("--size", "30kB", "--shard-size", "20kB")
+SEARCH = ("--size", "60kB", "--shard-size", "20kB")
 
 
 def interrupted(pair, monkeypatch, tmp_path, at: int, where: str) -> list:
@@ -147,7 +147,7 @@ def interrupted(pair, monkeypatch, tmp_path, at: int, where: str) -> list:
         mp.setattr(size_mod, "compress", counting)
         mp.setattr(compress_mod, "copy_files", copy_files)
         with pytest.raises(Stop):
-            compress_to_size(pair[0], pair[1], "diff", "30kB", shard_size="20kB", quiet=True,
+            compress_to_size(pair[0], pair[1], "diff", SEARCH[1], shard_size="20kB", quiet=True,
                              command=["kenstream", "compress", str(pair[0]), str(pair[1]),
                                       "-o", "diff", "-q", *SEARCH])
     return keeps
@@ -217,7 +217,7 @@ def test_size_resume_refuses_another_request_or_a_plain_compress(pair, tmp_path,
     assert run(pair, "diff", "--size", "40kB", "--shard-size", "20kB", "--resume") == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert "asked for 30,000 bytes, this run asks for 40,000" in err
+    assert "asked for 60,000 bytes, this run asks for 40,000" in err
     assert tree(tmp_path / "diff") == before
     # An unfinished plain compress holds no search: --size --resume refuses it, untouched.
     plain = tmp_path / "plain"
@@ -269,3 +269,36 @@ def test_size_reports_the_plan_once_and_every_pass(pair, tmp_path, capsys):
     passes = [line for line in err if line.startswith("--size pass ")]
     assert len([line for line in err if line.startswith("aligned ")]) == 1, err
     assert len(passes) >= 2 and passes[0].startswith("--size pass 1: keep "), err
+
+
+def test_the_second_pass_solves_a_model_fitted_to_the_first():
+    """After one pass the keep comes from its size split (fixed bytes, values in proportion
+    to the keep, positions in proportion to the entropy of keeping): checked against a
+    dense grid solve of the same model, written out here."""
+    import numpy as np
+
+    from kenstream.engine.size import AIM, _modelled_keep, _next_keep
+
+    selected, k1 = 1_000_000, 0.2
+    fixed, per_value, per_choice = 30_000, 1.5, 0.12
+
+    def entropy(p):
+        return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+
+    kept = int(k1 * selected)
+    values, positions = int(per_value * kept), int(per_choice * selected * entropy(k1))
+    got = fixed + values + positions
+    model = [values, positions, kept, selected]
+    grid = np.linspace(1e-4, 0.5, 2_000_001)
+    sizes = fixed + values / kept * grid * selected \
+        + positions / (selected * entropy(k1)) * selected * entropy(grid)
+    for target in (150_000, 250_000, 400_000):
+        want = grid[np.searchsorted(sizes, AIM * target)]
+        k = _next_keep([(k1, got)], target, model)
+        assert k == _modelled_keep(k1, got, model, AIM * target)
+        assert abs(k - want) < 1e-6, (target, k, want)
+        assert abs(k - k1 * AIM * target / got) > 1e-3  # not the proportional guess
+    # Without a split (or with nothing selected) the guess stays proportional.
+    assert _next_keep([(k1, got)], 250_000) == pytest.approx(k1 * AIM * 250_000 / got)
+    assert _next_keep([(k1, got)], 250_000, [0, 0, 0, 0]) == \
+        pytest.approx(k1 * AIM * 250_000 / got)
