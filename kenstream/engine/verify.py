@@ -114,8 +114,8 @@ def _decode_all(blocks: TensorBlocks, pool, buffers) -> None:
 
 
 def _check_block(blocks: TensorBlocks, ft_rows: TensorRows, i: int, buffers):
-    """(problems found, ||ft - base||^2, ||rebuilt - ft||^2) of block ``i``, compared in
-    one pass (:func:`.kernels.compare.compare_block`)."""
+    """(problems found, ||ft - base||^2, ||rebuilt - ft||^2) of block ``i``, compared by
+    :func:`.kernels.compare.compare_block` in the calling thread's ``buffers``."""
     rec = blocks.rec
     r0, r1 = blocks.ranges[i]
     if rec.params == 0:  # nothing to compare, however many (empty) rows

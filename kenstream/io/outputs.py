@@ -29,7 +29,8 @@ MARKER_NAME = ".kenstream-output"
 MARKER_FORMAT = "kenstream-output"
 LOCK_NAME = ".kenstream.lock"
 SEARCH_NAME = ".kenstream-size"
-"""A ``--size`` search's record while it runs (:mod:`kenstream.engine.size`)."""
+"""A ``--size`` search's record (:mod:`kenstream.engine.size`); it stays once the search
+has finished, so that a resume finds it done."""
 HOUSEKEEPING = (MARKER_NAME, MARKER_NAME + TEMP_SUFFIX, LOCK_NAME, SEARCH_NAME,
                 SEARCH_NAME + TEMP_SUFFIX)
 """Names in an output directory that are kenstream's bookkeeping, not its content."""
