@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import __version__, kernels
-from ..errors import DiffError, OutputError, SelectionError
+from ..errors import CheckpointError, DiffError, OutputError, SelectionError
 from ..format import spec
 from ..format.index import Coding, DiffIndex, Identity, Selection, Totals
 from ..format.plans import CompressPlan
@@ -39,9 +39,12 @@ def read_shard_records(path: Path, expected) -> dict:
     A shard holding other tensors than ``expected`` (the planned names), or entries its
     records do not account for, is refused: it is not this run's.
     """
-    with SafetensorsFile(path) as sf:
-        meta = sf.metadata
-        owners = {spec.entry_owner(e) for e in sf.names()}
+    try:
+        with SafetensorsFile(path) as sf:
+            meta = sf.metadata
+            owners = {spec.entry_owner(e) for e in sf.names()}
+    except CheckpointError as exc:  # this run's own output: not a download to fetch again
+        raise DiffError(exc.message, file=path, hint=_REDO) from None
     try:
         records = parse_shard_metadata(meta)
     except DiffError as exc:

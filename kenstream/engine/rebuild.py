@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .. import __version__, dtypes, kernels
-from ..errors import OutputError
+from ..errors import CheckpointError, OutputError
 from ..format import spec
 from ..format.plans import RebuildPlan
 from ..io import direct, safetensors_file
@@ -58,8 +58,12 @@ def _model_file(i: int, n: int) -> str:
 
 def _check_reused(path: Path, names) -> None:
     """A finished output shard kept by --resume must hold exactly the planned tensors."""
-    with SafetensorsFile(path) as sf:
-        found = set(sf.names())
+    try:
+        with SafetensorsFile(path) as sf:
+            found = set(sf.names())
+    except CheckpointError as exc:  # this run's own output: not a download to fetch again
+        raise OutputError(exc.message, file=path, hint="delete it and rerun with --resume") \
+            from None
     if found != set(names):
         raise OutputError("holds other tensors than the plan puts in it", file=path,
                           hint="delete it and rerun with --resume")

@@ -158,3 +158,27 @@ def test_strict_resume_sees_edits_the_fingerprint_misses(tmp_path, capsys, monke
                [b, f])[0] == 0
     assert files_of(out) == plain
     assert json.loads((out / "kenstream-diff.json").read_text())["complete"] is True
+
+
+def test_resume_names_a_damaged_finished_shard_as_its_own(diff, capsys, monkeypatch, tmp_path):
+    """A finished shard whose header is gone (a race with a task of the killed run can
+    leave one under its final name) is refused by --resume in one line that says to delete
+    it and resume, not to download it again: it is this run's own output."""
+    b, f, d = diff
+    for kind in ("compress", "rebuild"):
+        out = tmp_path / kind
+        if kind == "compress":
+            argv = compress_argv(b, f, out, "--shard-size", "300B")
+            interrupt_after(monkeypatch, executor_module, "write_shard", 1)
+        else:
+            argv = ["rebuild", b, d, "-o", out, "--shard-size", "300B"]
+            interrupt_after(monkeypatch, rebuild_module, "_write_group", 1)
+        assert cli(capsys, argv, [b, f, d])[0] == 130
+        monkeypatch.undo()
+        first = sorted(p for p in out.iterdir() if p.suffix in (".kdiff", ".safetensors"))[0]
+        with open(first, "r+b") as fh:
+            fh.write(bytes(8))  # the header length a writer fills in last
+        code, err = cli(capsys, argv + ["--resume"], [b, f, d])
+        assert code == 2, err
+        assert_one_error(err, first.name, "delete it and rerun with --resume")
+        assert "download" not in err
