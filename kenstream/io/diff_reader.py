@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import DiffError, IdentityError, KenstreamError
@@ -22,6 +23,11 @@ from .fingerprint import sha256_file
 from .jsonfile import read_json_file
 from .outputs import HOUSEKEEPING
 from .safetensors_file import SafetensorsFile
+
+HASH_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1)
+"""Shards hashed side by side by `DiffReader.check_hashes` (sha256 runs outside the GIL):
+at 7B, 3 shards on 2 cores took 0.9 s against 1.35-1.6 s one after another."""
 
 RESUME_HINT = "finish it with kenstream compress ... --resume"
 
@@ -107,22 +113,14 @@ class DiffReader:
         if not wanted:
             return
         stored = {}
-        for name in wanted:
-            path = self._shard_path(name)
-            if sha256_file(path) != self.index.shards[name].sha256:
-                raise DiffError("sha256 does not match the index (tampered or damaged)",
-                                file=path, hint="fetch the diff again")
-            try:
-                records = parse_shard_metadata(self.shard(name).metadata)
-            except DiffError as exc:
-                raise exc.located(file=path) from None
-            for tensor, rec in records.items():
-                if tensor in stored:
-                    raise DiffError(f"is recorded in both {stored[tensor][0]} and {name}",
-                                    file=self.path, tensor=tensor)
-                stored[tensor] = (name, rec)
-            if progress is not None:
-                progress(name)
+        paths = [self._shard_path(name) for name in wanted]
+        pool = ThreadPoolExecutor(min(len(paths), HASH_THREADS))
+        try:
+            digests = pool.map(sha256_file, paths)  # in order, hashed side by side
+            for name, path, digest in zip(wanted, paths, digests):
+                self._check_shard(name, path, digest, stored, progress)
+        finally:
+            pool.shutdown(cancel_futures=True)  # a refused shard leaves the rest unread
         where = self.path / spec.INDEX_NAME
         whole = len(wanted) == len(everything)
         for tensor, rec in self.records.items():
@@ -139,6 +137,24 @@ class DiffReader:
             raise DiffError(f"shard {shard} records a tensor the index lacks (index edited?)",
                             file=where, tensor=tensor, hint="fetch the diff again")
         self._checked.update(wanted)
+
+    def _check_shard(self, name, path, digest, stored, progress) -> None:
+        """One shard of `check_hashes`: its hash, then its records gathered into
+        ``stored`` (tensor -> (shard, record))."""
+        if digest != self.index.shards[name].sha256:
+            raise DiffError("sha256 does not match the index (tampered or damaged)",
+                            file=path, hint="fetch the diff again")
+        try:
+            records = parse_shard_metadata(self.shard(name).metadata)
+        except DiffError as exc:
+            raise exc.located(file=path) from None
+        for tensor, rec in records.items():
+            if tensor in stored:
+                raise DiffError(f"is recorded in both {stored[tensor][0]} and {name}",
+                                file=self.path, tensor=tensor)
+            stored[tensor] = (name, rec)
+        if progress is not None:
+            progress(name)
 
     def check_base(self, base, *, force: bool = False) -> list:
         """Compare the base's file fingerprints with the recorded ones.
