@@ -25,7 +25,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.jsonfile import read_json_file, write_json_atomic
 from ..io.outputs import HOUSEKEEPING, SEARCH_NAME, read_marker, remove_listed
 from ..progress import say
-from ..settings import parse_size
+from ..settings import Settings, parse_size
 from .compress import compress
 from .plan import SELECTABLE
 
@@ -51,6 +51,7 @@ class Search:
     keep: float | None = None
     lossless: bool = False
     model: list | None = None  # the first pass's size split (`_modelled_keep`)
+    steps: list | None = None  # row budget: the selected rows' lengths (`_signature`)
 
     def to_json(self) -> dict:
         return {"requested": self.requested, "keep": self.keep, "lossless": self.lossless,
@@ -157,7 +158,47 @@ def _next_keep(passes, target: int, model=None) -> float:
     return min(1.0, max(MIN_KEEP, k))
 
 
-def _decide(passes, target: int, floats: int, size, model=None) -> tuple:
+def _signature(keep: float, steps) -> tuple | None:
+    """What a row budget keeps at ``keep``: each selected row length's ``k`` (None without
+    ``steps``). Two keeps of one signature make the same diff."""
+    if not steps:
+        return None
+    settings = Settings(keep=keep)
+    return tuple(settings.k_for(cols) for cols in steps)
+
+
+def _unmeasured(keep: float, passes, target: int, steps) -> float | None:
+    """``keep``, or where its signature is one a pass has measured already and passes
+    under and over the request bracket it, a keep inside the bracket whose signature is
+    new (bisection over the signatures), or None when the bracket holds none: short rows
+    change ``k`` in steps, and re-running a measured signature would only repeat its
+    diff."""
+    seen = {_signature(p[0], steps) for p in passes}
+    if _signature(keep, steps) not in seen:
+        return keep
+    under = [p[0] for p in passes if p[1] <= target]
+    over = [p[0] for p in passes if p[1] > target]
+    if not under or not over:
+        return keep  # still looking for a bracket: as before, each pass moves the keep on
+    lo, hi = max(under), min(over)
+    if not lo < hi:
+        return None
+    low, high = _signature(lo, steps), _signature(hi, steps)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        found = _signature(mid, steps)
+        if found not in seen:
+            return mid
+        if found == low:
+            lo = mid
+        elif found == high:
+            hi = mid
+        else:
+            return None
+    return None
+
+
+def _decide(passes, target: int, floats: int, size, model=None, steps=None) -> tuple:
     """What the search does after ``passes`` (each (keep, diff bytes), in order; ``model``
     the first pass's size split, see `_modelled_keep`): ``("run", keep)`` for another
     pass, or ``("done", keep, lossless)``. A pure function of what the passes measured, so
@@ -179,7 +220,9 @@ def _decide(passes, target: int, floats: int, size, model=None) -> tuple:
     if keep in tried[:-1]:
         return "done", keep, False  # the best pass under the request, written again
     nxt = _next_keep(passes, target, model)
-    if len(passes) < MAX_PASSES and nxt not in tried:
+    if steps:  # a row budget: skip keeps whose diff a pass has measured already
+        nxt = _unmeasured(nxt, passes, target, steps)
+    if len(passes) < MAX_PASSES and nxt is not None and nxt not in tried:
         return "run", nxt
     # Out of passes, or between two keeps that make the same diffs: the largest under.
     under = [p for p in passes if p[1] <= target]
@@ -215,7 +258,7 @@ def compress_to_size(base, finetuned, out, size, *, quiet=False, overwrite=False
     def record(running) -> dict:
         return {"format": SEARCH_FORMAT, "requested": target,
                 "passes": [list(p) for p in search.passes], "model": search.model,
-                "running": running}
+                "steps": search.steps, "running": running}
 
     def run(keep: float, how: str) -> dict:
         with warnings.catch_warnings(record=True) as caught:
@@ -231,7 +274,8 @@ def compress_to_size(base, finetuned, out, size, *, quiet=False, overwrite=False
     index = None
     while True:
         try:
-            action = _decide(search.passes, target, floats, size, search.model)
+            action = _decide(search.passes, target, floats, size, search.model,
+                             search.steps)
         except SelectionError:
             _discard(out)
             raise
@@ -243,6 +287,7 @@ def compress_to_size(base, finetuned, out, size, *, quiet=False, overwrite=False
         got = totals["diff_bytes"]
         if not search.passes:
             search.model = _split(totals)
+            search.steps = _steps(index, options)
         search.passes.append((action[1], got))
         say(f"--size pass {len(search.passes)}: keep {action[1]:.6g} -> {got:,} bytes "
             f"({got / target:.1%} of {target:,})", quiet)
@@ -280,15 +325,15 @@ def _resume_from(out: Path, target: int, floats: int, size, search, quiet) -> st
                           hint="repeat the --size of the interrupted command, or pass "
                                "--overwrite instead of --resume")
     passes = [tuple(p) for p in record["passes"]]
-    running, model = record["running"], record["model"]
-    action = _decide(passes, target, floats, size, model)
+    running, model, steps = record["running"], record.get("model"), record.get("steps")
+    action = _decide(passes, target, floats, size, model, steps)
     if running is None and action[0] == "done":
         running = action[1]  # finished: the index of the keep chosen must be there
     elif action != ("run", running):
         return "overwrite"  # a record this version would not have made: search again
     if (out / spec.PARTIAL_NAME).exists() or _held_keep(out) == running:
         search.passes.extend(passes)
-        search.model = model
+        search.model, search.steps = model, steps
         if action[0] == "run":
             say(f"--size: resuming pass {len(passes) + 1} (keep {running:.6g})", quiet)
         return "resume"
@@ -299,7 +344,11 @@ def _read_search(path: Path) -> dict:
     hint = "pass --overwrite instead of --resume"
     obj = read_json_file(path, "--size record", error=OutputError, hint=hint, limit=1 << 20)
     model = obj.get("model") if isinstance(obj, dict) else None
+    steps = obj.get("steps") if isinstance(obj, dict) else None
     ok = (isinstance(obj, dict) and obj.get("format") == SEARCH_FORMAT
+          and (steps is None or isinstance(steps, list)
+               and all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                       for n in steps))
           and isinstance(obj.get("requested"), int)
           and (model is None or isinstance(model, list) and len(model) == 4
                and all(isinstance(n, int) and not isinstance(n, bool) for n in model))
@@ -319,6 +368,16 @@ def _split(totals: dict) -> list | None:
     if not all(isinstance(totals.get(k), int) for k in keys):
         return None
     return [totals[k] for k in keys]
+
+
+def _steps(index: dict, options: dict) -> list | None:
+    """For a row budget, the distinct row lengths of the tensors the first pass selected
+    (`_signature`); None for the tensor and global budgets, whose counts move by single
+    values."""
+    if options.get("budget", "row") != "row":
+        return None
+    return sorted({int(rec["cols"]) for rec in index["tensors"].values()
+                   if rec.get("reason") == "selected" and int(rec.get("cols", 0)) > 0})
 
 
 def _is_keep(value) -> bool:

@@ -302,3 +302,32 @@ def test_the_second_pass_solves_a_model_fitted_to_the_first():
     assert _next_keep([(k1, got)], 250_000) == pytest.approx(k1 * AIM * 250_000 / got)
     assert _next_keep([(k1, got)], 250_000, [0, 0, 0, 0]) == \
         pytest.approx(k1 * AIM * 250_000 / got)
+
+
+def test_short_rows_skip_keeps_whose_diff_a_pass_measured():
+    """A row budget keeps round(keep * cols) values a row, so keeps within one step make
+    the same diff. Inside a bracket the search moves to a keep of a new signature, or
+    stops when the bracket holds none, instead of running a diff it has measured."""
+    from kenstream.engine.size import _decide, _signature, _unmeasured
+
+    assert _signature(0.1003, [100, 1000]) == (10, 100)
+    assert _signature(0.1008, [100, 1000]) == (10, 101)
+    target = 1000
+    # The secant (aim 990) falls at 0.10048, whose signature (10, 100) is the first pass's;
+    # (10, 101) lies between the bracket's ends and is found.
+    passes = [(0.1, 900), (0.1016, 1200)]
+    found = _unmeasured(0.10048, passes, target, [100, 1000])
+    assert _signature(found, [100, 1000]) == (10, 101) and 0.1 < found < 0.1016
+    assert _decide(passes, target, 10_000, "1kB", None, [100, 1000]) == ("run", found)
+    # Between (10, 100) and (10, 101) there is nothing else: the search rewrites the
+    # largest diff under the request (the first pass) rather than repeat one.
+    passes = [(0.1, 900), (0.1006, 1200)]
+    assert _unmeasured(0.10018, passes, target, [100, 1000]) is None
+    assert _decide(passes, target, 10_000, "1kB", None, [100, 1000]) == ("run", 0.1)
+    assert _decide(passes + [(0.1, 900)], target, 10_000, "1kB", None, [100, 1000]) == \
+        ("done", 0.1, False)
+    # Without steps (tensor and global budgets) the secant keep is run as it is.
+    assert _decide(passes, target, 10_000, "1kB")[0] == "run"
+    assert _decide(passes, target, 10_000, "1kB")[1] == pytest.approx(0.10018)
+    # Before a bracket exists the keep moves on as before, measured signature or not.
+    assert _unmeasured(0.0999, [(0.1, 1200)], target, [100]) == 0.0999
