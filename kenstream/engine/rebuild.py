@@ -98,7 +98,7 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
                 say(f"{printable(out)} is already rebuilt; nothing to resume", quiet)
                 return read_json_file(out / INDEX_NAME)
             say("checking diff shard hashes", quiet)
-            d.check_hashes()
+            d.check_hashes(threads=workers)
             diffs = d.check_base(b, force=force)
             if diffs:
                 say(f"warning: --force: base differs from the recorded one in {len(diffs)} "

@@ -43,7 +43,7 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None
             executor_ready(executor, ray_address=ray_address, quiet=quiet,
                            threads=kernels.get_threads(),
                            groups=len(groups := _groups(d.records))):
-        d.check_hashes()
+        d.check_hashes(threads=kernels.get_threads())
         d.check_base(b, force=force)
         check_shapes(d, b)
         ft = Checkpoint.open(str(finetuned)) if finetuned is not None else None
