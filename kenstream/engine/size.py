@@ -129,32 +129,38 @@ def _modelled_keep(keep: float, got: int, model, aim: float) -> float | None:
     return lo
 
 
+def _bracket(passes, target: int):
+    """The passes nearest the request from under it and from over it (each the one of
+    largest and of smallest keep), or None until there are both."""
+    under = [p for p in passes if p[1] <= target]
+    over = [p for p in passes if p[1] > target]
+    return (max(under), min(over)) if under and over else None
+
+
 def _next_keep(passes, target: int, model=None) -> float:
     """The next keep: inside the bracket of the nearest passes under and over the request
     (secant between them, bisection when that stalls), else a secant through the last two
     passes, or after one pass the keep its ``model`` (`_modelled_keep`; proportional
     without one), aiming at AIM x the request."""
     aim = AIM * target
-    under = [p for p in passes if p[1] <= target]
-    over = [p for p in passes if p[1] > target]
-    if under and over:
-        (k0, s0), (k1, s1) = max(under), min(over)
+    bracket = _bracket(passes, target)
+    if bracket:
+        (k0, s0), (k1, s1) = bracket
         k = k0 + (aim - s0) * (k1 - k0) / (s1 - s0) if s1 > s0 else (k0 + k1) / 2
         if not k0 < k < k1 or min(k - k0, k1 - k) < 0.05 * (k1 - k0):
             k = (k0 + k1) / 2
         return k
     (k1, s1) = passes[-1]
-    modelled = None if len(passes) != 1 or model is None else \
-        _modelled_keep(k1, s1, model, aim)
+    k = None
     if len(passes) >= 2 and passes[-2][1] != s1 and passes[-2][0] != k1:
         k0, s0 = passes[-2]
         k = k1 + (aim - s1) * (k1 - k0) / (s1 - s0)
-    elif modelled is not None:
-        k = modelled
-    else:
+    elif len(passes) == 1 and model is not None:
+        k = _modelled_keep(k1, s1, model, aim)
+    if k is None:
         k = k1 * aim / max(s1, 1)
     if k <= 0 or not math.isfinite(k):
-        k = k1 / 4 if over else k1 * 4
+        k = k1 / 4 if s1 > target else k1 * 4  # every pass on one side: move on past it
     return min(1.0, max(MIN_KEEP, k))
 
 
@@ -176,11 +182,10 @@ def _unmeasured(keep: float, passes, target: int, steps) -> float | None:
     seen = {_signature(p[0], steps) for p in passes}
     if _signature(keep, steps) not in seen:
         return keep
-    under = [p[0] for p in passes if p[1] <= target]
-    over = [p[0] for p in passes if p[1] > target]
-    if not under or not over:
+    bracket = _bracket(passes, target)
+    if bracket is None:
         return keep  # still looking for a bracket: as before, each pass moves the keep on
-    lo, hi = max(under), min(over)
+    lo, hi = bracket[0][0], bracket[1][0]
     if not lo < hi:
         return None
     low, high = _signature(lo, steps), _signature(hi, steps)
