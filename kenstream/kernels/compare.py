@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import dtypes
 from ._jit import JIT, njit
+from .pack import flat_bits
 
 KEPT_DIFFERS = 1
 """A kept position of the rebuilt block differs from the fine-tune."""
@@ -74,10 +75,6 @@ def _table(code: str) -> np.ndarray:
     return _TABLES[code]
 
 
-def _flat_bits(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a).reshape(-1).view(np.dtype(f"u{a.itemsize}"))
-
-
 def compare_block(got: np.ndarray, want: np.ndarray, base: np.ndarray | None,
                   kept: np.ndarray, code: str) -> tuple:
     """(flags, ||want - base||^2, ||got - want||^2) of a rebuilt block ``got`` against the
@@ -94,8 +91,8 @@ def compare_block(got: np.ndarray, want: np.ndarray, base: np.ndarray | None,
                                                     and base.shape != got.shape):
         raise ValueError("compare_block takes arrays of one shape")
     entry = dtypes.lookup(code)
-    g, w = _flat_bits(got), _flat_bits(want)
-    b = g if base is None else _flat_bits(base)
+    g, w = flat_bits(got), flat_bits(want)
+    b = g if base is None else flat_bits(base)
     k = np.ascontiguousarray(kept, dtype=np.bool_).reshape(-1)
     flags = _flags(g, w, b, k, base is not None)
     sums = np.zeros(2, np.float64)

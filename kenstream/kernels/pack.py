@@ -244,7 +244,9 @@ def _put(out, idx, values):
         out[idx[k]] = values[k]
 
 
-def _flat_bits(a: np.ndarray) -> np.ndarray:
+def flat_bits(a: np.ndarray) -> np.ndarray:
+    """The bit patterns of ``a``, flat, as unsigned integers of its width (a view where
+    ``a`` is C-contiguous)."""
     return np.ascontiguousarray(a).reshape(-1).view(f"u{a.itemsize}")
 
 
@@ -252,7 +254,7 @@ def take_at(src: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """``src.reshape(-1)[idx]`` for positions from :func:`kept_index` (bit patterns kept)."""
     out = np.empty(idx.size, np.dtype(f"u{src.itemsize}"))
     if idx.size:
-        _take(_flat_bits(src), idx, out)
+        _take(flat_bits(src), idx, out)
     return out.view(src.dtype)
 
 
@@ -266,7 +268,7 @@ def put_at(out: np.ndarray, base: np.ndarray, idx: np.ndarray, values: np.ndarra
     if out is not base:
         np.copyto(out.view(width), base.view(width))
     if idx.size:
-        _put(out.reshape(-1).view(width), idx, _flat_bits(values))
+        _put(out.reshape(-1).view(width), idx, flat_bits(values))
 
 
 def merge_into(out: np.ndarray, base: np.ndarray, packed: np.ndarray, values: np.ndarray,
