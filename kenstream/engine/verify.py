@@ -134,8 +134,9 @@ def _check_block(blocks: TensorBlocks, ft_rows: TensorRows, i: int, buffers):
         found.add("a reset value differs from the base")
     if rec.encoding == "unchanged" and flags & DIFFERS:
         found.add("recorded unchanged but the fine-tune differs from the base")
+    # The fine-tune's pages, where its reader copies through the map (.bin); the base's and
+    # the diff's were dropped by build, and the comparison reads only the buffers.
     ft_rows.release(r0, r1)
-    blocks.release_block(i)  # the comparison read the base rows again
     return found, change, error
 
 
