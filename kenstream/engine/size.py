@@ -174,17 +174,18 @@ def _signature(keep: float, steps) -> tuple | None:
 
 
 def _unmeasured(keep: float, passes, target: int, steps) -> float | None:
-    """``keep``, or where its signature is one a pass has measured already and passes
-    under and over the request bracket it, a keep inside the bracket whose signature is
-    new (bisection over the signatures), or None when the bracket holds none: short rows
-    change ``k`` in steps, and re-running a measured signature would only repeat its
+    """``keep``, or where its signature is one a pass has measured already, a keep whose
+    signature is new: inside the bracket of passes under and over the request (bisection
+    over the signatures; None when the bracket holds none), or before there is a bracket
+    the nearest keep past every pass on the side the request lies (`_next_step`). Short
+    rows change ``k`` in steps, and re-running a measured signature would only repeat its
     diff."""
     seen = {_signature(p[0], steps) for p in passes}
     if _signature(keep, steps) not in seen:
         return keep
     bracket = _bracket(passes, target)
     if bracket is None:
-        return keep  # still looking for a bracket: as before, each pass moves the keep on
+        return _next_step(keep, passes, target, steps)
     lo, hi = bracket[0][0], bracket[1][0]
     if not lo < hi:
         return None
@@ -201,6 +202,23 @@ def _unmeasured(keep: float, passes, target: int, steps) -> float | None:
         else:
             return None
     return None
+
+
+def _next_step(keep: float, passes, target: int, steps) -> float:
+    """Before a bracket (every pass over the request, or every one under): the keep
+    nearest the passes, on the side the request lies, at which ``k`` changes, found by
+    bisection. Signatures grow with the keep, so every keep past that step is unmeasured.
+    ``keep`` when there is no step left that way (the caller's bounds then apply)."""
+    down = passes[-1][1] > target
+    edge = min(p[0] for p in passes) if down else max(p[0] for p in passes)
+    mark = _signature(edge, steps)
+    near, far = edge, (MIN_KEEP if down else 1.0)
+    if _signature(far, steps) == mark:
+        return keep
+    for _ in range(60):  # ``near`` keeps the edge's signature, ``far`` never does
+        mid = (near + far) / 2
+        near, far = (mid, far) if _signature(mid, steps) == mark else (near, mid)
+    return far
 
 
 def _decide(passes, target: int, floats: int, size, model=None, steps=None) -> tuple:

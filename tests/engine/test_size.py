@@ -329,5 +329,33 @@ def test_short_rows_skip_keeps_whose_diff_a_pass_measured():
     # Without steps (tensor and global budgets) the secant keep is run as it is.
     assert _decide(passes, target, 10_000, "1kB")[0] == "run"
     assert _decide(passes, target, 10_000, "1kB")[1] == pytest.approx(0.10018)
-    # Before a bracket exists the keep moves on as before, measured signature or not.
-    assert _unmeasured(0.0999, [(0.1, 1200)], target, [100]) == 0.0999
+    # Before a bracket exists, a keep of a measured signature moves to the nearest step
+    # past every pass on the request's side: down from the smallest keep when all are
+    # over, up from the largest when all are under.
+    down = _unmeasured(0.0999, [(0.1, 1200)], target, [100])
+    assert _signature(down, [100]) == (9,) and down > 0.0949
+    up = _unmeasured(0.1001, [(0.2, 600), (0.1, 800)], target, [100])
+    assert _signature(up, [100]) == (21,) and up < 0.2051
+    # The secant after two passes over the request (0.0996, in the second pass's step)
+    # becomes the step below it, as a whole search: a new diff, not a repeat.
+    passes = [(0.2, 2000), (0.1016, 1010)]
+    kind, keep = _decide(passes, target, 10_000, "1kB", None, [100])
+    assert kind == "run" and _signature(keep, [100]) == (9,) and keep > 0.0949
+    # No step left that way: the keep is returned as it is (the caller's bounds apply).
+    assert _unmeasured(0.999, [(0.996, 800)], target, [100]) == 0.999
+    assert _unmeasured(2e-6, [(0.004, 1200)], target, [100]) == 2e-6
+
+
+def test_a_search_on_short_rows_runs_no_diff_twice_before_its_bracket(pair, tmp_path):
+    """At 25 kB the ken search's second pass lands just over the request, and keeps a
+    little lower make the same diff (rows of 64 and 160 values). Each later pass must
+    make a diff no pass has made (only the final rewrite of the best pass under the
+    request may repeat one): the search once ran the same 25,057-byte diff five times."""
+    d = tmp_path / "diff"
+    assert run(pair, d, "--size", "25kB", "--method", "ken") == 0
+    passes = json.loads((d / SEARCH_NAME).read_text())["passes"]
+    sizes = [got for _, got in passes]
+    under = [got for got in sizes if got <= 25_000]
+    body = sizes[:-1] if sizes[-1] in sizes[:-1] and sizes[-1] == max(under) else sizes
+    assert len(body) == len(set(body)), sizes
+    assert on_disk(d) == sizes[-1] <= 25_000
