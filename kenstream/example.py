@@ -106,12 +106,7 @@ def _demo(directory: Path, keep, quiet) -> int:
     print(f"1. writing a small BERT-shaped base / fine-tune pair under {printable(directory)}/")
     base, ft = write_pair(directory)
     diff, rebuilt = directory / "diff", directory / "rebuilt"
-    from .kernels import compiled
-
-    first = "" if compiled() else (
-        "; the first run on a machine compiles the kernels (about 20 s, cached after)")
-    print(f"2. compress: keep {keep:.0%} of every row of every changed matrix (KEN rule)"
-          f"{first}")
+    print(f"2. compress: keep {keep:.0%} of every row of every changed matrix (KEN rule)")
     t0 = time.perf_counter()
     ks.compress(base, ft, diff, keep=keep, overwrite=True, quiet=quiet,
                 command=["kenstream", "compress", str(base), str(ft), "-o", str(diff),

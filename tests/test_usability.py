@@ -188,8 +188,10 @@ def test_a_closed_pipe_is_no_error(pair, tmp_path):
 
 
 def test_compiled_reads_numba_cache(tmp_path):
-    kenstream.kernels.select("ken", torch.randn(2, 8).numpy(), 3)  # compiled and cached now
-    assert kenstream.kernels.compiled() is True
+    from kenstream import kernels
+
+    kernels.select("ken", torch.randn(2, 8).numpy(), 3)  # compiled and cached now
+    assert kernels.compiled() is True
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "empty-cache"))
     out = subprocess.run([sys.executable, "-c", "import kenstream.kernels as k; "
                           "print(k.compiled())"], env=env, capture_output=True, text=True,
@@ -198,7 +200,62 @@ def test_compiled_reads_numba_cache(tmp_path):
 
 
 @pytest.mark.parametrize("cold", [True, False])
-def test_demo_says_it_compiles_only_when_it_will(tmp_path, capsys, monkeypatch, cold):
-    monkeypatch.setattr(kenstream.kernels, "compiled", lambda: not cold)
-    assert main(["demo", str(tmp_path / "demo"), "-q"]) == 0
-    assert ("compiles the kernels" in capsys.readouterr().out) is cold
+def test_compress_compiles_before_its_bar_and_says_so_only_when_it_will(
+        pair, tmp_path, capsys, monkeypatch, cold):
+    """A machine without the kernel in numba's cache compiles it for half a minute: the
+    user is told, and it happens before the bar starts (else the bar sits at 0 and then
+    promises hours). With the kernel cached, neither."""
+    import importlib
+
+    module = importlib.import_module("kenstream.engine.compress")
+    events = []
+    kernels = importlib.import_module("kenstream.kernels")
+    monkeypatch.setattr(kernels, "compiled", lambda method: not cold)
+    monkeypatch.setattr(kernels, "warm_up", lambda method: events.append(method))
+    real_bar = module.bar
+
+    def bar(*args, **kwargs):
+        events.append("bar")
+        return real_bar(*args, **kwargs)
+
+    monkeypatch.setattr(module, "bar", bar)
+    b, f = pair
+    assert main(["compress", str(b), str(f), "-o", str(tmp_path / "d"), "--keep", "0.3",
+                 "--method", "delta"]) == 0
+    said = "compiling kenstream's kernels" in capsys.readouterr().err
+    assert said is cold
+    assert events == (["delta", "bar"] if cold else ["bar"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_warm_up_compiles_the_signatures_compress_runs(tmp_path, method):
+    """Every dtype shares one compiled signature of a rule's kernel, and the coder's
+    kernels have one a dtype width: warmed up for bf16 and float32, compress then has
+    nothing left to compile (or load) for either."""
+    from numba.core.registry import CPUDispatcher
+
+    from kenstream import kernels
+    from kenstream.format import v2
+    from kenstream.kernels import codec, pack
+
+    def signatures():
+        found = {method: set(kernels._selection_kernel(method).signatures)}
+        for module in (codec, pack):
+            for name, obj in vars(module).items():
+                if isinstance(obj, CPUDispatcher):
+                    found[f"{module.__name__}.{name}"] = set(obj.signatures)
+        return found
+
+    kernels.warm_up(method)
+    for code in ("BF16", "F32"):
+        v2.warm_up(code)
+    warmed = signatures()
+    assert warmed[method]
+    for dtype in (torch.bfloat16, torch.float32):
+        base, ft = toy_pair(dtype)
+        b = save_dir(tmp_path / f"b{dtype}", base)
+        f = save_dir(tmp_path / f"f{dtype}", ft)
+        assert main(["compress", str(b), str(f), "-o", str(tmp_path / f"d{dtype}"),
+                     "--keep", "0.3", "--method", method, "-q", "-j", "2"]) == 0
+    after = signatures()
+    assert {k: v for k, v in after.items() if v != warmed.get(k)} == {}

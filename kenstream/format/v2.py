@@ -150,6 +150,39 @@ def encode_frame(ft: np.ndarray, base: np.ndarray | None, mask: np.ndarray | Non
     return Frame(positions + values, len(positions), len(values), kept, counts)
 
 
+def coder_compiled() -> bool:
+    """Whether the value coder's kernels are in numba's on-disk cache (else the first
+    frame coded in this process compiles them, a few seconds)."""
+    from ..kernels import cached
+
+    return cached(codec.context_pack)
+
+
+def warm_up(code: str) -> None:
+    """Code small frames of dtype ``code`` as compress does, so the kernels a tensor of
+    that dtype runs are compiled now (see `kernels.warm_up`): with half the positions
+    kept (a selected tensor) and whole against the base (a stored one). The inputs are
+    read-only views, as compress's are (numba compiles those apart); for F32 the frames
+    are coded both with a scaled prediction (the fine-tune is the base times 0.98) and
+    without one."""
+    storage = dtypes.storage_dtype(code)
+    if code == "F32":
+        base = np.linspace(0.5, 2.0, 16, dtype=np.float32)
+        fts = [base[::-1].copy(), base * np.float32(0.98)]
+    else:
+        base = np.arange(1000, 1016).astype(storage)
+        fts = [base[::-1].copy()]
+    mask = np.zeros((2, 8), bool)
+    mask[:, ::2] = True
+    base = base.view(storage).reshape(2, 8)
+    base.setflags(write=False)
+    for ft in fts:
+        ft = ft.view(storage).reshape(2, 8)
+        ft.setflags(write=False)
+        encode_frame(ft, base, mask, code)
+        encode_frame(ft, base, None, code)
+
+
 # -- reading ---------------------------------------------------------------------------------
 
 def _unzstd(data, expected: int, what: str) -> np.ndarray:

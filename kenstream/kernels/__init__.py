@@ -17,15 +17,33 @@ from ..settings import METHODS, TIES
 from ._inputs import as_array, check_k, check_out, check_row_offset, check_ties
 from ._jit import cached, frame_pool, get_threads, threads
 
-__all__ = ["METHODS", "TIES", "compiled", "frame_pool", "get_threads", "select", "threads"]
+__all__ = ["METHODS", "TIES", "compiled", "frame_pool", "get_threads", "select", "threads",
+           "warm_up"]
 
 
-def compiled() -> bool:
-    """Whether the KEN kernel is in numba's on-disk cache (else the first selection in
-    this process compiles the kernels, about 20 s)."""
-    from ._ken import mask_rows
+def _selection_kernel(method: str):
+    if method == "ken":
+        from ._ken import mask_rows
 
-    return cached(mask_rows)
+        return mask_rows
+    from . import baselines
+
+    return baselines._random_kernel if method == "random" else baselines._rank_kernel
+
+
+def compiled(method: str = "ken") -> bool:
+    """Whether ``method``'s selection kernel is in numba's on-disk cache; else the first
+    selection in this process compiles it (on 2 cores about 30 s for ``ken``, 5-10 s
+    for the others)."""
+    return cached(_selection_kernel(method))
+
+
+def warm_up(method: str) -> None:
+    """Compile ``method``'s selection kernel now, on a 2 x 8 example: every input dtype
+    and shape shares its one compiled signature, so a caller that does this before its
+    progress bar starts keeps the compiler's wait out of the bar's rate."""
+    rows = np.linspace(-1.0, 1.0, 16, dtype=np.float32).reshape(2, 8)
+    select(method, rows, 2, base_rows=np.zeros_like(rows), ties="scrambled")
 
 
 def select(method: str, ft_rows, k: int, *, base_rows=None, ties: str = "positions",
