@@ -227,6 +227,25 @@ def test_compress_compiles_before_its_bar_and_says_so_only_when_it_will(
     assert events == (["delta", "bar"] if cold else ["bar"])
 
 
+@pytest.mark.parametrize("cold", [True, False])
+def test_rebuild_and_verify_say_when_they_compile_the_decoder(pair, tmp_path, capsys,
+                                                              monkeypatch, cold):
+    import importlib
+
+    b, f = pair
+    d = tmp_path / "d"
+    assert main(["compress", str(b), str(f), "-o", str(d), "--keep", "0.3", "-q"]) == 0
+    monkeypatch.setattr(importlib.import_module("kenstream.format.v2"), "decoder_compiled",
+                        lambda: not cold)
+    capsys.readouterr()
+    for argv in (["rebuild", str(b), str(d), "-o", str(tmp_path / "r")],
+                 ["verify", str(b), str(d)], ["verify", str(b), str(d), "--finetuned", str(f)],
+                 ["verify", str(b), str(d), "-q"]):
+        assert main(argv) == 0
+        said = "compiling kenstream's decoder" in capsys.readouterr().err
+        assert said is (cold and "-q" not in argv), argv
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_warm_up_compiles_the_signatures_compress_runs(tmp_path, method):
     """Every dtype shares one compiled signature of a rule's kernel, and the coder's

@@ -13,10 +13,11 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import DiffError, KenstreamError
-from ..format import spec
+from ..format import spec, v2
 from ..format.v1 import V1Tensor
 from ..format.v2_tensor import V2Tensor, check_frame_size
 from ..io.rows import TensorRows
+from ..progress import say
 
 
 class TensorBlocks:
@@ -207,3 +208,21 @@ class ThreadBuffers:
         if held is None or held.size < nbytes:
             held = mine[name] = np.empty(max(nbytes, 1), np.uint8)
         return held[:nbytes].view(dtype).reshape(shape)
+
+
+def compile_first(records, executor: str, quiet: bool, compare: bool = False) -> None:
+    """On a machine whose numba cache lacks the decoder (with ``compare``, verify's
+    comparison too), say that the first blocks wait on the compiler. Unlike compress's
+    kernels it is not compiled here first: frames to decode would have to be coded, which
+    compiles the coder as well (17 s for bf16 and float32 together, against the decoder's
+    4 s). Ray's workers compile on their own nodes."""
+    from ..kernels import cached
+    from ..kernels.compare import _flags
+
+    coded = any(r.version >= 2 and r.encoding == "coded" and r.base_name is not None
+                for r in records.values())
+    if quiet or executor != "local" or not coded or \
+            (v2.decoder_compiled() and (not compare or cached(_flags))):
+        return
+    say("compiling kenstream's decoder for this machine (the first run only: a few "
+        "seconds; numba caches it)")

@@ -22,7 +22,7 @@ from ..io.writer import (BufferRing, ShardSet, WriteBehind, entry_cost, header_b
 from ..progress import bar, say
 from ..settings import MODEL_SHARD_SIZE, parse_size
 from ..text import printable
-from .blocks import TensorBlocks, check_shapes
+from .blocks import TensorBlocks, check_shapes, compile_first
 from .cards import FINETUNED_CARD, rebuilt_card
 from .executor import RebuildJob, Source, check_executor, executor_ready, run_shards
 
@@ -134,6 +134,7 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
             job = RebuildJob(shards, str(d.path), Source.of(b), counts, largest, block_elems,
                              workers, d.forced_base, metadata,
                              _read_past_cache(b.files, total_size))
+            compile_first(records, executor, quiet)
             with bar(sum(counts.values()), "rebuild", quiet) as progress:
                 weight_map = run_shards(job, list(shards), progress, executor=executor,
                                         handles=(d, b), resume=claim.state == "resume",

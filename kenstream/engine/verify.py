@@ -21,7 +21,7 @@ from ..io.diff_reader import DiffReader
 from ..io.rows import TensorRows
 from ..kernels.compare import DIFFERS, KEPT_DIFFERS, RESET_DIFFERS, compare_block
 from ..progress import bar
-from .blocks import TensorBlocks, ThreadBuffers, check_shapes
+from .blocks import TensorBlocks, ThreadBuffers, check_shapes, compile_first
 from .executor import Source, VerifyJob, check_executor, executor_ready, run_shards
 
 
@@ -52,6 +52,7 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None
             job = VerifyJob(str(d.path), Source.of(b), None if ft is None else Source.of(ft),
                             counts, block_elems, kernels.get_threads(), d.forced_base)
             total = sum(counts.values())
+            compile_first(d.records, executor, quiet, compare=ft is not None)
             with bar(total, "verify", quiet) as progress:
                 tensors, problems = run_shards(job, groups, progress,
                                                executor=executor, handles=(d, b, ft),

@@ -158,6 +158,14 @@ def coder_compiled() -> bool:
     return cached(codec.context_pack)
 
 
+def decoder_compiled() -> bool:
+    """Whether the value decoder's kernels are in numba's on-disk cache (else the first
+    frame decoded in this process compiles them, about 4 s on 2 cores)."""
+    from ..kernels import cached
+
+    return cached(codec.context_unpack)
+
+
 def warm_up(code: str) -> None:
     """Code small frames of dtype ``code`` as compress does, so the kernels a tensor of
     that dtype runs are compiled now (see `kernels.warm_up`): with half the positions
