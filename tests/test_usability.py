@@ -199,9 +199,10 @@ def test_compiled_reads_numba_cache(tmp_path):
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize("budget", ["row", "global"])
 @pytest.mark.parametrize("cold", [True, False])
 def test_compress_compiles_before_its_bar_and_says_so_only_when_it_will(
-        pair, tmp_path, capsys, monkeypatch, cold):
+        pair, tmp_path, capsys, monkeypatch, cold, budget):
     """A machine without the kernel in numba's cache compiles it for half a minute: the
     user is told, and it happens before the bar starts (else the bar sits at 0 and then
     promises hours). With the kernel cached, neither."""
@@ -210,8 +211,8 @@ def test_compress_compiles_before_its_bar_and_says_so_only_when_it_will(
     module = importlib.import_module("kenstream.engine.compress")
     events = []
     kernels = importlib.import_module("kenstream.kernels")
-    monkeypatch.setattr(kernels, "compiled", lambda method: not cold)
-    monkeypatch.setattr(kernels, "warm_up", lambda method: events.append(method))
+    monkeypatch.setattr(kernels, "compiled", lambda method, budget: not cold)
+    monkeypatch.setattr(kernels, "warm_up", lambda method, budget: events.append(method))
     real_bar = module.bar
 
     def bar(*args, **kwargs):
@@ -221,10 +222,11 @@ def test_compress_compiles_before_its_bar_and_says_so_only_when_it_will(
     monkeypatch.setattr(module, "bar", bar)
     b, f = pair
     assert main(["compress", str(b), str(f), "-o", str(tmp_path / "d"), "--keep", "0.3",
-                 "--method", "delta"]) == 0
-    said = "compiling kenstream's kernels" in capsys.readouterr().err
-    assert said is cold
-    assert events == (["delta", "bar"] if cold else ["bar"])
+                 "--method", "delta", "--budget", budget]) == 0
+    said = capsys.readouterr().err.count("compiling kenstream's kernels")
+    assert said == int(cold)
+    bars = ["bar"] * (1 if budget == "row" else 2)  # a budget's scores pass has a bar first
+    assert events == (["delta", *bars] if cold else bars)
 
 
 @pytest.mark.parametrize("cold", [True, False])
@@ -246,35 +248,50 @@ def test_rebuild_and_verify_say_when_they_compile_the_decoder(pair, tmp_path, ca
         assert said is (cold and "-q" not in argv), argv
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_warm_up_compiles_the_signatures_compress_runs(tmp_path, method):
+_WARM_CHECK = """
+import sys
+from numba.core.registry import CPUDispatcher
+from kenstream import kernels
+from kenstream.cli import main
+from kenstream.format import v2
+from kenstream.kernels import codec, pack, scores
+
+method, budget, pairs = sys.argv[1], sys.argv[2], sys.argv[3:]
+
+def signatures():
+    found = {method: set(kernels._selection_kernel(method, budget).signatures)}
+    for module in (codec, pack, scores):
+        for name, obj in vars(module).items():
+            if isinstance(obj, CPUDispatcher):
+                found[module.__name__ + "." + name] = set(obj.signatures)
+    return found
+
+kernels.warm_up(method, budget)
+for code in ("BF16", "F32"):
+    v2.warm_up(code)
+warmed = signatures()
+assert warmed[method], "warm_up compiled no selection kernel"
+for i in range(0, len(pairs), 3):
+    b, f, out = pairs[i:i + 3]
+    assert main(["compress", b, f, "-o", out, "--keep", "0.3", "--method", method,
+                 "--budget", budget, "-q", "-j", "2"]) == 0
+added = {k: v - warmed.get(k, set()) for k, v in signatures().items() if v != warmed.get(k)}
+assert not added, added
+"""
+
+
+@pytest.mark.parametrize("method,budget", [(m, "row") for m in METHODS]
+                         + [("delta", "global"), ("random", "tensor")])
+def test_warm_up_compiles_the_signatures_compress_runs(tmp_path, method, budget):
     """Every dtype shares one compiled signature of a rule's kernel, and the coder's
     kernels have one a dtype width: warmed up for bf16 and float32, compress then has
-    nothing left to compile (or load) for either."""
-    from numba.core.registry import CPUDispatcher
-
-    from kenstream import kernels
-    from kenstream.format import v2
-    from kenstream.kernels import codec, pack
-
-    def signatures():
-        found = {method: set(kernels._selection_kernel(method).signatures)}
-        for module in (codec, pack):
-            for name, obj in vars(module).items():
-                if isinstance(obj, CPUDispatcher):
-                    found[f"{module.__name__}.{name}"] = set(obj.signatures)
-        return found
-
-    kernels.warm_up(method)
-    for code in ("BF16", "F32"):
-        v2.warm_up(code)
-    warmed = signatures()
-    assert warmed[method]
+    nothing left to compile (or load from the cache) for either. In a process of its
+    own, which has loaded no kernel before the warm-up."""
+    argv = []
     for dtype in (torch.bfloat16, torch.float32):
         base, ft = toy_pair(dtype)
-        b = save_dir(tmp_path / f"b{dtype}", base)
-        f = save_dir(tmp_path / f"f{dtype}", ft)
-        assert main(["compress", str(b), str(f), "-o", str(tmp_path / f"d{dtype}"),
-                     "--keep", "0.3", "--method", method, "-q", "-j", "2"]) == 0
-    after = signatures()
-    assert {k: v for k, v in after.items() if v != warmed.get(k)} == {}
+        argv += [str(save_dir(tmp_path / f"b{dtype}", base)),
+                 str(save_dir(tmp_path / f"f{dtype}", ft)), str(tmp_path / f"d{dtype}")]
+    done = subprocess.run([sys.executable, "-c", _WARM_CHECK, method, budget, *argv],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]

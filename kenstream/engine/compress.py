@@ -223,7 +223,7 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
             label = "compress" if search is None else f"--size pass {len(search['passes']) + 1}"
             job = CompressJob(shards, Source.of(f), Source.of(b), settings, version,
                               block_elems, level, frame_elems, kernels.get_threads(), cuts)
-            _compile_first(settings.method, items, version, executor, quiet)
+            _compile_first(settings, items, version, executor, quiet)
             with bar(sum(i.params for i in items), label, quiet) as progress:
                 records, table = run_shards(job, list(shards), progress,
                                             executor=executor, handles=(f, b),
@@ -239,18 +239,26 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
     return index.to_json()
 
 
-def _compile_first(method: str, items, version: int, executor: str, quiet: bool) -> None:
+_WARMED = set()
+"""(rule, budget, dtypes) this process has compiled the kernels for."""
+
+
+def _compile_first(settings, items, version: int, executor: str, quiet: bool) -> None:
     """On a machine whose numba cache lacks the kernels, say so and compile them before
-    the progress bar starts (the selection kernel, and the value coder for each dtype
-    selected): else the bar sits at 0 for half a minute and then promises hundreds of
-    hours. Ray's workers compile on their own nodes."""
+    the first progress bar starts (the selection kernel of the rule and budget, and the
+    value coder for each dtype selected): else the bar sits at 0 for half a minute and
+    then promises hundreds of hours. Ray's workers compile on their own nodes."""
+    method, budget = settings.method, settings.budget
     codes = sorted({i.dtype for i in items if i.action == "select"}) if version >= 2 else []
-    if quiet or executor != "local" or \
-            (kernels.compiled(method) and (not codes or v2.coder_compiled())):
+    key = (method, budget, tuple(codes))
+    if quiet or executor != "local" or key in _WARMED or \
+            (kernels.compiled(method, budget) and (not codes or v2.coder_compiled())):
         return
+    _WARMED.add(key)  # a budget's scores pass warms up before its bar, compress finds it done
+    slow = method == "ken" and budget == "row"
     say(f"compiling kenstream's kernels for this machine (the first run only: about "
-        f"{'30-40' if method == 'ken' else '10-15'} s on 2 cores; numba caches them)")
-    kernels.warm_up(method)
+        f"{'30-40' if slow else '10-15'} s on 2 cores; numba caches them)")
+    kernels.warm_up(method, budget)
     for code in codes:
         v2.warm_up(code)
 
@@ -265,6 +273,7 @@ def _cuts(f, b, items, settings, block_elems, first_pass, quiet) -> dict | None:
         stats = first_pass["stats"]
     else:
         selected = sum(i.params for i in items if i.action == "select")
+        _compile_first(settings, items, 2, "local", quiet)  # the bar below is the first
         with bar(selected, f"budget {settings.budget}: scores", quiet) as progress:
             stats = budget_pass.gather(f, b, items, settings, progress, block_elems)
         if first_pass is not None:

@@ -21,7 +21,13 @@ __all__ = ["METHODS", "TIES", "compiled", "frame_pool", "get_threads", "select",
            "warm_up"]
 
 
-def _selection_kernel(method: str):
+def _selection_kernel(method: str, budget: str = "row"):
+    """The numba kernel that selects by ``method`` under ``budget`` (a tensor or global
+    budget selects by the scores' bins, whatever the rule)."""
+    if budget != "row":
+        from .scores import _bins_kernel
+
+        return _bins_kernel
     if method == "ken":
         from ._ken import mask_rows
 
@@ -31,19 +37,25 @@ def _selection_kernel(method: str):
     return baselines._random_kernel if method == "random" else baselines._rank_kernel
 
 
-def compiled(method: str = "ken") -> bool:
-    """Whether ``method``'s selection kernel is in numba's on-disk cache; else the first
-    selection in this process compiles it (on 2 cores about 30 s for ``ken``, 5-10 s
-    for the others)."""
-    return cached(_selection_kernel(method))
+def compiled(method: str = "ken", budget: str = "row") -> bool:
+    """Whether the selection kernel of ``method`` under ``budget`` is in numba's on-disk
+    cache; else the first selection in this process compiles it (on 2 cores about 30 s
+    for ``ken``, a few seconds for the others)."""
+    return cached(_selection_kernel(method, budget))
 
 
-def warm_up(method: str) -> None:
-    """Compile ``method``'s selection kernel now, on a 2 x 8 example: every input dtype
-    and shape shares its one compiled signature, so a caller that does this before its
-    progress bar starts keeps the compiler's wait out of the bar's rate."""
+def warm_up(method: str, budget: str = "row") -> None:
+    """Compile the selection kernel of ``method`` under ``budget`` now, on a 2 x 8
+    example: every input dtype and shape shares its one compiled signature, so a caller
+    that does this before its progress bar starts keeps the compiler's wait out of the
+    bar's rate."""
     rows = np.linspace(-1.0, 1.0, 16, dtype=np.float32).reshape(2, 8)
-    select(method, rows, 2, base_rows=np.zeros_like(rows), ties="scrambled")
+    if budget != "row":
+        from .scores import raw_bins
+
+        raw_bins(method, rows, np.zeros_like(rows))
+    else:
+        select(method, rows, 2, base_rows=np.zeros_like(rows), ties="scrambled")
 
 
 def select(method: str, ft_rows, k: int, *, base_rows=None, ties: str = "positions",
