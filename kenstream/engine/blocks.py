@@ -211,8 +211,8 @@ class ThreadBuffers:
 
 
 def compile_first(records, executor: str, quiet: bool, compare: bool = False) -> None:
-    """On a machine whose numba cache lacks the decoder (with ``compare``, verify's
-    comparison too), say that the first blocks wait on the compiler. Unlike compress's
+    """On a machine whose numba cache lacks the decoder (with ``compare``, or verify's
+    comparison), say that the first blocks wait on the compiler. Unlike compress's
     kernels it is not compiled here first: frames to decode would have to be coded, which
     compiles the coder as well (17 s for bf16 and float32 together, against the decoder's
     4 s). Ray's workers compile on their own nodes."""
@@ -221,8 +221,10 @@ def compile_first(records, executor: str, quiet: bool, compare: bool = False) ->
 
     coded = any(r.version >= 2 and r.encoding == "coded" and r.base_name is not None
                 for r in records.values())
-    if quiet or executor != "local" or not coded or \
-            (v2.decoder_compiled() and (not compare or cached(_flags))):
+    missing = [what for what, done in (("decoder", not coded or v2.decoder_compiled()),
+                                       ("comparison", not compare or cached(_flags)))
+               if not done]
+    if quiet or executor != "local" or not missing:
         return
-    say("compiling kenstream's decoder for this machine (the first run only: a few "
-        "seconds; numba caches it)")
+    say(f"compiling kenstream's {' and '.join(missing)} for this machine (the first run "
+        "only: a few seconds; numba caches it)")

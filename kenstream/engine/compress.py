@@ -257,7 +257,7 @@ def _compile_first(settings, items, version: int, executor: str, quiet: bool) ->
     _WARMED.add(key)  # a budget's scores pass warms up before its bar, compress finds it done
     slow = method == "ken" and budget == "row"
     say(f"compiling kenstream's kernels for this machine (the first run only: about "
-        f"{'30-40' if slow else '10-15'} s on 2 cores; numba caches them)")
+        f"{'30-45' if slow else '10-15'} s on 2 cores; numba caches them)")
     kernels.warm_up(method, budget)
     for code in codes:
         v2.warm_up(code)
