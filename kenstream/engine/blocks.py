@@ -222,7 +222,7 @@ def compile_first(records, executor: str, quiet: bool, compare: bool = False) ->
     coded = any(r.version >= 2 and r.encoding == "coded" and r.base_name is not None
                 for r in records.values())
     missing = [what for what, done in (("decoder", not coded or v2.decoder_compiled()),
-                                       ("comparison", not compare or cached(_flags)))
+                                       ("comparison kernel", not compare or cached(_flags)))
                if not done]
     if quiet or executor != "local" or not missing:
         return
