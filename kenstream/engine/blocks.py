@@ -216,13 +216,12 @@ def compile_first(records, executor: str, quiet: bool, compare: bool = False) ->
     kernels it is not compiled here first: frames to decode would have to be coded, which
     compiles the coder as well (17 s for bf16 and float32 together, against the decoder's
     4 s). Ray's workers compile on their own nodes."""
-    from ..kernels import cached
-    from ..kernels.compare import _flags
+    from ..kernels.compare import compiled as comparison_compiled
 
     coded = any(r.version >= 2 and r.encoding == "coded" and r.base_name is not None
                 for r in records.values())
     missing = [what for what, done in (("decoder", not coded or v2.decoder_compiled()),
-                                       ("comparison kernel", not compare or cached(_flags)))
+                                       ("comparison kernel", not compare or comparison_compiled()))
                if not done]
     if quiet or executor != "local" or not missing:
         return

@@ -19,7 +19,7 @@ import zstandard
 
 from .. import dtypes
 from ..errors import DiffError
-from ..kernels import codec
+from ..kernels import cached, codec
 from ..kernels.pack import pack_pair, pack_rows, padding_bits_set, row_counts, row_popcounts
 from .spec import DEFAULT_LEVEL
 
@@ -153,16 +153,12 @@ def encode_frame(ft: np.ndarray, base: np.ndarray | None, mask: np.ndarray | Non
 def coder_compiled() -> bool:
     """Whether the value coder's kernels are in numba's on-disk cache (else the first
     frame coded in this process compiles them, a few seconds)."""
-    from ..kernels import cached
-
     return cached(codec.context_pack)
 
 
 def decoder_compiled() -> bool:
     """Whether the value decoder's kernels are in numba's on-disk cache (else the first
     frame decoded in this process compiles them, about 4 s on 2 cores)."""
-    from ..kernels import cached
-
     return cached(codec.context_unpack)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import dtypes
-from ._jit import JIT, njit
+from ._jit import JIT, cached, njit
 from .pack import flat_bits
 
 KEPT_DIFFERS = 1
@@ -60,6 +60,12 @@ def _norms_floats(got, want, base, sums):
         error += e * e
     sums[0] = change
     sums[1] = error
+
+
+def compiled() -> bool:
+    """Whether the comparison's kernels are in numba's on-disk cache (else the first
+    block compared in this process compiles them, a few seconds)."""
+    return cached(_flags)
 
 
 _TABLES: dict = {}
