@@ -78,3 +78,60 @@ def test_rebuild_builds_frames_with_single_threaded_kernels(pair, tmp_path, monk
     monkeypatch.setattr(v2_tensor, "put_at", watched)
     kenstream.rebuild(b, tmp_path / "diff", tmp_path / "out", quiet=True, threads=2)
     assert seen and set(seen) == {1}
+
+
+def _multi_shard(pair, tmp_path):
+    import kenstream
+
+    b, f = pair
+    return lambda: kenstream.compress(b, f, tmp_path / "diff", keep=0.5, quiet=True,
+                                      shard_size="2kB")
+
+
+def test_a_diff_shard_is_hashed_while_the_next_one_is_written(pair, tmp_path, monkeypatch):
+    """The local executor hashes a finished shard on a helper thread while the loop writes
+    the next: the first shard's hash waits here for the second shard's write to start,
+    which a hash in the loop could never see. The index still holds every file's sha256
+    (recomputed here with hashlib)."""
+    import hashlib
+    import json
+    import threading
+
+    from kenstream.engine import executor
+
+    started, seen, calls = threading.Event(), [], []
+    hash_file, write = executor.sha256_file, executor.write_shard
+
+    def hashed(path):
+        if not seen:
+            seen.append(started.wait(timeout=30))  # a guard against a hang, not a timing
+        return hash_file(path)
+
+    def written(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            started.set()
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(executor, "sha256_file", hashed)
+    monkeypatch.setattr(executor, "write_shard", written)
+    _multi_shard(pair, tmp_path)()
+    assert len(calls) >= 2 and seen == [True]
+    index = json.loads((tmp_path / "diff" / "kenstream-diff.json").read_text())
+    table = index["shards"]
+    assert sorted(table) == sorted(calls)
+    for name, info in table.items():
+        data = (tmp_path / "diff" / name).read_bytes()
+        assert info["sha256"] == hashlib.sha256(data).hexdigest() and info["size"] == len(data)
+
+
+def test_a_failed_deferred_hash_stops_the_run_before_the_index(pair, tmp_path, monkeypatch):
+    from kenstream.engine import executor
+
+    def broken(path):
+        raise OutputError.from_os(OSError(5, "Input/output error"), "read", file=str(path))
+
+    monkeypatch.setattr(executor, "sha256_file", broken)
+    with pytest.raises(OutputError, match="Input/output error"):
+        _multi_shard(pair, tmp_path)()
+    assert not (tmp_path / "diff" / "kenstream-diff.json").exists()
