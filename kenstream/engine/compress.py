@@ -185,7 +185,8 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
         items = make_items(f, b, alignment, settings, version=version,
                            frame_elems=frame_elems)
         shards = plan_shards(out, items, limit, settings.ties, header_limit, version)
-        cuts = _cuts(f, b, items, settings, block_elems, first_pass, quiet)
+        cuts = _cuts(f, b, items, settings, block_elems, first_pass, quiet,
+                     _coded_dtypes(items, version, executor))
         extras = f.extra_files()
         strict = None
         if strict_resume:
@@ -223,7 +224,8 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
             label = "compress" if search is None else f"--size pass {len(search['passes']) + 1}"
             job = CompressJob(shards, Source.of(f), Source.of(b), settings, version,
                               block_elems, level, frame_elems, kernels.get_threads(), cuts)
-            _compile_first(settings, items, version, executor, quiet)
+            if executor == "local":  # Ray's workers compile on their own nodes
+                _compile_first(settings, _coded_dtypes(items, version, executor), quiet)
             with bar(sum(i.params for i in items), label, quiet) as progress:
                 records, table = run_shards(job, list(shards), progress,
                                             executor=executor, handles=(f, b),
@@ -243,15 +245,22 @@ _WARMED = set()
 """(rule, budget, dtypes) this process has compiled the kernels for."""
 
 
-def _compile_first(settings, items, version: int, executor: str, quiet: bool) -> None:
+def _coded_dtypes(items, version: int, executor: str) -> list:
+    """The dtypes whose selected values this process codes: none in format 1, nor in a Ray
+    driver (its workers code)."""
+    if version < 2 or executor != "local":
+        return []
+    return sorted({i.dtype for i in items if i.action == "select"})
+
+
+def _compile_first(settings, codes, quiet: bool) -> None:
     """On a machine whose numba cache lacks the kernels, say so and compile them before
     the first progress bar starts (the selection kernel of the rule and budget, and the
-    value coder for each dtype selected): else the bar sits at 0 for half a minute and
-    then promises hundreds of hours. Ray's workers compile on their own nodes."""
+    value coder for each dtype in ``codes``): else the bar sits at 0 for half a minute and
+    then promises hundreds of hours."""
     method, budget = settings.method, settings.budget
-    codes = sorted({i.dtype for i in items if i.action == "select"}) if version >= 2 else []
     key = (method, budget, tuple(codes))
-    if quiet or executor != "local" or key in _WARMED or \
+    if quiet or key in _WARMED or \
             (kernels.compiled(method, budget) and (not codes or v2.coder_compiled())):
         return
     _WARMED.add(key)  # a budget's scores pass warms up before its bar, compress finds it done
@@ -263,9 +272,11 @@ def _compile_first(settings, items, version: int, executor: str, quiet: bool) ->
         v2.warm_up(code)
 
 
-def _cuts(f, b, items, settings, block_elems, first_pass, quiet) -> dict | None:
+def _cuts(f, b, items, settings, block_elems, first_pass, quiet, codes) -> dict | None:
     """A tensor or global budget's cuts (None for the row budget), after its first pass
-    over the selected tensors (or the one ``first_pass`` holds for this rule)."""
+    over the selected tensors (or the one ``first_pass`` holds for this rule). The pass
+    runs here, whatever the executor: it compiles its kernel first, and the coder of each
+    of ``codes`` (`_coded_dtypes`) for the compress after it."""
     if settings.budget == "row":
         return None
     key = (settings.method, settings.seed, settings.include, settings.exclude)
@@ -273,7 +284,7 @@ def _cuts(f, b, items, settings, block_elems, first_pass, quiet) -> dict | None:
         stats = first_pass["stats"]
     else:
         selected = sum(i.params for i in items if i.action == "select")
-        _compile_first(settings, items, 2, "local", quiet)  # the bar below is the first
+        _compile_first(settings, codes, quiet)  # the bar below is the first
         with bar(selected, f"budget {settings.budget}: scores", quiet) as progress:
             stats = budget_pass.gather(f, b, items, settings, progress, block_elems)
         if first_pass is not None:

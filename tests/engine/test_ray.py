@@ -262,6 +262,27 @@ def test_global_budget_under_ray_is_byte_identical(cluster, pair, tmp_path, monk
     assert tree(tmp_path / "ray" / "diff") == tree(tmp_path / "local" / "diff")
 
 
+def test_a_ray_driver_compiles_the_scores_kernel_it_runs_and_no_coder(cluster, pair, tmp_path,
+                                                                       monkeypatch, capsys):
+    """On a cold numba cache a budget's driver compiles the scores kernel, which its first
+    pass runs, and says so; the value coder it would never run (the workers code) it
+    leaves alone. The workers are other processes: the stand-ins below are the driver's."""
+    import importlib
+
+    kernels = importlib.import_module("kenstream.kernels")
+    v2 = importlib.import_module("kenstream.format.v2")
+    warmed = []
+    monkeypatch.setattr(kernels, "compiled", lambda method, budget: False)
+    monkeypatch.setattr(v2, "coder_compiled", lambda: False)
+    monkeypatch.setattr(kernels, "warm_up", lambda method, budget: warmed.append(budget))
+    monkeypatch.setattr(v2, "warm_up", lambda code: warmed.append(code))
+    argv = [a for a in compress_argv(pair, "--method", "delta", "--budget", "global",
+                                     "--executor", "ray") if a != "-q"]
+    code, _, err = cli(argv, tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert warmed == ["global"] and err.count("compiling kenstream's kernels") == 1
+
+
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"),
                                               (signal.SIGTERM, 143, "terminated")])
 def test_ctrl_c_or_sigterm_to_a_ray_driver_leaves_a_resumable_diff(cluster, pair, local,
