@@ -2,7 +2,10 @@
 
 Frames are coded on a pool of threads (zstd and the numba codec release the GIL); their
 bytes are appended to the shard in order as they finish, and a tensor's frame table
-follows its last frame. Tensors stored whole stream through the pool continuously; a
+follows its last frame. Tensors stored whole stream through the pool continuously, from
+one tensor into the next: the writer's steps between two tensors (the table of one, the
+start of the next, a record) wait in the same ordered queue as the frames, so the loop
+goes on to read and submit the next tensor while the last frames of one are coded. A
 selected block's frames are coded between two runs of the selection kernel, which uses
 every core itself. At most a few frames per thread are in flight, so memory stays a few
 blocks whatever the model's size.
@@ -31,8 +34,9 @@ def _done(value):
 class _Tensor:
     """What is known of a tensor being written: its frames' table rows and row counts."""
 
-    def __init__(self, item, begin: int):
-        self.item, self.begin = item, begin
+    def __init__(self, item):
+        self.item = item
+        self.begin = None  # the shard's data offset of its first frame, once written
         self.table = []
         self.low, self.high = None, None  # smallest and largest kept count of a row
 
@@ -57,7 +61,10 @@ class V2Sink:
         self.records = {}
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads),
                                         thread_name_prefix="kenstream-code")
-        self._queue = deque()  # (tensor, first row, future), in shard order
+        # In shard order: (tensor, first row, future) for a frame, (step, argument) for what
+        # the writer does between frames (`_begin`, `_close`, `_unchanged`).
+        self._queue = deque()
+        self._frames = 0  # frames in the queue
         self._limit = 2 * max(1, threads) + 2
         self._open = None
 
@@ -76,6 +83,10 @@ class V2Sink:
         return out
 
     def unchanged(self, item) -> None:
+        self._queue.append((self._unchanged, item))
+        self._drain(self._limit)
+
+    def _unchanged(self, item) -> None:
         self.records[item.name] = record(item, "unchanged", "identical", self.shard, 0, None,
                                          0, 0, 0, 0, version=2)
         self.progress.update(item.params)
@@ -88,30 +99,41 @@ class V2Sink:
     def block(self, item, rows, base_rows, r0, r1, mask) -> None:
         """Code rows r0..r1 (``mask``: their kept positions, None for all) as frames."""
         if self._open is None or self._open.item is not item:
-            self._drain(0)
-            self._open = _Tensor(item, self.writer.data_bytes)
-            self.writer.begin(spec.entry_name(item.name, "frames"), "U8")
+            self._open = _Tensor(item)
+            self._queue.append((self._begin, self._open))
         tensor = self._open
         if item.params == 0:  # no values: one empty frame, whatever the rows (2**58 x 0)
-            self._queue.append((tensor, 0, _done(Frame(b"", 0, 0, 0, np.zeros(0, np.int64)))))
-            self._drain(0)
-            self._close(tensor)
+            self._frame(tensor, 0, _done(Frame(b"", 0, 0, 0, np.zeros(0, np.int64))))
+            self._end(tensor)
             return
         step = max(1, self.frame_elems // max(item.cols, 1))
         for f0 in range(r0, max(r1, r0 + 1), step):
             f1 = min(r1, f0 + step)
             sub = None if mask is None else mask[f0 - r0:f1 - r0]
-            future = self._pool.submit(self._code, item, rows, base_rows, f0, f1, sub)
-            self._queue.append((tensor, f0, future))
-            self._drain(self._limit)
+            self._frame(tensor, f0, self._pool.submit(self._code, item, rows, base_rows, f0,
+                                                      f1, sub))
         if mask is not None:
-            # The selection kernel runs on every core and spins while it waits for its
-            # slowest thread: coding beside it would stall it. Code this block's frames on
-            # every core now, and select the next one after.
+            # The selection kernel runs on every core: coding beside it gained nothing
+            # (docs/benchmarks.md). Code this block's frames on every core now, and select
+            # the next one after.
             self._drain(0)
         if r1 >= item.rows:
-            self._drain(0)
-            self._close(tensor)
+            self._end(tensor)
+
+    def _frame(self, tensor, r0, future) -> None:
+        self._queue.append((tensor, r0, future))
+        self._frames += 1
+        self._drain(self._limit)
+
+    def _end(self, tensor) -> None:
+        """The tensor's last frame is queued: its table follows it."""
+        self._queue.append((self._close, tensor))
+        self._open = None
+        self._drain(self._limit)
+
+    def _begin(self, tensor) -> None:
+        tensor.begin = self.writer.data_bytes
+        self.writer.begin(spec.entry_name(tensor.item.name, "frames"), "U8")
 
     def _code(self, item, rows, base_rows, r0, r1, mask):  # a pool thread
         ft = rows.raw(r0, r1)
@@ -123,9 +145,16 @@ class V2Sink:
         return frame
 
     def _drain(self, keep: int) -> None:
-        """Write finished frames, in order, until at most ``keep`` are in flight."""
-        while len(self._queue) > keep:
-            tensor, r0, future = self._queue.popleft()
+        """Write finished frames, in order, until at most ``keep`` are in flight, and the
+        writer's steps queued before the next of them."""
+        while self._queue and (self._frames > keep or len(self._queue[0]) == 2):
+            entry = self._queue.popleft()
+            if len(entry) == 2:
+                step, argument = entry
+                step(argument)
+                continue
+            tensor, r0, future = entry
+            self._frames -= 1
             frame = future.result()
             self.writer.write(np.frombuffer(frame.data, np.uint8))
             tensor.add(r0, frame)
@@ -144,7 +173,6 @@ class V2Sink:
         self.records[item.name] = record(item, "coded", item.reason, self.shard, kept,
                                          row_kept, writer.data_bytes - tensor.begin,
                                          len(tensor.table), pos, val, version=2)
-        self._open = None
 
     def finish(self) -> dict:
         """Write what is queued and the header; returns name -> TensorRecord."""
