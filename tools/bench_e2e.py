@@ -5,8 +5,9 @@ Prints, in one run: parameters per second and wall time of `kenstream compress` 
 `kenstream rebuild` (each a child process, peak resident memory measured by the OS), the time to
 read both inputs once (the I/O floor), the kernel-only time on the same tensors held in RAM, the
 time to copy the base checkpoint, and the slow reference implementation's rate on a sample of
-rows; every timed step, the floors included, is the fastest of ``--repeat`` runs. Page caches of the files involved are dropped (posix_fadvise DONTNEED) before every timed
-step, so each starts from disk. Usage:
+rows; every timed step, the floors included, is the fastest of ``--repeat`` runs. Page caches
+of the files involved are dropped (posix_fadvise DONTNEED) before every timed step, so each
+starts from disk. Usage:
 
     python tools/bench_e2e.py --params 1B --dir /tmp/kbench
     python tools/bench_e2e.py --params 1B,7B --dir /tmp/kbench --keep 0.25 -j 2
@@ -165,8 +166,8 @@ def measure(size: str, args, head=None) -> dict:
     warm_numba(ks, work / "warm", args.dtype, args.keep, args.threads)
 
     # The floor is the fastest of --repeat reads, as every timed step is the fastest of its
-    # runs: one slow read (3.5 s where two more took 2.1-2.7 s on 2026-12-07's host)
-    # would flatter every ratio against it.
+    # runs: one slow read (8.1 s where the next two took 2.1 and 1.9 s on 2026-12-07's
+    # third host) would flatter every ratio against it.
     floors = []
     for n in range(args.repeat):
         print(f"{size}: reading both inputs ({n + 1}/{args.repeat}) ...", flush=True)
