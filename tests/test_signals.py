@@ -125,7 +125,7 @@ def test_interrupted_verify_does_not_suggest_resume(diff, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(verify_module, "_compare", interrupted)
+    monkeypatch.setattr(verify_module._Checking, "finish", interrupted)
     assert main([str(a) for a in ["verify", d, "--base", b, "--finetuned", f, "-q"]]) == 130
     assert capsys.readouterr().err == "error: interrupted\n"
 

@@ -4,14 +4,14 @@ Memory stays near a few row blocks whatever the model's size: every tensor is re
 block by block and compared, bit for bit, with the same rows of the fine-tune (at kept
 positions) and of the base (elsewhere); the reconstruction error is accumulated per
 block. Without a fine-tune every frame is still decoded, so its checks and checksum run.
-Blocks are checked on a pool of threads; under ``executor="ray"`` each diff shard's
-tensors are a Ray task (:mod:`.executor`).
+Blocks are checked on a pool of threads, one tensor after another with no wait between
+them; under ``executor="ray"`` each diff shard's tensors are a Ray task (:mod:`.executor`).
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from .. import kernels
 from ..errors import VerifyError
@@ -83,35 +83,89 @@ def _groups(records) -> list:
 def check_tensors(d, b, ft, names, progress, block_elems) -> tuple:
     """(name -> report row, problems) of tensors ``names`` of diff ``d`` over base ``b``,
     on a pool of the current thread count, each counted on ``progress`` when done; with a
-    fine-tune ``ft``, every value is compared; without, every block is decoded."""
+    fine-tune ``ft``, every value is compared; without, every block is decoded.
+
+    Tensors follow one another on the pool with no wait between them: the next tensors'
+    blocks are queued while one's last block is checked (most tensors are one block, which
+    alone would keep one thread busy), at most a few blocks a thread ahead; results are
+    gathered tensor by tensor, in order."""
     rows, problems = OrderedDict(), []
     buffers = ThreadBuffers()  # each pool thread's block buffers, kept across tensors
-    with kernels.frame_pool(kernels.get_threads(), "kenstream-verify") as pool:
-        for name in names:
-            rec = d.records[name]
-            row = {"encoding": rec.encoding,
-                   "kept_fraction": 0.0 if rec.encoding == "unchanged"
-                   else rec.kept / max(1, rec.params)}
-            blocks = TensorBlocks(name, d, b, block_elems)
-            if ft is not None and name in ft:
-                row.update(_compare(name, blocks, ft, problems, pool, buffers))
-            else:
-                if ft is not None:
-                    problems.append(f"{name}: not in the fine-tune")
-                _decode_all(blocks, pool, buffers)
-            progress.update(rec.params)
-            rows[name] = row
+    threads = kernels.get_threads()
+    ahead = 2 * threads + 2  # blocks queued beyond the tensor being gathered
+    window = deque()
+    with kernels.frame_pool(threads, "kenstream-verify") as pool:
+        try:
+            for name in names:
+                window.append(_Checking(name, d, b, ft, pool, buffers, block_elems))
+                while len(window) > 1 and sum(len(c.futures) for c in window) > ahead:
+                    window.popleft().finish(rows, problems, progress)
+            while window:
+                window.popleft().finish(rows, problems, progress)
+        except BaseException:
+            for checking in window:
+                for future in checking.futures:
+                    future.cancel()
+            raise
     return rows, problems
 
 
-def _decode_all(blocks: TensorBlocks, pool, buffers) -> None:
-    """Decode every block (the content checks and checksums of every frame) and drop it."""
-    def build(i):
-        blocks.build(i, buffers.get("built", blocks.shape(i), blocks.dtype))
+class _Checking:
+    """One tensor's blocks, submitted to the pool: checked against the fine-tune where it
+    has the tensor, else decoded; `finish` gathers them."""
 
-    for _ in pool.map(build, range(len(blocks.ranges))):
-        pass
-    blocks.release()
+    def __init__(self, name, d, b, ft, pool, buffers, block_elems):
+        rec = d.records[name]
+        self.name, self.rec = name, rec
+        self.row = {"encoding": rec.encoding,
+                    "kept_fraction": 0.0 if rec.encoding == "unchanged"
+                    else rec.kept / max(1, rec.params)}
+        self.problems, self.futures, self.compared = [], [], False
+        self.blocks = blocks = TensorBlocks(name, d, b, block_elems)
+        count = len(blocks.ranges)
+        if ft is not None and name in ft:
+            info = ft.info(name)
+            if tuple(info.shape) != tuple(rec.shape) or info.dtype != rec.dtype:
+                self.problems.append(f"{name}: fine-tune has {info.dtype}{list(info.shape)}, "
+                                     f"diff has {rec.dtype}{list(rec.shape)}")
+                return
+            ft_rows = TensorRows(ft, name, rec.rows, rec.cols)
+            self.compared = True
+            self.futures = [pool.submit(_check_block, blocks, ft_rows, i, buffers)
+                            for i in range(count)]
+            return
+        if ft is not None:
+            self.problems.append(f"{name}: not in the fine-tune")
+        self.futures = [pool.submit(_decode_block, blocks, i, buffers) for i in range(count)]
+
+    def finish(self, rows, problems, progress) -> None:
+        """Wait for the blocks, then add the tensor's row and problems."""
+        found, change, error = set(), 0.0, 0.0
+        for future in self.futures:
+            got = future.result()
+            if self.compared:
+                found |= got[0]
+                change += got[1]
+                error += got[2]
+        self.futures = []
+        self.blocks.release()
+        problems.extend(self.problems)
+        problems.extend(f"{self.name}: {what}" for what in sorted(found))
+        if self.compared:
+            rec = self.rec
+            if rec.encoding == "dense" or rec.base_name is None:
+                self.row["rel_error"] = 0.0
+            else:
+                change, error = math.sqrt(change), math.sqrt(error)
+                self.row["rel_error"] = (error / change if change > 0
+                                         else (0.0 if error == 0 else math.inf))
+        progress.update(self.rec.params)
+        rows[self.name] = self.row
+
+
+def _decode_block(blocks: TensorBlocks, i: int, buffers) -> None:
+    """Decode block ``i`` (the content checks and checksums of every frame) and drop it."""
+    blocks.build(i, buffers.get("built", blocks.shape(i), blocks.dtype))
 
 
 def _check_block(blocks: TensorBlocks, ft_rows: TensorRows, i: int, buffers):
@@ -141,27 +195,3 @@ def _check_block(blocks: TensorBlocks, ft_rows: TensorRows, i: int, buffers):
     return found, change, error
 
 
-def _compare(name, blocks: TensorBlocks, ft, problems, pool, buffers) -> dict:
-    """Kept positions equal the fine-tune and the rest equal the base, bit for bit, block
-    by block on the pool's threads; returns the tensor's relative reconstruction error
-    ||rebuilt - ft|| / ||ft - base||."""
-    rec = blocks.rec
-    info = ft.info(name)
-    if tuple(info.shape) != tuple(rec.shape) or info.dtype != rec.dtype:
-        problems.append(f"{name}: fine-tune has {info.dtype}{list(info.shape)}, diff has "
-                        f"{rec.dtype}{list(rec.shape)}")
-        blocks.release()
-        return {}
-    ft_rows = TensorRows(ft, name, rec.rows, rec.cols)
-    found, change, error = set(), 0.0, 0.0
-    for got in pool.map(lambda i: _check_block(blocks, ft_rows, i, buffers),
-                        range(len(blocks.ranges))):
-        found |= got[0]
-        change += got[1]
-        error += got[2]
-    blocks.release()
-    problems.extend(f"{name}: {what}" for what in sorted(found))
-    if rec.encoding == "dense" or rec.base_name is None:
-        return {"rel_error": 0.0}
-    change, error = math.sqrt(change), math.sqrt(error)
-    return {"rel_error": error / change if change > 0 else (0.0 if error == 0 else math.inf)}
