@@ -94,19 +94,15 @@ def check_tensors(d, b, ft, names, progress, block_elems) -> tuple:
     threads = kernels.get_threads()
     ahead = 2 * threads + 2  # blocks queued beyond the tensor being gathered
     window = deque()
+    # On an error the pool's exit waits for the few blocks already queued (at most `ahead`
+    # beyond the tensor that failed); their results are not looked at.
     with kernels.frame_pool(threads, "kenstream-verify") as pool:
-        try:
-            for name in names:
-                window.append(_Checking(name, d, b, ft, pool, buffers, block_elems))
-                while len(window) > 1 and sum(len(c.futures) for c in window) > ahead:
-                    window.popleft().finish(rows, problems, progress)
-            while window:
+        for name in names:
+            window.append(_Checking(name, d, b, ft, pool, buffers, block_elems))
+            while len(window) > 1 and sum(len(c.futures) for c in window) > ahead:
                 window.popleft().finish(rows, problems, progress)
-        except BaseException:
-            for checking in window:
-                for future in checking.futures:
-                    future.cancel()
-            raise
+        while window:
+            window.popleft().finish(rows, problems, progress)
     return rows, problems
 
 
