@@ -185,8 +185,8 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
         items = make_items(f, b, alignment, settings, version=version,
                            frame_elems=frame_elems)
         shards = plan_shards(out, items, limit, settings.ties, header_limit, version)
-        cuts = _cuts(f, b, items, settings, block_elems, first_pass, quiet,
-                     _coded_dtypes(items, version, executor))
+        codes = _coded_dtypes(items, version, executor)
+        cuts = _cuts(f, b, items, settings, block_elems, first_pass, quiet, codes)
         extras = f.extra_files()
         strict = None
         if strict_resume:
@@ -225,7 +225,7 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
             job = CompressJob(shards, Source.of(f), Source.of(b), settings, version,
                               block_elems, level, frame_elems, kernels.get_threads(), cuts)
             if executor == "local":  # Ray's workers compile on their own nodes
-                _compile_first(settings, _coded_dtypes(items, version, executor), quiet)
+                _compile_first(settings, codes, quiet)
             with bar(sum(i.params for i in items), label, quiet) as progress:
                 records, table = run_shards(job, list(shards), progress,
                                             executor=executor, handles=(f, b),
