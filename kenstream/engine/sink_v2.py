@@ -3,8 +3,8 @@
 Frames are coded on a pool of threads (zstd and the numba codec release the GIL); their
 bytes are appended to the shard in order as they finish, and a tensor's frame table
 follows its last frame. Tensors stored whole stream through the pool continuously, from
-one tensor into the next: the writer's steps between two tensors (the table of one, the
-start of the next, a record) wait in the same ordered queue as the frames, so the loop
+one tensor into the next: the writer's steps between two tensors (the table and record
+of one, the start of the next) wait in the same ordered queue as the frames, so the loop
 goes on to read and submit the next tensor while the last frames of one are coded. A
 selected block's frames are coded between two runs of the selection kernel, which uses
 every core itself. At most a few frames per thread are in flight, so memory stays a few
@@ -62,7 +62,7 @@ class V2Sink:
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads),
                                         thread_name_prefix="kenstream-code")
         # In shard order: (tensor, first row, future) for a frame, (step, argument) for what
-        # the writer does between frames (`_begin`, `_close`, `_unchanged`).
+        # the writer does between frames (`_begin`, `_close`).
         self._queue = deque()
         self._frames = 0  # frames in the queue
         self._limit = 2 * max(1, threads) + 2
@@ -83,10 +83,8 @@ class V2Sink:
         return out
 
     def unchanged(self, item) -> None:
-        self._queue.append((self._unchanged, item))
-        self._drain(self._limit)
-
-    def _unchanged(self, item) -> None:
+        # Written at once, ahead of frames still queued: nothing of it goes in the file's
+        # data, and the shard's records are written sorted by name.
         self.records[item.name] = record(item, "unchanged", "identical", self.shard, 0, None,
                                          0, 0, 0, 0, version=2)
         self.progress.update(item.params)
