@@ -201,3 +201,20 @@ def test_help_names_the_switch_that_turns_direct_reads_off(command, capsys):
     assert stop.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert f"{direct.SWITCH}=0" in text and "O_DIRECT" in text
+
+
+def test_info_lists_blocks_in_numeric_order(tmp_path, capsys):
+    """Twelve blocks: block 2 comes before block 10, and the tensors outside every block last."""
+    g = torch.Generator().manual_seed(3)
+    base = {f"enc.{i}.w": torch.randn(4, 8, generator=g) for i in range(12)}
+    base["embed.w"] = torch.randn(4, 8, generator=g)
+    ft = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    b, f = save_dir(tmp_path / "b", base), save_dir(tmp_path / "f", ft)
+    d = tmp_path / "d"
+    assert main(["compress", str(b), str(f), "-o", str(d), "--keep", "1", "-q"]) == 0
+    assert main(["info", str(d), "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["layers"]) == [str(i) for i in range(12)] + ["other"]
+    assert main(["info", str(d)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:1] == ["layer"])
+    assert [line.split()[0] for line in lines[head + 1:head + 14]] == [str(i) for i in range(12)] + ["other"]

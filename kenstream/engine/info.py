@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 
 from ..io.diff_reader import DiffReader
 
@@ -31,7 +30,7 @@ def info(diff) -> dict:
     bytes. Cost O(number of tensors)."""
     with DiffReader(diff) as d:
         idx = d.index
-        layers = OrderedDict()
+        layers = {}
         rows = []
         for name, rec in d.records.items():
             kept = rec.kept if rec.encoding != "unchanged" else 0
@@ -49,6 +48,9 @@ def info(diff) -> dict:
             if rec.selected:
                 layer["selected"] += rec.params
                 layer["kept"] += rec.kept
+        # Blocks in numeric order (2 before 10), the tensors outside every block last.
+        layers = dict(sorted(layers.items(),
+                             key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0)))
         totals = idx.totals.to_json()
         if idx.format_version == 1:
             totals["positions_bytes"] = sum(r["positions_bytes"] for r in rows)
