@@ -6,7 +6,7 @@ passed through :func:`printable` before it reaches the terminal.
 
 from __future__ import annotations
 
-from .text import printable
+from .text import natural_key, printable
 
 
 def human(n: float) -> str:
@@ -60,6 +60,6 @@ def print_info(report: dict, tensors: bool = False) -> None:
 def print_verify(report: dict) -> None:
     """One line per tensor: kept fraction and relative reconstruction error."""
     print(f"{'tensor':<60} {'kept':>7} {'rel.err':>9}")
-    for name, row in report["tensors"].items():
+    for name, row in sorted(report["tensors"].items(), key=lambda kv: natural_key(kv[0])):
         print(f"{printable(name):<60} {row['kept_fraction']:>7.3f} "
               f"{row.get('rel_error', float('nan')):>9.4f}")

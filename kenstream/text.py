@@ -9,8 +9,10 @@ into something safe to show.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
+_DIGITS = re.compile(r"(\d+)")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 # Control characters, format characters (bidi overrides, zero-width marks), line and
@@ -49,3 +51,9 @@ def shortened(text, limit: int = 120) -> str:
         return text
     half = (limit - 1) // 2
     return text[:half] + "\u2026" + text[len(text) - (limit - 1 - half):]
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders the numbers inside names by value: ``layers.2`` before
+    ``layers.10``, as a model's depth reads."""
+    return [int(part) if i % 2 else part for i, part in enumerate(_DIGITS.split(name))]

@@ -204,7 +204,8 @@ def test_help_names_the_switch_that_turns_direct_reads_off(command, capsys):
 
 
 def test_info_lists_blocks_in_numeric_order(tmp_path, capsys):
-    """Twelve blocks: block 2 comes before block 10, and the tensors outside every block last."""
+    """Twelve blocks: block 2 comes before block 10, and the tensors outside every block
+    last; `info --tensors` and verify list names with their numbers in the same order."""
     g = torch.Generator().manual_seed(3)
     base = {f"enc.{i}.w": torch.randn(4, 8, generator=g) for i in range(12)}
     base["embed.w"] = torch.randn(4, 8, generator=g)
@@ -213,8 +214,15 @@ def test_info_lists_blocks_in_numeric_order(tmp_path, capsys):
     d = tmp_path / "d"
     assert main(["compress", str(b), str(f), "-o", str(d), "--keep", "1", "-q"]) == 0
     assert main(["info", str(d), "--json"]) == 0
-    assert list(json.loads(capsys.readouterr().out)["layers"]) == [str(i) for i in range(12)] + ["other"]
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["layers"]) == [str(i) for i in range(12)] + ["other"]
+    assert [row["name"] for row in report["tensors"]] == ["embed.w"] + [f"enc.{i}.w" for i in range(12)]
     assert main(["info", str(d)]) == 0
     lines = capsys.readouterr().out.splitlines()
     head = next(i for i, line in enumerate(lines) if line.split()[:1] == ["layer"])
     assert [line.split()[0] for line in lines[head + 1:head + 14]] == [str(i) for i in range(12)] + ["other"]
+    assert main(["verify", str(b), str(d), "--finetuned", str(f)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:1] == ["tensor"])
+    assert [line.split()[0] for line in lines[head + 1:head + 14]] == \
+        ["embed.w"] + [f"enc.{i}.w" for i in range(12)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from ..io.diff_reader import DiffReader
+from ..text import natural_key
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -32,7 +33,7 @@ def info(diff) -> dict:
         idx = d.index
         layers = {}
         rows = []
-        for name, rec in d.records.items():
+        for name, rec in sorted(d.records.items(), key=lambda kv: natural_key(kv[0])):
             kept = rec.kept if rec.encoding != "unchanged" else 0
             pos, val = split_bytes(rec)
             ft_bytes = rec.params * rec.itemsize
