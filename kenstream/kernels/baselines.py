@@ -91,13 +91,17 @@ def _mark_top(keys, k, cand, hist, mask):
             mask[j] = True
         return
     t, need_eq = _kth_largest(keys, k, cand, hist)
+    # Two passes: the first has no loop-carried state, so it vectorises; the second takes
+    # the ties from the lowest j and stops at the last one needed (need_eq >= 1).
+    for j in range(n):
+        mask[j] = keys[j] > t
     taken = 0
     for j in range(n):
-        v = keys[j]
-        # Branch-free for the same reason; ties go to the lowest j until need_eq are taken.
-        tie = np.int64(v == t) & np.int64(taken < need_eq)
-        mask[j] = (np.int64(v > t) | tie) != 0
-        taken += tie
+        if keys[j] == t:
+            mask[j] = True
+            taken += 1
+            if taken == need_eq:
+                break
 
 
 @njit(**JIT)
