@@ -26,7 +26,7 @@ def bits(t: torch.Tensor) -> np.ndarray:
 def rows_of(t: torch.Tensor) -> torch.Tensor:
     """``t`` as [rows, cols]: the first axis by the rest; a 1-D tensor is one row."""
     rows = t.shape[0] if t.dim() >= 2 else 1
-    return t.reshape(rows, -1)
+    return t.reshape(rows, t.numel() // rows if rows else int(np.prod(t.shape[1:])))
 
 
 def as_f32(t: torch.Tensor) -> np.ndarray:

@@ -75,9 +75,12 @@ class TensorBlocks:
         return self._base_range(*self.ranges[i], out)
 
     def _base_range(self, r0: int, r1: int, out: np.ndarray | None = None) -> np.ndarray | None:
-        """Base rows r0..r1 in the fine-tune's dtype (read into ``out`` when given)."""
-        if self.rec.encoding == "dense" or r0 >= self.rec.with_base:
+        """Base rows r0..r1 in the fine-tune's dtype (read into ``out`` when given). A
+        tensor of no rows has one empty block, with an (empty) base when it has one."""
+        if self.rec.encoding == "dense" or (r0 >= self.rec.with_base and r1 > r0):
             return None
+        if r1 <= r0:  # nothing to read, with or without a base checkpoint
+            return np.empty((0, self.cols), self.dtype) if out is None else out
         if self.base is None:
             raise DiffError("needs the base to be decoded", tensor=self.name,
                             hint="pass the base checkpoint")

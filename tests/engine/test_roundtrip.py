@@ -220,3 +220,26 @@ def test_keep_one_is_lossless(tmp_path, dtype):
     assert index["totals"]["diff_bytes"] < index["totals"]["finetuned_bytes"]
     kenstream.rebuild(b, tmp_path / "diff", tmp_path / "out", quiet=True, threads=2)
     assert_same_model(tmp_path / "out", {n: t.clone() for n, t in ft.items()})
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+def test_empty_tensors_round_trip(tmp_path, version, keep):
+    """Tensors with no values ([0, 16], [16, 0], [0], and [0, 4] in bf16 and int64), the
+    same or different in the two checkpoints, rebuild and load as they were, and verify
+    agrees; a whole-row tensor beside them keeps the diff non-trivial."""
+    g = torch.Generator().manual_seed(5)
+    empties = {"e.rows": torch.zeros(0, 16), "e.cols": torch.zeros(16, 0), "e.flat": torch.zeros(0),
+               "e.bf16": torch.zeros(0, 4, dtype=torch.bfloat16),
+               "e.ints": torch.zeros(0, 4, dtype=torch.int64)}
+    base = dict(empties, w=torch.randn(8, 8, generator=g))
+    ft = dict({n: t.clone() for n, t in empties.items()}, w=base["w"] + 0.1,
+              **{"e.new": torch.zeros(0, 3)})
+    b, f = save_dir(tmp_path / "base", base), save_dir(tmp_path / "ft", ft)
+    kenstream.compress(b, f, tmp_path / "diff", keep=keep, quiet=True, format_version=version)
+    kenstream.rebuild(b, tmp_path / "diff", tmp_path / "out", quiet=True)
+    assert_same_model(tmp_path / "out", expected_model(base, ft, keep=keep))
+    loaded = dict(kenstream.load(b, tmp_path / "diff"))
+    assert {n: (tuple(t.shape), t.dtype) for n, t in loaded.items()} == \
+        {n: (tuple(t.shape), t.dtype) for n, t in ft.items()}
+    assert kenstream.verify(tmp_path / "diff", b, f, quiet=True)["ok"]
