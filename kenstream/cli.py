@@ -57,6 +57,17 @@ def _keep(text) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a fraction such as 0.25 or 25%")
 
 
+def _threads(text) -> int:
+    """``-j``: a thread count of at least 1 (more than the cores numba sees runs on them all)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a thread count of 1 or more")
+    return n
+
+
 _DIRECT_OFF = "set KENSTREAM_DIRECT_IO=0 to read through the page cache instead."
 _COMPRESS_NOTE = ("Blocks of the inputs that the page cache does not hold are read past it "
                   "(O_DIRECT) where the system allows it; " + _DIRECT_OFF)
@@ -115,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for --method random and --ties scrambled")
     p.add_argument("--include", metavar="REGEX", help="select only tensors whose name matches")
     p.add_argument("--exclude", metavar="REGEX", help="store whole the tensors whose name matches")
-    p.add_argument("-j", "--threads", type=int, default=None,
+    p.add_argument("-j", "--threads", type=_threads, default=None,
                    help="selection threads (default: every core)")
     p.add_argument("--shard-size", default=DIFF_SHARD_SIZE,
                    help="maximum diff shard size (e.g. 500MB)")
@@ -142,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="model directory to write")
     p.add_argument("--shard-size", default=MODEL_SHARD_SIZE,
                    help="maximum shard size of the rebuilt model (e.g. 5GB, 500M)")
-    p.add_argument("-j", "--threads", type=int, default=None,
+    p.add_argument("-j", "--threads", type=_threads, default=None,
                    help="blocks decoded at once (default: every core)")
     p.add_argument("--force", action="store_true", help="rebuild even if the base differs")
     p.add_argument("--resume", action="store_true",
@@ -163,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(usage_error=p.error)
     p.add_argument("--finetuned", help="also compare every kept value with this fine-tune")
     p.add_argument("--force", action="store_true", help="verify even if the base differs")
-    p.add_argument("-j", "--threads", type=int, default=None,
+    p.add_argument("-j", "--threads", type=_threads, default=None,
                    help="blocks checked at once (default: every core)")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
     _executor(p)

@@ -24,6 +24,9 @@ tensor. ``row`` is the default, and the only budget of ``ken`` (a per-row rule).
 RANKED = ("delta", "magnitude", "random")
 """Rules whose score ranks every position, so that a budget can cross rows."""
 
+MAX_K = (1 << 63) - 1
+"""The largest k: an index stores it as a signed 64-bit count."""
+
 DIFF_SHARD_SIZE = "2GB"
 """Default largest diff shard."""
 MODEL_SHARD_SIZE = "5GB"
@@ -77,6 +80,10 @@ class Settings:
             raise SelectionError("give exactly one of --k and --keep")
         if self.k is not None and (isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1):
             raise SelectionError(f"--k must be a whole number >= 1, got {self.k}")
+        if self.k is not None and int(self.k) > MAX_K:
+            raise SelectionError(f"--k must be at most 2**63 - 1, got {self.k}",
+                                 hint="a k of a row's length or more keeps the row whole, "
+                                      "as --keep 1 does")
         if self.keep is not None and not (0.0 < float(self.keep) <= 1.0):
             raise SelectionError(f"--keep must be a fraction in (0, 1], got {self.keep}")
         for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):

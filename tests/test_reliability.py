@@ -342,6 +342,8 @@ def test_non_finite_value_names_tensor_and_row(tmp_path, capsys, bad, method):
     (["--keep", "1.5"], "--keep"), (["--keep", "nan"], "--keep"), (["--keep", "-0.2"], "--keep"),
     (["--k", "4", "--shard-size", "0"], "size"), (["--k", "4", "--shard-size", "lots"], "size"),
     (["--k", "4", "--include", "("], "--include"),
+    (["--k", str(2**63)], "at most 2**63 - 1"), (["--k", "4", "--level", "0"], "--level"),
+    (["--k", "4", "--level", "20"], "--level"), (["--k", "4", "--level", "-1"], "--level"),
 ])
 def test_bad_selection_flags(pair, capsys, flags, needle):
     b, f, out = pair
@@ -349,6 +351,21 @@ def test_bad_selection_flags(pair, capsys, flags, needle):
     assert code == 2
     assert_one_error(err, needle)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["compress", "rebuild", "verify"])
+@pytest.mark.parametrize("threads", ["0", "-1", "two"])
+def test_thread_counts_below_one_are_refused(pair, capsys, command, threads):
+    """-j 0 or less is a usage error (exit 2, naming -j) before anything is read or made."""
+    b, f, out = pair
+    argv = {"compress": ["compress", b, f, "-o", out, "--k", "4"],
+            "rebuild": ["rebuild", b, out, "-o", out.with_name("rebuilt")],
+            "verify": ["verify", b, out]}[command]
+    with pytest.raises(SystemExit) as stop:
+        main([str(a) for a in argv] + ["-j", threads, "-q"])
+    assert stop.value.code == 2
+    assert "-j/--threads" in capsys.readouterr().err
+    assert not out.exists() and not out.with_name("rebuilt").exists()
 
 
 def test_missing_input(tmp_path, capsys):

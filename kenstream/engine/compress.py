@@ -12,6 +12,7 @@ from pathlib import Path
 from .. import __version__, kernels
 from ..errors import CheckpointError, DiffError, OutputError, SelectionError
 from ..format import spec, v2
+from ..format.fields import is_int
 from ..format.index import Coding, DiffIndex, Identity, Selection, Totals
 from ..format.plans import CompressPlan
 from ..format.records import parse_shard_metadata
@@ -304,6 +305,11 @@ def _coding(version, level, frame_elems):
     if version not in spec.READ_VERSIONS:
         raise SelectionError(f"format version {version!r} is not one this kenstream writes "
                              f"({', '.join(map(str, spec.READ_VERSIONS))})")
+    if not (is_int(level) and spec.MIN_WRITE_LEVEL <= level <= spec.MAX_WRITE_LEVEL):
+        raise SelectionError(f"--level must be a zstd level from {spec.MIN_WRITE_LEVEL} to "
+                             f"{spec.MAX_WRITE_LEVEL}, got {level!r}",
+                             hint=f"higher is smaller and slower; the default is "
+                                  f"{spec.DEFAULT_LEVEL}")
     if version == 1:
         return 1, None
     try:

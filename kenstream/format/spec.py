@@ -39,6 +39,9 @@ MAX_COUNT = (1 << 63) - 1
 
 DEFAULT_LEVEL = 1
 """Format 2's default zstd level."""
+MIN_WRITE_LEVEL, MAX_WRITE_LEVEL = 1, 19
+"""The zstd levels compress writes with (readers take any level zstd has: it does not
+change how a frame decodes)."""
 DEFAULT_FRAME_ELEMS = 1 << 20
 """Format 2 codes tensors in frames of about this many values (whole rows)."""
 
