@@ -57,13 +57,18 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary name that is removed on failure.
+    """Write ``text`` (UTF-8) to ``path`` as :func:`write_bytes_atomic` does."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary name that is removed on failure.
 
     The temporary file is created afresh (`create_exclusive`): a symbolic link planted at
-    ``NAME.partial`` is replaced, never written through."""
+    ``NAME.partial`` is replaced, never written through; so is one at ``path``, which the
+    rename replaces as an entry of its folder."""
     path = Path(path)
     temp = path.with_name(path.name + TEMP_SUFFIX)
-    data = text.encode("utf-8")
     try:
         with create_exclusive(temp) as fh:
             fh.write(data)

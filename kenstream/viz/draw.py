@@ -3,12 +3,14 @@ only when a figure is drawn). The arrays drawn come from :mod:`.images`."""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import KenstreamError
+from ..io.jsonfile import write_bytes_atomic
 from ..text import shortened
 from . import VIEWS
 from .images import (BLOCK_ELEMS, MatrixImage, _check_options, _image, _session, layer_pattern,
@@ -266,11 +268,15 @@ def render(diff, tensor, view, out, *, base=None, color="value", max_pixels=1024
                if view == "neighbors" else
                matrix_image(diff, tensor, base=base, color=color, max_pixels=max_pixels,
                             block_elems=block_elems))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        imsave(out, to_rgba(img))
-        return out
-    fig = figure(diff, tensor, view, base=base, color=color, max_pixels=max_pixels,
-                 block_elems=block_elems)
+        picture = io.BytesIO()
+        imsave(picture, to_rgba(img), format=out.suffix[1:].lower())
+    else:
+        fig = figure(diff, tensor, view, base=base, color=color, max_pixels=max_pixels,
+                     block_elems=block_elems)
+        picture = io.BytesIO()
+        fig.savefig(picture, dpi=100, format=out.suffix[1:].lower())
+    # Drawn in memory, then written through a temporary name: an interrupted run leaves no
+    # half picture, and a link planted at ``out`` is replaced, not written through.
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    write_bytes_atomic(out, picture.getvalue())
     return out

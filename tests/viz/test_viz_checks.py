@@ -118,6 +118,26 @@ def test_output_without_a_suffix_is_a_png_and_the_path_printed(fixture_diff, tmp
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra", [["--view", "summary"],
+                                   ["--tensor", "model.embed.weight", "--raw"]])
+def test_a_link_at_the_output_is_replaced_not_written_through(fixture_diff, tmp_path, capsys,
+                                                              extra):
+    """A symbolic link planted at ``-o`` (here to a model file) is replaced by the picture;
+    the file it pointed to keeps its bytes, and no temporary file is left."""
+    d, _ = fixture_diff
+    victim = tmp_path / "model" / "model.safetensors"
+    victim.parent.mkdir()
+    victim.write_bytes(b"weights")
+    out = tmp_path / "pictures" / "p.png"
+    out.parent.mkdir()
+    out.symlink_to(victim)
+    code, err = run(capsys, ["viz", d, "-o", out, *extra])
+    assert code == 0, err
+    assert victim.read_bytes() == b"weights"
+    assert not out.is_symlink() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["p.png"]
+
+
 def test_summary_of_unprintable_names(unprintable_diff, tmp_path, capsys):
     _, _, d = unprintable_diff
     code, err = run(capsys, ["viz", d, "--view", "summary", "-o", tmp_path / "s.png"])
