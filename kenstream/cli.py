@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", metavar="BYTES|N%",
                    help="the diff's size instead: 300MB, 1.5G, or 10%% of the fine-tune's "
                         "bytes; kenstream compresses, measures and corrects the keep until "
-                        "the diff is within 98-100%% of it (usually 2 or 3 passes, at most 9) "
-                        "and prints the keep it chose")
+                        "the diff is within 98-100%% of it (usually 2 or 3 passes, at most 9; "
+                        "where short rows make the size move in steps, the largest step under "
+                        "it) and prints the keep it chose")
     p.add_argument("--ties", choices=TIES, default=DEFAULT_TIES,
                    help="scrambled (default): exactly k per row, equal distances by a seeded "
                         "per-row order; positions: exactly k per row, equal distances to the "

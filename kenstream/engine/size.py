@@ -235,10 +235,13 @@ def _decide(passes, target: int, floats: int, size, model=None, steps=None) -> t
     if keep >= 1.0 and got <= target:
         return "done", keep, True
     if keep <= MIN_KEEP and got > target:
-        raise SelectionError(f"--size {size} ({target:,} bytes) is below the smallest "
-                             f"diff these settings make: {got:,} bytes at keep {keep:g} "
-                             "(tensors stored whole, positions and the shards' headers)",
-                             hint="ask for a larger size, or --exclude fewer tensors")
+        raise _below_floor(size, target, got, keep)
+    if steps and got > target and all(p[1] > target for p in passes):
+        # A row budget keeps at least one value a row: once the smallest keep tried keeps
+        # one in every row, as MIN_KEEP does, no smaller keep makes a smaller diff.
+        low = min(passes)
+        if _signature(low[0], steps) == _signature(MIN_KEEP, steps):
+            raise _below_floor(size, target, low[1], low[0])
     tried = [p[0] for p in passes]
     if keep in tried[:-1]:
         return "done", keep, False  # the best pass under the request, written again
@@ -255,6 +258,13 @@ def _decide(passes, target: int, floats: int, size, model=None, steps=None) -> t
                              hint="ask for a larger size")
     best = max(under, key=lambda p: p[1])
     return ("done", keep, False) if best == passes[-1] else ("run", best[0])
+
+
+def _below_floor(size, target: int, got: int, keep: float) -> SelectionError:
+    return SelectionError(f"--size {size} ({target:,} bytes) is below the smallest diff these "
+                          f"settings make: {got:,} bytes at keep {keep:g} (the fewest values "
+                          "the rule keeps, tensors stored whole, positions and the shards' "
+                          "headers)", hint="ask for a larger size, or --exclude fewer tensors")
 
 
 def compress_to_size(base, finetuned, out, size, *, quiet=False, overwrite=False,

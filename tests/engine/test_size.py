@@ -346,6 +346,43 @@ def test_short_rows_skip_keeps_whose_diff_a_pass_measured():
     assert _unmeasured(2e-6, [(0.004, 1200)], target, [100]) == 2e-6
 
 
+def test_a_request_under_one_value_a_row_stops_at_once():
+    """Every pass over the request, and the smallest keep tried already keeps one value in
+    every row (rows of 100 and 1000 values at keep 0.0004): no smaller keep can make a
+    smaller diff, so the search says so instead of running passes that repeat that diff."""
+    from kenstream.engine.size import _decide
+    from kenstream.errors import SelectionError
+
+    for passes in ([(0.0004, 1200)], [(0.3, 5000), (0.0004, 1200)],
+                   [(0.0004, 1200), (0.0003, 1200)]):
+        with pytest.raises(SelectionError, match="below the smallest diff these settings "
+                                                 "make: 1,200 bytes at keep 0.000[34]"):
+            _decide(passes, 1000, 10_000, "1kB", None, [100, 1000])
+    # A keep that keeps two values in the longer rows still has a step down to take.
+    assert _decide([(0.0016, 1200)], 1000, 10_000, "1kB", None, [100, 1000])[0] == "run"
+    # Tensor and global budgets have no steps: the search goes on down.
+    assert _decide([(0.0004, 1200)], 1000, 10_000, "1kB")[0] == "run"
+
+
+def test_size_just_under_the_smallest_diff_is_refused_in_few_passes(pair, tmp_path, capsys):
+    """A request one byte under the diff that keeps one value a row (measured here with
+    --keep 1e-6) is refused with that size named, after at most three passes."""
+    floor = tmp_path / "floor"
+    assert run(pair, floor, "--keep", "1e-6", "--method", "delta") == 0
+    smallest = on_disk(floor)
+    b, f = pair[:2]
+    code = main(["compress", str(b), str(f), "-o", str(tmp_path / "diff"), "--method", "delta",
+                 "--size", f"{smallest - 1}B"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2
+    passes = [line for line in err if line.startswith("--size pass ")]
+    assert 1 <= len(passes) <= 3, err
+    errors = [line for line in err if line.startswith("error")]
+    assert len(errors) == 1 and f"smallest diff these settings make: {smallest:,} bytes" \
+        in errors[0], err
+    assert not (tmp_path / "diff").exists()
+
+
 def test_a_search_on_short_rows_runs_no_diff_twice_before_its_bracket(pair, tmp_path):
     """At 25 kB the ken search's second pass lands just over the request, and keeps a
     little lower make the same diff (rows of 64 and 160 values). Each later pass must
