@@ -137,6 +137,17 @@ def test_verify_reports_a_tensor_missing_from_the_finetune(diff, tmp_path, capsy
     assert report["ok"] is False and report["problems"] == ["b.weight: not in the fine-tune"]
 
 
+def test_verify_reports_a_tensor_only_the_finetune_has(diff, tmp_path, capsys):
+    """The reverse of the above: the rebuilt model would lack the extra tensor, so the
+    fine-tune given is not the one the diff rebuilds."""
+    b, f, d = diff
+    extra = dict(nudged(tensors()), **{"extra.weight": torch.ones(2, 2)})
+    other = save_dir(tmp_path / "extra", extra)
+    code, err = cli(capsys, ["verify", d, "--base", b, "--finetuned", other], [b, d, other])
+    assert code == 1
+    assert_one_error(err, "1 mismatch", "extra.weight: in the fine-tune, not in the diff")
+
+
 # -- 14. numbers and names that cannot be printed as they are ---------------------------------
 
 def test_info_with_huge_numbers_and_unprintable_sources(diff, capsys):

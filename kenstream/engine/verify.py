@@ -57,6 +57,10 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None
                 tensors, problems = run_shards(job, groups, progress,
                                                executor=executor, handles=(d, b, ft),
                                                ray_address=ray_address, quiet=quiet)
+            if ft is not None:
+                # Rebuilding this diff gives no such tensor, so it is not that fine-tune.
+                problems += [f"{name}: in the fine-tune, not in the diff"
+                             for name in ft.names() if name not in d.records]
         finally:
             if ft is not None:
                 ft.close()
