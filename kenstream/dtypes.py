@@ -231,3 +231,13 @@ def convert(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
             return f32.astype(d_entry.storage)
     tensor = to_torch(arr, src).to(torch_dtype(dst))
     return tensor.view(torch_storage(dst)).numpy().view(d_entry.storage)
+
+
+def cast_overflows(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """Bool mask of ``arr`` (storage of ``src``): the finite values that :func:`convert`
+    to ``dst`` makes infinite (out of ``dst``'s range). Float codes only. O(n), float32
+    or float64 temporaries."""
+    def values(a, code):
+        return a if code == "F64" else widen_to_f32(a, code)
+
+    return np.isfinite(values(arr, src)) & ~np.isfinite(values(convert(arr, src, dst), dst))

@@ -71,7 +71,7 @@ class SelectionError(KenstreamError, ValueError):
 class NonFiniteError(SelectionError):
     """A NaN or Inf in a row that is to be selected."""
 
-    hint = "KEN needs finite values; check the checkpoint for overflow"
+    hint = "the selection rules need finite values; check the checkpoint for overflow"
 
 
 class CheckpointError(KenstreamError, ValueError):

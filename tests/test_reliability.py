@@ -21,7 +21,9 @@ import pytest
 import torch
 
 from kenstream.cli import main
+import kenstream
 from tests.ckpt import save_dir
+from tests.expect import load_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -335,6 +337,35 @@ def test_non_finite_value_names_tensor_and_row(tmp_path, capsys, bad, method):
     assert code == 2
     assert_one_error(err, str(f / "model.safetensors"), "tensor 'b.weight'", "row 5")
     assert_not_complete(out)
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_a_reset_base_value_beyond_the_finetunes_dtype_is_refused(tmp_path, capsys, version):
+    """A float32 base holding 1e6 against a float16 fine-tune: where that position is
+    reset, the rebuilt value would be float16(1e6) = inf. compress names the file, tensor
+    and row instead; where the position is kept (or everything is), the diff is exact."""
+    g = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(6, 8, generator=g), "v": torch.randn(4, 8, generator=g)}
+    base["w"][3, 2] = 1e6
+    ft = {n: (t.clamp(-10, 10) + 0.01).to(torch.float16) for n, t in base.items()}
+    ft["w"][3, 2] = 0.0  # the row's smallest magnitude: reset by magnitude at k = 1
+    b, f = save_dir(tmp_path / "base", base), save_dir(tmp_path / "ft", ft)
+    out = tmp_path / "out"
+    argv = ["compress", b, f, "-o", out, "--method", "magnitude", "--format-version", version]
+    code, err = cli(capsys, argv + ["--k", "1"], [b, f])
+    assert code == 2
+    assert_one_error(err, str(b / "model.safetensors"), "tensor 'w'", "row 3", "column 2",
+                     "inf", "--exclude")
+    assert_not_complete(out)
+    ft["w"][3, 2] = 11.0  # now the row's largest: kept, so nothing rebuilds from the base
+    f = save_dir(tmp_path / "ft2", ft)
+    for extra in (["--k", "1"], ["--keep", "1"]):
+        code, err = cli(capsys, argv[:2] + [f] + argv[3:] + extra + ["--overwrite"], [b, f])
+        assert code == 0, err
+        kenstream.rebuild(b, out, tmp_path / "rebuilt", quiet=True, overwrite=True)
+        got = load_model_dir(tmp_path / "rebuilt")["w"]
+        assert got.dtype == torch.float16 and bool(torch.isfinite(got).all())
+        assert got[3, 2].item() == 11.0
 
 
 @pytest.mark.parametrize("flags, needle", [

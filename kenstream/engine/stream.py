@@ -9,8 +9,12 @@ few blocks, whatever the size of the largest tensor or of the model.
 
 from __future__ import annotations
 
-from .. import kernels
-from ..errors import KenstreamError
+import re
+
+import numpy as np
+
+from .. import dtypes, kernels
+from ..errors import CheckpointError, KenstreamError
 from ..format import spec
 from ..format.layout import header_reserve
 from ..io.rows import TensorRows, identical
@@ -84,7 +88,24 @@ def _tensor(sink, item, following, ft, base, settings, block_elems, cut=None) ->
             mask = cutter.mask(rows, brows, r0, r1)
         else:
             mask = None if whole else _select(item, rows, brows, r0, r1, settings)
+        if mask is not None and brows.stored != brows.dtype:
+            _check_cast(item, brows, r0, r1, mask)
         sink.block(item, rows, brows, r0, r1, mask)
+
+
+def _check_cast(item, brows, r0, r1, mask) -> None:
+    """A reset position rebuilds as the base value cast to the fine-tune's dtype; where
+    only that cast makes it infinite (a float32 base value beyond float16's range), the
+    rebuilt model would hold inf: refused, naming the row, rather than written."""
+    bad = dtypes.cast_overflows(brows.raw(r0, r1), brows.stored, brows.dtype)
+    bad &= ~mask.reshape(bad.shape)
+    if bad.any():
+        i, j = (int(x) for x in np.argwhere(bad)[0])
+        raise CheckpointError(
+            f"base value at column {j} does not fit {brows.dtype}, the fine-tune's dtype: "
+            f"the position is reset, so the rebuilt model would hold inf there",
+            file=brows.info.file, tensor=item.name, row=r0 + i,
+            hint=f"--exclude '^{re.escape(item.name)}$' stores the tensor whole")
 
 
 def _select(item, rows, base_rows, r0, r1, settings):
