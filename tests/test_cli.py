@@ -78,23 +78,28 @@ def test_verify_counts_every_parameter_on_its_bar(made, monkeypatch, with_finetu
 
 
 def test_verify_finds_a_changed_kept_value(made, tmp_path, capsys):
-    """A fine-tune that differs from the one the diff was made from, at a kept position:
-    exit 1, one error line, and --json still prints the report naming the tensor."""
+    """A fine-tune that differs from the one the diff was made from, at kept positions of
+    rows 29 and 33: exit 1, one error line naming the tensor and the first of those rows
+    (in the diff's second frame), and --json still prints the report."""
     b, f, d, ft = made
-    index = json.loads((d / "kenstream-diff.json").read_text())
+    d2 = tmp_path / "framed"
+    kenstream.compress(b, f, d2, keep=0.3, quiet=True, frame_elems=240)  # frames of 10 rows
+    index = json.loads((d2 / "kenstream-diff.json").read_text())
     assert index["tensors"]["emb.weight"]["reason"] == "selected"
     changed = dict(ft)
-    changed["emb.weight"] = ft["emb.weight"] + 1.0  # every position differs, kept ones too
+    changed["emb.weight"] = ft["emb.weight"].clone()
+    changed["emb.weight"][[29, 33]] += 1.0  # every position of the two rows, kept ones too
     other = save_dir(tmp_path / "other", changed)
-    assert main(["verify", str(d), "--base", str(b), "--finetuned", str(other), "-q"]) == 1
+    assert main(["verify", str(d2), "--base", str(b), "--finetuned", str(other), "-q"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
-    assert "emb.weight: a kept value differs from the fine-tune" in err
-    assert main(["verify", str(d), "--base", str(b), "--finetuned", str(other), "--json",
+    assert "emb.weight: a kept value differs from the fine-tune (first in row 29)" in err
+    assert main(["verify", str(d2), "--base", str(b), "--finetuned", str(other), "--json",
                  "-q"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is False
-    assert report["problems"] == ["emb.weight: a kept value differs from the fine-tune"]
+    assert report["problems"] == \
+        ["emb.weight: a kept value differs from the fine-tune (first in row 29)"]
 
 
 def test_verify_takes_the_base_first_as_rebuild_does(made, tmp_path, capsys):

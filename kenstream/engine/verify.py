@@ -19,7 +19,8 @@ from ..format import spec
 from ..io.checkpoint import Checkpoint
 from ..io.diff_reader import DiffReader
 from ..io.rows import TensorRows
-from ..kernels.compare import DIFFERS, KEPT_DIFFERS, RESET_DIFFERS, compare_block
+from ..kernels.compare import (DIFFERS, KEPT_DIFFERS, RESET_DIFFERS, compare_block,
+                                first_rows)
 from ..progress import bar
 from .blocks import TensorBlocks, ThreadBuffers, check_shapes, compile_first
 from .executor import Source, VerifyJob, check_executor, executor_ready, run_shards
@@ -140,17 +141,19 @@ class _Checking:
 
     def finish(self, rows, problems, progress) -> None:
         """Wait for the blocks, then add the tensor's row and problems."""
-        found, change, error = set(), 0.0, 0.0
+        found, change, error = {}, 0.0, 0.0
         for future in self.futures:
             got = future.result()
             if self.compared:
-                found |= got[0]
+                for what, row in got[0].items():
+                    found[what] = min(row, found.get(what, row))
                 change += got[1]
                 error += got[2]
         self.futures = []
         self.blocks.release()
         problems.extend(self.problems)
-        problems.extend(f"{self.name}: {what}" for what in sorted(found))
+        problems.extend(f"{self.name}: {what} (first in row {found[what]})"
+                        for what in sorted(found))
         if self.compared:
             rec = self.rec
             if rec.encoding == "dense" or rec.base_name is None:
@@ -174,7 +177,7 @@ def _check_block(blocks: TensorBlocks, ft_rows: TensorRows, i: int, buffers):
     rec = blocks.rec
     r0, r1 = blocks.ranges[i]
     if rec.params == 0:  # nothing to compare, however many (empty) rows
-        return set(), 0.0, 0.0
+        return {}, 0.0, 0.0
     shape, dtype = blocks.shape(i), blocks.dtype
     base_rows = blocks.base_rows(i, buffers.get("base", shape, dtype))
     kept = blocks.kept(i)  # before build, which releases the diff's pages it read
@@ -182,13 +185,16 @@ def _check_block(blocks: TensorBlocks, ft_rows: TensorRows, i: int, buffers):
     blocks.build(i, built, base_rows)
     want = ft_rows.read_into(r0, r1, buffers.get("finetuned", shape, dtype))
     flags, change, error = compare_block(built, want, base_rows, kept, rec.dtype)
-    found = set()
-    if flags & KEPT_DIFFERS:
-        found.add("a kept value differs from the fine-tune")
-    if flags & RESET_DIFFERS:
-        found.add("a reset value differs from the base")
-    if rec.encoding == "unchanged" and flags & DIFFERS:
-        found.add("recorded unchanged but the fine-tune differs from the base")
+    found = {}  # what -> the first row where it holds
+    if flags:
+        first = first_rows(built, want, base_rows, kept)
+        if flags & KEPT_DIFFERS:
+            found["a kept value differs from the fine-tune"] = r0 + first[KEPT_DIFFERS]
+        if flags & RESET_DIFFERS:
+            found["a reset value differs from the base"] = r0 + first[RESET_DIFFERS]
+        if rec.encoding == "unchanged" and flags & DIFFERS:
+            found["recorded unchanged but the fine-tune differs from the base"] = \
+                r0 + first[DIFFERS]
     # The fine-tune's pages, where its reader copies through the map (.bin); the base's and
     # the diff's were dropped by build, and the comparison reads only the buffers.
     ft_rows.release(r0, r1)

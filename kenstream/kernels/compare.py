@@ -109,3 +109,23 @@ def compare_block(got: np.ndarray, want: np.ndarray, base: np.ndarray | None,
         else:
             _norms_table(g, w, b, _table(code), sums)
     return int(flags), float(sums[0]), float(sums[1])
+
+
+def first_rows(got: np.ndarray, want: np.ndarray, base: np.ndarray | None,
+               kept: np.ndarray) -> dict:
+    """For a block :func:`compare_block` flagged: each flag it raised -> the first row of
+    the block ([rows, cols], arrays as there) where it holds. NumPy, with temporaries of
+    the block's size: for the failure path only."""
+    rows = got.shape[0]
+    g, w = flat_bits(got).reshape(rows, -1), flat_bits(want).reshape(rows, -1)
+    k = np.asarray(kept, dtype=np.bool_).reshape(rows, -1)
+    differs = g != w
+    where = {DIFFERS: differs, KEPT_DIFFERS: differs & k}
+    if base is not None:
+        where[RESET_DIFFERS] = (g != flat_bits(base).reshape(rows, -1)) & ~k
+    found = {}
+    for flag, cells in where.items():
+        hit = np.flatnonzero(cells.any(axis=1))
+        if hit.size:
+            found[flag] = int(hit[0])
+    return found
