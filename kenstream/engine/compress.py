@@ -123,7 +123,8 @@ def _check_finished(plan: CompressPlan, index_path: Path) -> dict:
         index = DiffIndex.from_json(obj)
     except DiffError as exc:
         raise OutputError(f"--resume: {exc.message}", file=index_path,
-                          hint="use --overwrite to replace it") from None
+                          hint="to replace it, run the command with --overwrite instead of "
+                               "--resume") from None
     finished = CompressPlan(index.selection.to_json(), index.shard_size, index.base.to_json(),
                             None if index.finetuned is None else index.finetuned.to_json(),
                             {}, index.command, index.format_version, None,
@@ -132,7 +133,8 @@ def _check_finished(plan: CompressPlan, index_path: Path) -> dict:
     if finished.finetuned is not None:
         keys.add("finetuned")
     _check_same(finished, plan, index_path, "the finished diff",
-                "use --overwrite to replace it, or another -o", keys)
+                "to replace it, run the command with --overwrite instead of --resume, or "
+                "choose another -o", keys)
     return obj
 
 

@@ -74,14 +74,16 @@ class DiffReader:
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            raise DiffError("shard is missing", file=path) from None
+            raise DiffError("shard is missing", file=path,
+                            hint="copy the whole diff folder again") from None
         except OSError as exc:
             raise DiffError(f"shard cannot be read: {exc.strerror}", file=path) from None
         if not stat.S_ISREG(st.st_mode):
             raise DiffError("shard is not a regular file", file=path)
         expected = self.index.shards[name].size
         if st.st_size != expected:
-            raise DiffError(f"shard is {st.st_size} bytes, index says {expected}", file=path)
+            raise DiffError(f"shard is {st.st_size} bytes, index says {expected}", file=path,
+                            hint="the shard is cut short or was replaced; copy it again")
         return path
 
     def shard(self, name: str) -> SafetensorsFile:

@@ -114,7 +114,8 @@ def claim_output(out, *, inputs, resume: bool, overwrite: bool, plan: str, index
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot create: {exc.strerror}", file=out) from exc
+        raise OutputError(f"cannot create: {exc.strerror}", file=out,
+                          hint="choose an -o in a folder you can write to") from exc
     with DirLock(out, LOCK_NAME):
         entries, marker = _survey(out)  # again: the folder may have changed before the lock
         _refuse_foreign(out, entries, marker, resume=resume, overwrite=overwrite)

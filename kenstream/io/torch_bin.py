@@ -108,7 +108,9 @@ class TorchBinFile(TensorTable):
             warnings.warn(f"{self.path}: skipped {len(skipped)} non-tensor entries ({shown})",
                           stacklevel=2)
         if not self._tensors:
-            raise CheckpointError("state dict holds no tensors at its top level", file=self.path)
+            raise CheckpointError("state dict holds no tensors at its top level", file=self.path,
+                                  hint="a training checkpoint nests its weights (for example "
+                                       "under 'state_dict'); save that dict on its own")
         if mmap:
             MAPPED[id(self)] = (os.fsencode(self.path), self._size)
 
