@@ -196,7 +196,9 @@ def _row_blocks(rows: int, cols: int, br: int, block_elems: int):
 def _base_rows(base, rec, tensor) -> TensorRows:
     """The base tensor as rows in its own dtype, for change colouring."""
     if rec.base_name is None:
-        raise KenstreamError("is new in the fine-tune; it has no base values to compare",
+        why = ("changed shape from the base's, so the diff stores it whole"
+               if rec.reason == "reshaped" else "is new in the fine-tune")
+        raise KenstreamError(f"{why}; it has no base values to compare",
                              tensor=tensor, hint="use --color value")
     info = base.info(rec.base_name)
     if math.prod(info.shape) != rec.params:

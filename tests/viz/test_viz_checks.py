@@ -138,6 +138,27 @@ def test_a_link_at_the_output_is_replaced_not_written_through(fixture_diff, tmp_
     assert sorted(p.name for p in out.parent.iterdir()) == ["p.png"]
 
 
+def test_change_colouring_says_why_a_tensor_has_no_base(tmp_path, capsys):
+    """--color change of a tensor stored without a base: a reshaped tensor is called
+    reshaped, not new; a new one new."""
+    rng = np.random.default_rng(2)
+    base = {"w": rng.standard_normal((4, 6)).astype(np.float32),
+            "r": rng.standard_normal((6, 4)).astype(np.float32)}
+    ft = {"w": base["w"] + 0.1, "r": base["r"].reshape(4, 6) + 0.1,
+          "n": rng.standard_normal((2, 2)).astype(np.float32)}
+    for name, tensors in (("base", base), ("ft", ft)):
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    d = tmp_path / "diff"
+    with pytest.warns(UserWarning, match="differs from the base's .*; stored whole"):
+        kenstream.compress(tmp_path / "base", tmp_path / "ft", d, keep=0.5, quiet=True)
+    for tensor, why in (("r", "changed shape from the base's"), ("n", "is new in the fine-tune")):
+        code, err = run(capsys, ["viz", d, "--tensor", tensor, "--base", tmp_path / "base",
+                                 "--color", "change", "-o", tmp_path / "x.png"])
+        assert code == 2
+        assert_one_error(err, f"tensor '{tensor}'", why, "--color value")
+
+
 def test_summary_of_unprintable_names(unprintable_diff, tmp_path, capsys):
     _, _, d = unprintable_diff
     code, err = run(capsys, ["viz", d, "--view", "summary", "-o", tmp_path / "s.png"])
