@@ -50,8 +50,8 @@ def info(diff) -> dict:
                 layer["selected"] += rec.params
                 layer["kept"] += rec.kept
         # Blocks in numeric order (2 before 10), the tensors outside every block last.
-        layers = dict(sorted(layers.items(),
-                             key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0)))
+        order = sorted(layers, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0))
+        layers = {n: layers[n] for n in order}
         totals = idx.totals.to_json()
         if idx.format_version == 1:
             totals["positions_bytes"] = sum(r["positions_bytes"] for r in rows)
