@@ -95,8 +95,9 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
                              overwrite=overwrite, plan=PARTIAL_NAME, index=INDEX_NAME,
                              files=files) as claim:
             if claim.state == "complete":
+                index = _check_finished(out, d, b, shards, force)
                 say(f"{printable(out)} is already rebuilt; nothing to resume", quiet)
-                return read_json_file(out / INDEX_NAME)
+                return index
             say("checking diff shard hashes", quiet)
             d.check_hashes(threads=workers)
             diffs = d.check_base(b, force=force)
@@ -142,6 +143,33 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
             index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
             shards.write_index(INDEX_NAME, index)
             partial.unlink(missing_ok=True)
+    return index
+
+
+def _check_finished(out: Path, d, b, shards: ShardSet, force: bool) -> dict:
+    """The index of a finished model that ``--resume`` met, after checking that this run
+    would write it: its shards are the ones this ``--shard-size`` plans, each made from this
+    diff (the diff index's sha256 in its metadata), over a base the diff accepts."""
+    index = read_json_file(out / INDEX_NAME)
+    hint = "to replace it, run the command with --overwrite instead of --resume"
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    found = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else None
+    if found != sorted(shards.names):
+        raise OutputError("--resume: the finished model is not split into the shards this "
+                          "--shard-size makes", file=out / INDEX_NAME, hint=hint)
+    diff_sha = sha256_file(d.path / spec.INDEX_NAME)
+    for name in found:
+        path = out / name
+        try:
+            with SafetensorsFile(path) as sf:
+                made_from = sf.metadata.get("kenstream_diff_sha256")
+        except CheckpointError as exc:
+            raise OutputError(f"--resume: {exc.message}", file=path, hint=hint) from None
+        if made_from != diff_sha:
+            raise OutputError("--resume: the finished model was rebuilt from another diff",
+                              file=path, hint=hint)
+    d.check_base(b, force=force)
+    check_shapes(d, b)
     return index
 
 

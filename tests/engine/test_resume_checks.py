@@ -68,6 +68,33 @@ def test_rebuild_resume_refuses_another_base_or_settings(diff, capsys, monkeypat
     assert files_of(out) == files_of(reference)
 
 
+def test_rebuild_resume_of_a_finished_model_checks_what_made_it(diff, capsys, tmp_path):
+    """--resume on a finished model (nothing to resume) still refuses, leaving it as it is,
+    when this command would write another model: another diff, another --shard-size, or
+    another base; the same command says it is done and exits 0."""
+    b, f, d = diff
+    out = tmp_path / "rebuilt"
+    argv = ["rebuild", b, d, "-o", out, "--shard-size", "300B"]
+    assert cli(capsys, argv, [b, f, d])[0] == 0
+    before = snapshot(out)
+    lossless = tmp_path / "lossless"
+    assert cli(capsys, ["compress", b, f, "-o", lossless, "--keep", "1"], [b, f])[0] == 0
+    other_base = save_dir(tmp_path / "other", tensors(seed=9))
+    for resume, needles in (
+            (["rebuild", b, lossless, "-o", out, "--shard-size", "300B"],
+             ("rebuilt from another diff",)),
+            (["rebuild", b, d, "-o", out, "--shard-size", "5MB"], ("--shard-size makes",)),
+            (["rebuild", other_base, d, "-o", out, "--shard-size", "300B"],
+             ("differs from the base this diff was made from",))):
+        code, err = cli(capsys, resume + ["--resume"], [b, f, d, lossless, other_base])
+        assert code == 2, err
+        assert_one_error(err, *needles)
+        assert snapshot(out) == before
+    code, err = cli(capsys, argv + ["--resume"], [b, f, d])
+    assert code == 0, err
+    assert snapshot(out) == before
+
+
 # -- 12. tensor names holding '::' ----------------------------------------------------------
 
 def test_names_with_double_colons_resume(tmp_path, capsys, monkeypatch):
