@@ -13,11 +13,11 @@ import sys
 import warnings
 
 from . import __version__
-from .errors import KenstreamError, OutputError
+from .errors import KenstreamError, OutputError, SelectionError
 from .reports import human, print_info, print_verify
 from .format.spec import DEFAULT_LEVEL, FORMAT_VERSION, READ_VERSIONS
 from .settings import (BUDGETS, DEFAULT_TIES, DIFF_SHARD_SIZE, METHODS, MODEL_SHARD_SIZE,
-                       TIES)
+                       TIES, parse_keep)
 from .text import printable
 
 
@@ -50,11 +50,11 @@ BUDGET_HELP = ("how the keep is shared: row (default): every row keeps its k; te
 
 def _keep(text) -> float:
     """``--keep``: a fraction (0.25) or a percentage (25%)."""
-    t = text.strip()
     try:
-        return float(t[:-1]) / 100 if t.endswith("%") else float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction such as 0.25 or 25%")
+        return parse_keep(text)
+    except SelectionError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction such as 0.25 or 25%") \
+            from None
 
 
 def _threads(text) -> int:

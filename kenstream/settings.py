@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 
 from .errors import SelectionError
+from .format.fields import short
+from .format.spec import MAX_COUNT
 
 METHODS = ("ken", "delta", "magnitude", "random")
 """Selection rules: the KEN rule, and the baselines it is compared with."""
@@ -24,8 +29,8 @@ tensor. ``row`` is the default, and the only budget of ``ken`` (a per-row rule).
 RANKED = ("delta", "magnitude", "random")
 """Rules whose score ranks every position, so that a budget can cross rows."""
 
-MAX_K = (1 << 63) - 1
-"""The largest k: an index stores it as a signed 64-bit count."""
+MAX_K = MAX_COUNT
+"""The largest k: an index stores it as a signed 64-bit count, as it does sizes."""
 
 DIFF_SHARD_SIZE = "2GB"
 """Default largest diff shard."""
@@ -36,18 +41,46 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(text) -> int:
-    """``'2GB'`` -> 2_000_000_000 (decimal units; KiB/MiB/GiB binary; plain bytes)."""
-    if isinstance(text, int):
-        value = text
+def parse_size(text, what: str = "size", examples: str = "500MB or 2GB", shown=None) -> int:
+    """``'2GB'`` -> 2_000_000_000 (decimal units; KiB/MiB/GiB binary; plain bytes), at most
+    2**63 - 1 bytes (what an index can record). Errors say ``what {shown}`` (``shown``:
+    ``text`` unless given) and name ``examples``."""
+    shown = short(text if shown is None else shown)
+    if isinstance(text, numbers.Integral) and not isinstance(text, bool):
+        value = int(text)
     else:
         m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
         if not m or m.group(2).upper() not in _UNITS:
-            raise SelectionError(f"size {text!r} is not a size such as 500MB or 2GB")
-        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+            raise SelectionError(f"{what} {shown} is not a size such as {examples}")
+        # Exact arithmetic: a float would overflow on a 400-digit number, or round.
+        value = int(Fraction(m.group(1)) * _UNITS[m.group(2).upper()])
     if value <= 0:
-        raise SelectionError(f"size {text!r} must be positive")
+        raise SelectionError(f"{what} {shown} must be positive")
+    if value > MAX_COUNT:
+        raise SelectionError(f"{what} {shown} is too large: at most 2**63 - 1 bytes")
     return value
+
+
+def parse_keep(text) -> float:
+    """``--keep``: a fraction (0.25) or a percentage (``'25%'``); any real number type."""
+    if isinstance(text, str):
+        t = text.strip()
+        try:
+            return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+        except ValueError:
+            raise SelectionError(f"keep {text!r} is not a fraction such as 0.25 or 25%") \
+                from None
+    if isinstance(text, bool) or not isinstance(text, numbers.Real):
+        raise SelectionError(f"keep {short(text)} is not a fraction such as 0.25 or 25%")
+    return float(text)
+
+
+def _whole(value, what: str) -> int:
+    """``value`` as an int: ints of any library, and floats such as 3.0; else an error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(value) or int(value) != value:
+        raise SelectionError(f"{what} must be a whole number, got {short(value)}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -78,7 +111,17 @@ class Settings:
                                  "row, so its budget is row")
         if (self.k is None) == (self.keep is None):
             raise SelectionError("give exactly one of --k and --keep")
-        if self.k is not None and (isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1):
+        # Values as the index records them (JSON numbers), whatever type a caller passed.
+        if self.k is not None:
+            object.__setattr__(self, "k", _whole(self.k, "--k"))
+        if self.keep is not None:
+            object.__setattr__(self, "keep", parse_keep(self.keep))
+        object.__setattr__(self, "seed", _whole(self.seed, "--seed"))
+        for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):
+            if pattern is not None and not isinstance(pattern, str):
+                raise SelectionError(f"{flag} must be a regular expression (a string), "
+                                     f"got {short(pattern)}")
+        if self.k is not None and self.k < 1:
             raise SelectionError(f"--k must be a whole number >= 1, got {self.k}")
         if self.k is not None and int(self.k) > MAX_K:
             raise SelectionError(f"--k must be at most 2**63 - 1, got {self.k}",

@@ -11,17 +11,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
 import textwrap
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from kenstream.cli import main
 import kenstream
+from kenstream.cli import main
+from kenstream.errors import SelectionError
 from tests.ckpt import save_dir
 from tests.expect import load_model_dir
 
@@ -375,6 +379,8 @@ def test_a_reset_base_value_beyond_the_finetunes_dtype_is_refused(tmp_path, caps
     (["--k", "4", "--include", "("], "--include"),
     (["--k", str(2**63)], "at most 2**63 - 1"), (["--k", "4", "--level", "0"], "--level"),
     (["--k", "4", "--level", "20"], "--level"), (["--k", "4", "--level", "-1"], "--level"),
+    (["--k", "4", "--shard-size", "9" * 400], "too large"),
+    (["--k", "4", "--shard-size", "9300000TB"], "at most 2**63 - 1 bytes"),
 ])
 def test_bad_selection_flags(pair, capsys, flags, needle):
     b, f, out = pair
@@ -382,6 +388,54 @@ def test_bad_selection_flags(pair, capsys, flags, needle):
     assert code == 2
     assert_one_error(err, needle)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"keep": True}, "keep True is not a fraction"), ({"k": 2.5}, "--k must be a whole number"),
+    ({"keep": 0.5, "seed": "1"}, "--seed must be a whole number"),
+    ({"keep": 0.5, "seed": 1.5}, "--seed must be a whole number"),
+    ({"keep": 0.5, "include": ["a"]}, "--include must be a regular expression"),
+    ({"keep": 0.5, "threads": 0}, "threads must be a whole number >= 1"),
+    ({"keep": "half"}, "keep 'half' is not a fraction"),
+    ({"keep": 0.5, "shard_size": 2**63}, "at most 2**63 - 1 bytes"),
+])
+def test_api_settings_are_checked_before_anything_is_made(pair, options, needle):
+    """The Python API takes what the command line parses: a bad value is a SelectionError
+    before the output folder exists (it was an unfinished diff, or a TypeError)."""
+    b, f, out = pair
+    before = snapshot(b, f)
+    with pytest.raises(SelectionError, match=re.escape(needle)):
+        kenstream.compress(b, f, out, quiet=True, **options)
+    assert not out.exists() and snapshot(b, f) == before
+
+
+def test_api_takes_numbers_of_any_type(pair):
+    """NumPy scalars, fractions and '50%' are the numbers they stand for: the same diff,
+    byte for byte, as plain ints and floats."""
+    b, f, out = pair
+    kenstream.compress(b, f, out, keep=0.5, seed=3, quiet=True)
+    want = {p.name: p.read_bytes() for p in out.glob("*.kdiff")}
+    for options in ({"keep": np.float32(0.5), "seed": np.int64(3)},
+                    {"keep": Fraction(1, 2), "seed": 3.0}, {"keep": "50%", "seed": 3}):
+        other = out.with_name("other")
+        kenstream.compress(b, f, other, quiet=True, overwrite=True, **options)
+        assert {p.name: p.read_bytes() for p in other.glob("*.kdiff")} == want, options
+    index = json.loads((other / "kenstream-diff.json").read_text())
+    assert index["selection"]["keep"] == 0.5 and index["selection"]["seed"] == 3
+    kenstream.compress(b, f, out.with_name("by-k"), k=np.int64(8), quiet=True)
+    assert json.loads((out.with_name("by-k") / "kenstream-diff.json").read_text())[
+        "selection"]["k"] == 8
+
+
+@pytest.mark.parametrize("call", ["rebuild", "verify"])
+def test_api_thread_counts_below_one_are_refused(diff, tmp_path, call):
+    b, f, d = diff
+    with pytest.raises(SelectionError, match="threads must be a whole number >= 1"):
+        if call == "rebuild":
+            kenstream.rebuild(b, d, tmp_path / "rebuilt", threads=0, quiet=True)
+        else:
+            kenstream.verify(d, b, f, threads=-2, quiet=True)
+    assert not (tmp_path / "rebuilt").exists()
 
 
 @pytest.mark.parametrize("command", ["compress", "rebuild", "verify"])

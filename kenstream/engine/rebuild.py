@@ -88,7 +88,7 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
         shards = _plan_files(out, records, limit, header_limit)
         extras = [n for n in extra_files(d.path) if n not in ("README.md", FINETUNED_CARD)]
         files = [*shards.names, INDEX_NAME, PARTIAL_NAME, "README.md", *extras]
-        workers = kernels.get_threads() if threads is None else max(1, threads)
+        workers = kernels.get_threads() if threads is None else kernels.thread_count(threads)
         with executor_ready(executor, ray_address=ray_address, quiet=quiet, threads=workers,
                             groups=len(shards.names)), \
                 claim_output(out, inputs=[b, _DiffInput(d.path)], resume=resume,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import KenstreamError, OutputError, SelectionError
 from ..format import spec
+from ..format.fields import short
 from ..io.checkpoint import Checkpoint
 from ..io.jsonfile import read_json_file, write_json_atomic
 from ..io.outputs import HOUSEKEEPING, SEARCH_NAME, read_marker, remove_listed
@@ -76,16 +77,12 @@ def parse_request(text, whole: int) -> int:
         except ValueError:
             share = math.nan
         if not 0 < share <= 100:
-            raise SelectionError(f"--size {text!r} is not a share in (0%, 100%]")
+            raise SelectionError(f"--size {short(text)} is not a share in (0%, 100%]")
         return max(1, int(whole * share / 100))
     m = re.fullmatch(r"([0-9.]+)\s*([kKmMgGtT])", t)
     if m:  # 1.5G: a decimal unit without its B
         t = m.group(1) + m.group(2).upper() + "B"
-    try:
-        return parse_size(t)
-    except SelectionError:
-        raise SelectionError(f"--size {text!r} is not a size such as 300MB, 1.5G or 10%") \
-            from None
+    return parse_size(t, "--size", "300MB, 1.5G or 10%", shown=text)
 
 
 def _first_guess(floats: int, target: int) -> float:

@@ -8,6 +8,7 @@ beside a kernel.
 
 from __future__ import annotations
 
+import numbers
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,6 +24,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba  # noqa: E402  (after the OpenMP setting above)
 
+from ..errors import SelectionError  # noqa: E402
+
 JIT = dict(cache=True, nogil=True, fastmath=False)
 PARALLEL = dict(JIT, parallel=True)
 
@@ -30,10 +33,13 @@ njit = numba.njit
 prange = numba.prange
 
 
-def _clamp(threads: int | None) -> int:
+def thread_count(threads: int | None) -> int:
+    """A caller's thread count, at most the cores numba sees; below 1 is an error."""
     if threads is None:
-        threads = numba.config.NUMBA_NUM_THREADS
-    return max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+        return numba.config.NUMBA_NUM_THREADS
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
+        raise SelectionError(f"threads must be a whole number >= 1, got {threads!r}")
+    return min(int(threads), numba.config.NUMBA_NUM_THREADS)
 
 
 def get_threads() -> int:
@@ -46,7 +52,7 @@ def threads(count: int | None):
     """Run the body with ``count`` numba threads (None: every core numba sees), then put
     the caller's thread count back, also when the body raises."""
     before = numba.get_num_threads()
-    numba.set_num_threads(_clamp(count))
+    numba.set_num_threads(thread_count(count))
     try:
         yield
     finally:

@@ -69,6 +69,7 @@ def test_size_at_or_over_the_lossless_diff_keeps_everything(pair, tmp_path, caps
     ("lots", "is not a size such as 300MB, 1.5G or 10%"),
     ("0%", "is not a share in (0%, 100%]"),
     ("150%", "is not a share in (0%, 100%]"),
+    ("9" * 400, "is too large: at most 2**63 - 1 bytes"),
 ])
 def test_size_refuses_what_it_cannot_reach(pair, tmp_path, capsys, value, needle):
     assert run(pair, tmp_path / "diff", "--size", value, "--method", "delta") == 2
