@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections import deque
@@ -35,6 +36,7 @@ _POLL = 0.25  # seconds between progress refreshes while waiting for tasks
 _CANCEL_WAIT = 60.0  # seconds the driver waits for cancelled tasks to clean up
 _SETTLE = 0.2  # seconds tasks just ending get before the others are cancelled
 _REGISTER_WAIT = 30.0  # seconds a task waits for the progress tally to come up
+_PROBE_WAIT = 10.0  # seconds to wait for a TCP connection to --ray-address
 
 
 def import_ray():
@@ -102,6 +104,7 @@ def _connect(ray, address, quiet) -> bool:
     The process's SIGTERM handler is kept (ray.init installs its own in the main thread)."""
     if ray.is_initialized():
         return False
+    _probe(address)
     on_term = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=address, include_dashboard=False,
@@ -114,6 +117,26 @@ def _connect(ray, address, quiet) -> bool:
         if threading.current_thread() is threading.main_thread() and on_term is not None:
             signal.signal(signal.SIGTERM, on_term)
     return True
+
+
+def _probe(address) -> None:
+    """Refuse a ``HOST:PORT`` (or ``ray://HOST:PORT``) address where nothing accepts a TCP
+    connection. ray.init retries such an address for minutes, printing warnings, in C code
+    that no signal interrupts; a typo should be one error line. Other forms (``auto``,
+    none) are left to ray.init."""
+    if not address:
+        return
+    host, sep, port = str(address).split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=_PROBE_WAIT):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ExecutorError(f"cannot reach a Ray cluster at {address}: {reason}",
+                            hint="check --ray-address (the head node's address and GCS port, "
+                                 "6379 by default) and `ray status` there") from None
 
 
 def versions() -> dict:

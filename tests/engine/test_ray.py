@@ -326,3 +326,24 @@ def test_workers_are_started_before_the_driver_claims_the_output(cluster, pair, 
     assert all(isinstance(pid, int) and pid != os.getpid() for pid in ray.get(seen[0]))
     assert tree(tmp_path / "rebuilt") == local[2]
     assert distributed._WARMING == []
+
+
+def test_a_ray_address_where_nothing_listens_is_one_error_line(pair, tmp_path):
+    """ray.init retries such an address for minutes in C code that no signal reaches; the
+    driver refuses it at once instead (run in its own process, so a hang fails the test
+    after a minute rather than holding the suite)."""
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [str(a) for a in compress_argv(pair, "--executor", "ray", "--ray-address",
+                                          f"127.0.0.1:{port}")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "kenstream", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach a Ray cluster at "
+                                                    f"127.0.0.1:{port}"), done.stderr
+    assert not (tmp_path / "diff").exists()
