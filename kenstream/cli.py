@@ -203,16 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
 # Options left out of the recorded command (name -> takes a value): they change no byte of
 # the result, so a resumed or distributed diff stays identical to a local whole run's.
 _UNRECORDED = {"--resume": False, "--strict-resume": False, "--executor": True,
-               "--ray-address": True}
+               "--ray-address": True, "--threads": True, "--quiet": False, "--debug": False}
+"""Options that change no byte of the output (flag -> whether it takes a value)."""
+_UNRECORDED_SHORT = {"-j": True, "-q": False}
 
 
 def _recorded(argv) -> list:
-    """The command line to record in a diff: how to make it, so without where or in how
-    many runs it was made (`_UNRECORDED`, also as ``--opt=value`` or an abbreviation)."""
+    """The command line to record in a diff: how to make it, so without where, on how many
+    threads or in how many runs it was made, or what it printed (`_UNRECORDED`, also as
+    ``--opt=value``, an abbreviation, ``-j 2`` or ``-j2``)."""
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
+            continue
+        short = arg[:2]
+        if short in _UNRECORDED_SHORT and not arg.startswith("--"):
+            skip = _UNRECORDED_SHORT[short] and len(arg) == 2
             continue
         flag = arg.split("=", 1)[0]
         known = [o for o in _UNRECORDED if len(flag) > 2 and flag.startswith("--")

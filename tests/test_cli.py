@@ -4,6 +4,7 @@ demo, and interruption."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import defaultdict
 
@@ -189,12 +190,33 @@ def test_compress_defaults_to_scrambled_ties(tmp_path):
     assert_same_model(out, expected_model(base, ft, keep=0.25, ties="scrambled"))
 
 
-def test_executor_flags_are_not_recorded():
+def test_executor_thread_and_display_flags_are_not_recorded():
     """They change no byte of a diff, so its recorded command leaves them out (as --resume,
-    also written with = or abbreviated)."""
+    also written with = or abbreviated, or as -j2)."""
     argv = ["compress", "b", "f", "-o", "d", "--executor", "ray", "--ray-address=h:6379",
-            "--keep", "0.5", "--res", "--ray-a", "h:1", "--exe=local", "-q"]
-    assert _recorded(argv) == ["compress", "b", "f", "-o", "d", "--keep", "0.5", "-q"]
+            "--keep", "0.5", "--res", "--ray-a", "h:1", "--exe=local", "-q", "-j", "2",
+            "-j2", "--threads=4", "--thr", "1", "--quiet", "--debug", "--seed", "-3"]
+    assert _recorded(argv) == ["compress", "b", "f", "-o", "d", "--keep", "0.5", "--seed", "-3"]
+
+
+def test_thread_counts_make_the_same_diff_files(tmp_path):
+    """-j 1 and -j 2 (and -q) write the same bytes, index and card included."""
+    base, ft = toy_pair(torch.float32)
+    b, f = save_dir(tmp_path / "base", base), save_dir(tmp_path / "ft", ft)
+    made = {}
+    for extra in (["-j", "1", "-q"], ["-j2"]):
+        cwd = tmp_path / extra[0]
+        cwd.mkdir()
+        argv = ["compress", str(b), str(f), "-o", "diff", "--keep", "0.3", *extra]
+        old = os.getcwd()
+        try:
+            os.chdir(cwd)
+            assert main(argv) == 0
+        finally:
+            os.chdir(old)
+        made[extra[0]] = {p.name: p.read_bytes() for p in (cwd / "diff").iterdir()
+                          if p.is_file() and not p.name.startswith(".")}
+    assert made["-j"] == made["-j2"]
 
 
 @pytest.mark.parametrize("command", ["compress", "rebuild"])
