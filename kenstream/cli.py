@@ -272,10 +272,10 @@ def _run(args, argv) -> int:
                                ray_address=args.ray_address)
         except KenstreamError as exc:
             if args.json and hasattr(exc, "report"):
-                print(json.dumps(exc.report, indent=2))
+                print(json.dumps(exc.report, indent=2, allow_nan=False))
             raise
         if args.json:
-            print(json.dumps(report, indent=2))
+            print(json.dumps(report, indent=2, allow_nan=False))
         elif not args.quiet:
             if args.finetuned:
                 print_verify(report)
@@ -284,7 +284,7 @@ def _run(args, argv) -> int:
     if args.command == "info":
         report = ks.info(args.diff)
         if args.json:
-            print(json.dumps(report, indent=2))
+            print(json.dumps(report, indent=2, allow_nan=False))
         else:
             print_info(report, tensors=args.tensors)
         return 0

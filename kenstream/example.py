@@ -118,7 +118,7 @@ def _demo(directory: Path, keep, quiet) -> int:
     ks.rebuild(base, diff, rebuilt, overwrite=True, quiet=quiet)
     print("5. verify: hashes, base identity, and every kept value against the fine-tune")
     report = ks.verify(diff, base, ft, quiet=quiet)
-    worst = max((r.get("rel_error", 0.0) for r in report["tensors"].values()), default=0.0)
+    worst = max((r.get("rel_error") or 0.0 for r in report["tensors"].values()), default=0.0)
     print(f"   OK: {len(report['tensors'])} tensors checked bit for bit; largest relative "
           f"reconstruction error ||rebuilt - ft|| / ||ft - base|| = {worst:.3f}")
     print(printable(f"Try: kenstream info {diff}    kenstream verify {base} {diff} "

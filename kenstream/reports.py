@@ -61,5 +61,6 @@ def print_verify(report: dict) -> None:
     """One line per tensor: kept fraction and relative reconstruction error."""
     print(f"{'tensor':<60} {'kept':>7} {'rel.err':>9}")
     for name, row in sorted(report["tensors"].items(), key=lambda kv: natural_key(kv[0])):
+        err = row.get("rel_error")
         print(f"{printable(name):<60} {row['kept_fraction']:>7.3f} "
-              f"{row.get('rel_error', float('nan')):>9.4f}")
+              + (f"{err:>9.4f}" if err is not None else f"{'-':>9}"))

@@ -253,3 +253,34 @@ def test_info_lists_blocks_in_numeric_order(tmp_path, capsys):
     head = next(i for i, line in enumerate(lines) if line.split()[:1] == ["tensor"])
     assert [line.split()[0] for line in lines[head + 1:head + 14]] == \
         ["embed.w"] + [f"enc.{i}.w" for i in range(12)]
+
+
+def test_verify_json_stays_json_with_infinities_and_nans(tmp_path, capsys):
+    """A lossless diff of a fine-tune holding an inf the base lacks and a NaN both share:
+    verify --json is strict JSON (no Infinity or NaN), and the tensor's rel_error is 0.0,
+    since the rebuilt tensor is the fine-tune bit for bit."""
+    g = torch.Generator().manual_seed(8)
+    base = {"w": torch.randn(6, 8, generator=g), "v": torch.randn(4, 8, generator=g)}
+    base["w"][0, 0] = float("nan")
+    ft = {n: t + 0.01 for n, t in base.items()}
+    ft["w"][0, 0] = float("nan")
+    ft["w"][1, 1] = float("inf")
+    b, f = save_dir(tmp_path / "base", base), save_dir(tmp_path / "ft", ft)
+    d = tmp_path / "diff"
+    assert main(["compress", str(b), str(f), "-o", str(d), "--keep", "1", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(b), str(d), "--finetuned", str(f), "--json", "-q"]) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    report = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert report["tensors"]["w"]["rel_error"] == 0.0
+    assert main(["verify", str(b), str(d), "--finetuned", str(f)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("w "))
+    assert row.split()[-1] == "0.0000"
+    # The base given as the fine-tune: ||ft - base|| is 0 where the rebuilt tensor differs,
+    # so the ratio is no number: null in JSON, '-' in the table, and exit 1 as a mismatch.
+    assert main(["verify", str(b), str(d), "--finetuned", str(b), "--json", "-q"]) == 1
+    report = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert report["tensors"]["v"]["rel_error"] is None and not report["ok"]

@@ -33,7 +33,7 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None
     checks and checksum); with ``finetuned``, also every value against it.
 
     Returns ``{"ok", "problems", "tensors": {name: {"encoding", "kept_fraction",
-    "rel_error"}}}`` and raises VerifyError (exit 1) listing the first problem when
+    "rel_error"}}}`` (``rel_error`` None where it is no finite number) and raises VerifyError (exit 1) listing the first problem when
     anything mismatches. Blocks are checked on ``threads`` threads (default: every core).
     ``executor="ray"`` checks the tensors of each diff shard in a Ray task (``threads``
     CPUs each); the report is the same. Cost: reads every input once; memory a few row
@@ -159,9 +159,11 @@ class _Checking:
             if rec.encoding == "dense" or rec.base_name is None:
                 self.row["rel_error"] = 0.0
             else:
+                # None (JSON null) where the ratio is no finite number: the rebuilt
+                # tensor differs where the fine-tune equals the base, or an inf is involved.
                 change, error = math.sqrt(change), math.sqrt(error)
-                self.row["rel_error"] = (error / change if change > 0
-                                         else (0.0 if error == 0 else math.inf))
+                ratio = 0.0 if error == 0 else (error / change if change > 0 else math.inf)
+                self.row["rel_error"] = ratio if math.isfinite(ratio) else None
         progress.update(self.rec.params)
         rows[self.name] = self.row
 

@@ -34,30 +34,34 @@ def _flags(got, want, base, kept, has_base):
     return np.int64(differs) * 4 + np.int64(kept_differs) + np.int64(reset_differs) * 2
 
 
+# Both norms count only positions whose bit patterns differ: an inf or NaN that the two
+# sides share adds nothing (inf - inf would add NaN), one they do not share adds inf.
+
+
 @njit(**JIT)
 def _norms_table(got, want, base, table, sums):
     change = 0.0
     error = 0.0
     for i in range(got.size):
         w = np.float64(table[want[i]])
-        c = w - np.float64(table[base[i]])
-        e = np.float64(table[got[i]]) - w
-        change += c * c
-        error += e * e
+        c = w - np.float64(table[base[i]]) if want[i] != base[i] else 0.0
+        e = np.float64(table[got[i]]) - w if got[i] != want[i] else 0.0
+        change += abs(c) * abs(c) if c == c else np.inf
+        error += abs(e) * abs(e) if e == e else np.inf
     sums[0] = change
     sums[1] = error
 
 
 @njit(**JIT)
-def _norms_floats(got, want, base, sums):
+def _norms_floats(got, want, base, gbits, wbits, bbits, sums):
     change = 0.0
     error = 0.0
     for i in range(got.size):
         w = np.float64(want[i])
-        c = w - np.float64(base[i])
-        e = np.float64(got[i]) - w
-        change += c * c
-        error += e * e
+        c = w - np.float64(base[i]) if wbits[i] != bbits[i] else 0.0
+        e = np.float64(got[i]) - w if gbits[i] != wbits[i] else 0.0
+        change += abs(c) * abs(c) if c == c else np.inf
+        error += abs(e) * abs(e) if e == e else np.inf
     sums[0] = change
     sums[1] = error
 
@@ -105,7 +109,7 @@ def compare_block(got: np.ndarray, want: np.ndarray, base: np.ndarray | None,
     if entry.is_float and base is not None:
         if code in ("F32", "F64"):
             wide = np.float32 if code == "F32" else np.float64
-            _norms_floats(g.view(wide), w.view(wide), b.view(wide), sums)
+            _norms_floats(g.view(wide), w.view(wide), b.view(wide), g, w, b, sums)
         else:
             _norms_table(g, w, b, _table(code), sums)
     return int(flags), float(sums[0]), float(sums[1])

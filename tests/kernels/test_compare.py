@@ -32,7 +32,12 @@ def slow(got, want, base, kept, code):
         code, lambda a: torch.from_numpy(a.copy()).view(dtypes.torch_dtype(code)).double().numpy()
         if code in ("BF16", "F8_E4M3", "F8_E5M2") else a.astype(np.float64))
     fw, fb, fg = value(want), value(base), value(got)
-    return flags, float(((fw - fb) ** 2).sum()), float(((fg - fw) ** 2).sum())
+    # Only positions whose bits differ count; a NaN difference counts as inf.
+    with np.errstate(invalid="ignore", over="ignore"):
+        dc = np.where(w != base.view(bits), fw - fb, 0.0)
+        de = np.where(g != w, fg - fw, 0.0)
+        sq = lambda d: np.where(np.isnan(d), np.inf, d * d)  # noqa: E731
+        return flags, float(sq(dc).sum()), float(sq(de).sum())
 
 
 def pair(code, rng, n=5000):
@@ -80,6 +85,28 @@ def test_compare_block_matches_the_slow_statement(code, case):
     assert bool(flags & DIFFERS) == bool((got.view(bits) != ft.view(bits)).any())
     if dtypes.is_float(code) and base is not None:
         assert change > 0 and error > 0
+
+
+@pytest.mark.parametrize("code", ["F32", "BF16", "F16", "F64"])
+def test_shared_infinities_and_nans_add_nothing(code):
+    """An inf or a NaN at the same position of the fine-tune and the base (or of the
+    rebuilt block and the fine-tune) adds nothing to either norm: a bit-exact lossless
+    rebuild has error 0, not NaN or inf; one the base lacks makes the change inf."""
+    rng = np.random.default_rng(9)
+    base, ft = pair(code, rng, n=400)
+    special = dtypes.convert(np.array([np.inf, np.nan, -np.inf], np.float64), "F64", code)
+    ft[:3], base[:3] = special, special  # shared by both
+    kept = np.ones(ft.size, bool)
+    got = ft.copy()
+    flags, change, error = compare_block(got.reshape(20, 20), ft.reshape(20, 20),
+                                         base.reshape(20, 20), kept.reshape(20, 20), code)
+    assert (flags, error) == (0, 0.0) and np.isfinite(change) and change > 0
+    assert (flags, change, error) == pytest.approx(slow(got, ft, base, kept, code), rel=1e-12)
+    ft[5] = special[0]  # the fine-tune alone holds an inf
+    got = ft.copy()
+    flags, change, error = compare_block(got.reshape(20, 20), ft.reshape(20, 20),
+                                         base.reshape(20, 20), kept.reshape(20, 20), code)
+    assert change == np.inf and error == 0.0
 
 
 def test_compare_block_refuses_arrays_of_other_shapes():
