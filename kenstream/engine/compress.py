@@ -17,6 +17,7 @@ from ..format.index import Coding, DiffIndex, Identity, Selection, Totals
 from ..format.plans import CompressPlan
 from ..format.records import parse_shard_metadata
 from ..io.checkpoint import Checkpoint
+from ..io.diff_reader import DiffReader
 from ..io.extras import copy_files
 from ..io.fingerprint import sha256_file
 from ..io.jsonfile import read_json_file, read_plan, write_json_atomic, write_text_atomic
@@ -135,6 +136,13 @@ def _check_finished(plan: CompressPlan, index_path: Path) -> dict:
     _check_same(finished, plan, index_path, "the finished diff",
                 "to replace it, run the command with --overwrite instead of --resume, or "
                 "choose another -o", keys)
+    try:
+        with DiffReader(index_path.parent) as d:
+            d.check_files()  # a finished diff that lost a shard is not done
+    except DiffError as exc:
+        raise OutputError(f"--resume: {exc.message}", file=exc.file,
+                          hint="to write it again, run the command with --overwrite instead "
+                               "of --resume") from None
     return obj
 
 

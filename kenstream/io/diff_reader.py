@@ -43,6 +43,8 @@ class DiffReader:
     def __init__(self, path):
         self.path = Path(path)
         index_path = self.path / spec.INDEX_NAME
+        if not self.path.exists():
+            raise DiffError("does not exist", file=self.path, hint="check the diff's path")
         if not self.path.is_dir():
             raise DiffError("is not a diff directory", file=self.path)
         if not index_path.exists():
@@ -67,6 +69,12 @@ class DiffReader:
         if not names:
             raise DiffError("is empty, not a kenstream diff", file=self.path)
         raise DiffError(f"has no {spec.INDEX_NAME}; not a kenstream diff", file=self.path)
+
+    def check_files(self) -> None:
+        """Every shard the index lists is a regular file of the indexed size (no hashing:
+        `check_hashes` reads them)."""
+        for name in self.index.shards:
+            self._shard_path(name)
 
     def _shard_path(self, name: str) -> Path:
         """The shard's path, once it is known to be a regular file of the indexed size."""

@@ -95,6 +95,24 @@ def test_rebuild_resume_of_a_finished_model_checks_what_made_it(diff, capsys, tm
     assert snapshot(out) == before
 
 
+def test_compress_resume_of_a_finished_diff_that_lost_a_shard(pair, capsys, tmp_path):
+    """A finished diff missing one shard is not done: --resume says which shard, and that
+    --overwrite writes the diff again (it said 'wrote ...', exit 0). A path that does not
+    exist is called that, not 'not a diff directory'."""
+    b, f, out = pair
+    argv = compress_argv(b, f, out, "--shard-size", "100B")
+    assert cli(capsys, argv, [b, f])[0] == 0
+    shards = sorted(out.glob("*.kdiff"))
+    assert len(shards) > 1
+    shards[1].unlink()
+    code, err = cli(capsys, argv + ["--resume"], [b, f])
+    assert code == 2
+    assert_one_error(err, shards[1].name, "shard is missing", "--overwrite")
+    code, err = cli(capsys, ["info", tmp_path / "nowhere"])
+    assert code == 2
+    assert_one_error(err, "nowhere", "does not exist")
+
+
 # -- 12. tensor names holding '::' ----------------------------------------------------------
 
 def test_names_with_double_colons_resume(tmp_path, capsys, monkeypatch):
