@@ -150,7 +150,7 @@ def interrupted(pair, monkeypatch, tmp_path, at: int, where: str) -> list:
         with pytest.raises(Stop):
             compress_to_size(pair[0], pair[1], "diff", SEARCH[1], shard_size="20kB", quiet=True,
                              command=["kenstream", "compress", str(pair[0]), str(pair[1]),
-                                      "-o", "diff", "-q", *SEARCH])
+                                      "-o", "diff", *SEARCH])  # as the CLI records it
     return keeps
 
 
