@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--threads", type=_threads, default=None,
                    help="selection threads (default: every core)")
     p.add_argument("--shard-size", default=DIFF_SHARD_SIZE,
-                   help="maximum diff shard size (e.g. 500MB)")
+                   help="maximum diff shard size (e.g. 500MB); a tensor larger than it "
+                        "gets a shard of its own")
     p.add_argument("--level", type=int, default=DEFAULT_LEVEL,
                    help="zstd level of the coded values and positions: higher is smaller and "
                         "slower (1 to 19)")
@@ -153,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("diff", help="diff directory written by compress")
     p.add_argument("-o", "--output", required=True, help="model directory to write")
     p.add_argument("--shard-size", default=MODEL_SHARD_SIZE,
-                   help="maximum shard size of the rebuilt model (e.g. 5GB, 500M)")
+                   help="maximum shard size of the rebuilt model (e.g. 5GB, 500M); a "
+                        "tensor larger than it gets a shard of its own")
     p.add_argument("-j", "--threads", type=_threads, default=None,
                    help="blocks decoded at once (default: every core)")
     p.add_argument("--force", action="store_true", help="rebuild even if the base differs")

@@ -107,7 +107,7 @@ class DiffError(KenstreamError, ValueError):
 class IdentityError(DiffError):
     """The base given to rebuild/verify is not the base the diff was made from."""
 
-    hint = "pass the base used at compress time, or --force to rebuild anyway"
+    hint = "pass the base used at compress time, or --force to go on with this one"
 
 
 class VerifyError(DiffError):

@@ -129,6 +129,13 @@ class Checkpoint:
         if not hub.looks_like_ref(text):
             raise SourceNotFoundError(
                 "no such file or folder, nor a hub reference (org/name[@revision])", file=text)
+        head = text.split("/", 1)[0]
+        if "/" in text and Path(head).expanduser().is_dir():
+            # p1/bse beside a folder p1: a mistyped local path, not a model to download.
+            raise SourceNotFoundError(
+                f"no such file or folder (taken as a local path: {head!r} is a folder here)",
+                file=text, hint="check the path; run from another folder to use the hub "
+                                "reference")
         repo_id, _ = hub.parse_ref(text)
         try:
             snapshot = hub.resolve(text, cache_dir=cache_dir)

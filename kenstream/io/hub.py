@@ -36,6 +36,10 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 _HINT = "download it first (e.g. `hf download REPO`) or check the name and revision"
 
 
+def _hint(repo_id: str, revision: str | None) -> str:
+    return _HINT.replace("REPO", repo_id + (f" --revision {revision}" if revision else ""))
+
+
 def looks_like_ref(ref: str) -> bool:
     """Whether ``ref`` has the form ``name``, ``org/name`` or either with ``@revision``."""
     match = _REF.fullmatch(ref)
@@ -163,7 +167,7 @@ def resolve(ref: str, cache_dir=None) -> Path:
     if offline():
         raise SourceNotFoundError(
             f"hub model {where!r} is not in the cache {cache} and HF_HUB_OFFLINE is set",
-            hint=_HINT.replace("REPO", repo_id))
+            hint=_hint(repo_id, revision))
     try:
         return _download(repo_id, revision, cache)
     except CheckpointError:
@@ -172,4 +176,4 @@ def resolve(ref: str, cache_dir=None) -> Path:
         raise SourceNotFoundError(
             f"hub model {where!r} could not be fetched ({type(exc).__name__}: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'})",
-            hint=_HINT.replace("REPO", repo_id)) from exc
+            hint=_hint(repo_id, revision)) from exc

@@ -115,7 +115,22 @@ def test_missing_repo_or_revision_fails_fast_offline(offline_cache, ref):
     message = str(caught.value)
     assert ref.split("@")[0] in message and "HF_HUB_OFFLINE" in message
     assert "download" in message
+    if "@" in ref:  # the command the hint suggests fetches that revision
+        assert f"--revision {ref.split('@')[1]}" in message
     assert offline_cache.attempts == []
+
+
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_model(tmp_path, monkeypatch, no_network):
+    """``p1/bse`` next to a folder ``p1`` is a local path with a typo: refused as one, with
+    no network call, though online a reference of that form would be downloaded."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p1" / "base").mkdir(parents=True)
+    with pytest.raises(SourceNotFoundError, match="'p1' is a folder here") as caught:
+        Checkpoint.open("p1/bse", cache_dir=tmp_path / "cache")
+    assert caught.value.file == "p1/bse" and no_network == []
 
 
 def test_incomplete_cached_shards_are_not_used_offline(offline_cache, tmp_path):
