@@ -9,8 +9,7 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 
 from .errors import SelectionError
-from .format.fields import short
-from .format.spec import MAX_COUNT
+from .text import short
 
 METHODS = ("ken", "delta", "magnitude", "random")
 """Selection rules: the KEN rule, and the baselines it is compared with."""
@@ -29,8 +28,10 @@ tensor. ``row`` is the default, and the only budget of ``ken`` (a per-row rule).
 RANKED = ("delta", "magnitude", "random")
 """Rules whose score ranks every position, so that a budget can cross rows."""
 
-MAX_K = MAX_COUNT
-"""The largest k: an index stores it as a signed 64-bit count, as it does sizes."""
+MAX_COUNT = MAX_K = (1 << 63) - 1
+"""The largest k and size: an index stores them as signed 64-bit counts (the format's
+``spec.MAX_COUNT``; settings stay clear of the format package, which the kernels must not
+load)."""
 
 DIFF_SHARD_SIZE = "2GB"
 """Default largest diff shard."""

@@ -57,3 +57,10 @@ def natural_key(name: str) -> list:
     """Sort key that orders the numbers inside names by value: ``layers.2`` before
     ``layers.10``, as a model's depth reads."""
     return [int(part) if i % 2 else part for i, part in enumerate(_DIGITS.split(name))]
+
+
+def short(value) -> str:
+    """``repr(value)`` cut to 40 characters, for messages about hostile fields or values a
+    caller passed."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -45,3 +45,10 @@ def test_the_parser_loads_no_kernel_and_no_plotting():
     loaded = loaded_after("from kenstream.cli import build_parser; build_parser()")
     assert not {"numba", "torch", "matplotlib"} & {m.split(".")[0] for m in loaded}
     assert not {m for m in loaded if m.startswith(("kenstream.kernels", "kenstream.engine"))}
+
+
+def test_the_settings_bound_is_the_formats():
+    from kenstream import settings
+    from kenstream.format import spec
+
+    assert settings.MAX_COUNT == spec.MAX_COUNT

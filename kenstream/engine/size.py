@@ -21,12 +21,12 @@ from pathlib import Path
 
 from ..errors import KenstreamError, OutputError, SelectionError
 from ..format import spec
-from ..format.fields import short
 from ..io.checkpoint import Checkpoint
 from ..io.jsonfile import read_json_file, write_json_atomic
 from ..io.outputs import HOUSEKEEPING, SEARCH_NAME, read_marker, remove_listed
 from ..progress import say
 from ..settings import Settings, parse_size
+from ..text import short
 from .compress import compress
 from .plan import SELECTABLE
 

@@ -4,6 +4,7 @@ raises DiffError naming the field."""
 from __future__ import annotations
 
 from ..errors import DiffError
+from ..text import short
 from . import spec
 
 
@@ -12,10 +13,6 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def short(value) -> str:
-    """``repr(value)`` cut to 40 characters, for messages about hostile fields."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def count(value, what: str, *, optional=False) -> int | None:
