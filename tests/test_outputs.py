@@ -146,6 +146,27 @@ def test_links_out_of_the_input_folder_are_not_copied(pair, capsys, tmp_path):
     assert "config.json" in err and not (rebuilt / "config.json").exists()
 
 
+def test_a_config_that_cannot_be_copied_stops_compress_before_any_shard(pair, capsys,
+                                                                         monkeypatch):
+    """The fine-tune's extra files are copied before the shards are written: a file that
+    cannot be read (here a CheckpointError from the copy) is one error line, with no shard
+    written first. It came after every shard, which for a large model is hours later."""
+    from kenstream.errors import CheckpointError
+
+    b, f, out = pair
+    compress_mod = importlib.import_module("kenstream.engine.compress")
+
+    def unreadable(folder, names, *args, **kwargs):
+        raise CheckpointError("file cannot be opened: Permission denied",
+                              file=Path(folder) / "config.json")
+
+    monkeypatch.setattr(compress_mod, "copy_files", unreadable)
+    code, err = cli(capsys, compress_argv(b, f, out), [b, f])
+    assert code == 2
+    assert_one_error(err, "config.json", "Permission denied")
+    assert not list(out.glob("*.kdiff")) and not list(out.glob("*.partial"))
+
+
 def test_hub_cache_snapshot_links_keep_working(pair, capsys, tmp_path):
     """A hub cache snapshot's files are links to ../../blobs/...: they are copied."""
     b, f, out = pair

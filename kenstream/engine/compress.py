@@ -230,6 +230,12 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
                 claim.record(files)
             else:
                 write_json_atomic(partial, plan.to_json())
+            # The fine-tune's config, tokenizer and card, and the diff's own card, first: a
+            # file that cannot be read stops the run before the hours of shards, not after.
+            copy_files(f.root, extras, out, rename)
+            card = _read_card(f.root, extras)
+            write_text_atomic(out / "README.md", diff_card(plan.base, plan.command,
+                                                           card_license(card), card is not None))
             # A --size search reports its plan once, and labels each pass's bar.
             say(_plan_report(alignment, items), quiet or bool(search and search["passes"]))
             label = "compress" if search is None else f"--size pass {len(search['passes']) + 1}"
@@ -242,10 +248,6 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
                                             executor=executor, handles=(f, b),
                                             resume=claim.state == "resume",
                                             ray_address=ray_address, quiet=quiet)
-            copy_files(f.root, extras, out, rename)
-            card = _read_card(f.root, extras)
-            write_text_atomic(out / "README.md", diff_card(plan.base, plan.command,
-                                                           card_license(card), card is not None))
             index = build_index(plan, alignment, items, records, table)
             shards.write_index(spec.INDEX_NAME, index.to_json())
             partial.unlink(missing_ok=True)
