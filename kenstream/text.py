@@ -55,8 +55,16 @@ def shortened(text, limit: int = 120) -> str:
 
 def natural_key(name: str) -> list:
     """Sort key that orders the numbers inside names by value: ``layers.2`` before
-    ``layers.10``, as a model's depth reads."""
-    return [int(part) if i % 2 else part for i, part in enumerate(_DIGITS.split(name))]
+    ``layers.10``, as a model's depth reads; ``2`` before ``02`` where they are equal."""
+    return [_number(part) if i % 2 else part for i, part in enumerate(_DIGITS.split(name))]
+
+
+def _number(digits: str) -> tuple:
+    """A run of digits as a key that orders by value without ``int()`` (which refuses
+    more than 4300 digits, and a name is data): fewer significant digits first, then the
+    digits themselves, then the shorter run (``2`` before ``02``)."""
+    significant = digits.lstrip("0")
+    return len(significant), significant, len(digits), digits
 
 
 def short(value) -> str:

@@ -284,3 +284,24 @@ def test_verify_json_stays_json_with_infinities_and_nans(tmp_path, capsys):
     assert main(["verify", str(b), str(d), "--finetuned", str(b), "--json", "-q"]) == 1
     report = json.loads(capsys.readouterr().out, parse_constant=refuse)
     assert report["tensors"]["v"]["rel_error"] is None and not report["ok"]
+
+
+def test_names_with_numbers_of_thousands_of_digits(tmp_path, capsys):
+    """int() refuses more than 4300 digits; names are data, so info and verify order a
+    5000-digit block number by value all the same (after block 2), and 2 before 02."""
+    huge = "model.layers.1" + "9" * 5000 + ".x"
+    g = torch.Generator().manual_seed(6)
+    base = {n: torch.randn(2, 4, generator=g) for n in (huge, "model.layers.2.x",
+                                                        "model.layers.02.y")}
+    ft = {n: t + 0.1 for n, t in base.items()}
+    b, f = save_dir(tmp_path / "base", base), save_dir(tmp_path / "ft", ft)
+    d = tmp_path / "diff"
+    assert main(["compress", str(b), str(f), "-o", str(d), "--keep", "1", "-q"]) == 0
+    assert main(["info", str(d), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in report["tensors"]] == ["model.layers.2.x", "model.layers.02.y",
+                                                      huge]
+    assert list(report["layers"]) == ["2", "02", "1" + "9" * 5000]
+    assert main(["info", str(d), "--tensors"]) == 0
+    assert main(["verify", str(b), str(d), "--finetuned", str(f)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "verify: OK"

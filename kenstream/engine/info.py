@@ -50,7 +50,7 @@ def info(diff) -> dict:
                 layer["selected"] += rec.params
                 layer["kept"] += rec.kept
         # Blocks in numeric order (2 before 10), the tensors outside every block last.
-        order = sorted(layers, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0))
+        order = sorted(layers, key=lambda n: (not n.isdigit(), natural_key(n)))
         layers = {n: layers[n] for n in order}
         totals = idx.totals.to_json()
         if idx.format_version == 1:

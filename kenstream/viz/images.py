@@ -28,6 +28,7 @@ from ..engine.info import layer_of
 from ..errors import KenstreamError
 from ..io.diff_reader import DiffReader
 from ..io.rows import TensorRows
+from ..text import natural_key
 from . import COLORS
 
 BLOCK_ELEMS = 1 << 22
@@ -139,7 +140,7 @@ def layer_tensors(names, tensor: str) -> dict:
     found = {}
     for name in names:
         m = regex.fullmatch(name)
-        if m is not None:
+        if m is not None and len(m.group(1)) <= 18:  # a layer number, not a digit flood
             found.setdefault(int(m.group(1)), name)
     return dict(sorted(found.items()))
 
@@ -158,7 +159,7 @@ def summary_table(records: dict) -> tuple:
         acc = layers.setdefault(layer_of(name), {"params": 0, "kept": 0, "bytes": 0})
         for key in acc:
             acc[key] += row[key]
-    order = sorted(layers, key=lambda k: (k == "other", int(k) if k.isdigit() else 0))
+    order = sorted(layers, key=lambda k: (not k.isdigit(), natural_key(k)))
     layers = {k: dict(layers[k], fraction=layers[k]["kept"] / layers[k]["params"]
                       if layers[k]["params"] else 0.0) for k in order}
     return tensors, layers
