@@ -152,21 +152,27 @@ def _check_finished(out: Path, d, b, shards: ShardSet, force: bool) -> dict:
     diff (the diff index's sha256 in its metadata), over a base the diff accepts."""
     index = read_json_file(out / INDEX_NAME)
     hint = "to replace it, run the command with --overwrite instead of --resume"
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    found = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else None
-    if found != sorted(shards.names):
-        raise OutputError("--resume: the finished model is not split into the shards this "
-                          "--shard-size makes", file=out / INDEX_NAME, hint=hint)
+    planned = {"metadata": {"total_size": sum(r.params * r.itemsize
+                                              for r in d.records.values())},
+               "weight_map": {t: name for name, group in shards for t in group}}
+    if index != planned:  # the index this command writes, byte for byte in content
+        raise OutputError("--resume: the finished model is not the one this command writes "
+                          "(its index differs: another --shard-size, diff or edit)",
+                          file=out / INDEX_NAME, hint=hint)
     diff_sha = sha256_file(d.path / spec.INDEX_NAME)
-    for name in found:
+    for name, group in shards:
         path = out / name
         try:
             with SafetensorsFile(path) as sf:
                 made_from = sf.metadata.get("kenstream_diff_sha256")
+                held = set(sf.names())
         except CheckpointError as exc:
             raise OutputError(f"--resume: {exc.message}", file=path, hint=hint) from None
         if made_from != diff_sha:
             raise OutputError("--resume: the finished model was rebuilt from another diff",
+                              file=path, hint=hint)
+        if held != set(group):
+            raise OutputError("--resume: holds other tensors than the plan puts in it",
                               file=path, hint=hint)
     d.check_base(b, force=force)
     check_shapes(d, b)

@@ -83,7 +83,7 @@ def test_rebuild_resume_of_a_finished_model_checks_what_made_it(diff, capsys, tm
     for resume, needles in (
             (["rebuild", b, lossless, "-o", out, "--shard-size", "300B"],
              ("rebuilt from another diff",)),
-            (["rebuild", b, d, "-o", out, "--shard-size", "5MB"], ("--shard-size makes",)),
+            (["rebuild", b, d, "-o", out, "--shard-size", "5MB"], ("index differs",)),
             (["rebuild", other_base, d, "-o", out, "--shard-size", "300B"],
              ("differs from the base this diff was made from",))):
         code, err = cli(capsys, resume + ["--resume"], [b, f, d, lossless, other_base])
@@ -93,6 +93,24 @@ def test_rebuild_resume_of_a_finished_model_checks_what_made_it(diff, capsys, tm
     code, err = cli(capsys, argv + ["--resume"], [b, f, d])
     assert code == 0, err
     assert snapshot(out) == before
+    # Two shards either way, under the same names, split otherwise: [a], [b, c] at 600 B
+    # and [a, b], [c] at 1050 B (the tensors are 512, 512 and 64 bytes).
+    shutil.rmtree(out)
+    assert cli(capsys, ["rebuild", b, d, "-o", out, "--shard-size", "600B"], [b, f, d])[0] == 0
+    before = snapshot(out)
+    code, err = cli(capsys, ["rebuild", b, d, "-o", out, "--shard-size", "1050B", "--resume"],
+                    [b, f, d])
+    assert code == 2
+    assert_one_error(err, "index differs")
+    # An index edited after the run is refused too, rather than reported as the result.
+    index_path = out / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["metadata"]["total_size"] += 1
+    index_path.write_text(json.dumps(index))
+    code, err = cli(capsys, ["rebuild", b, d, "-o", out, "--shard-size", "600B", "--resume"],
+                    [b, f, d])
+    assert code == 2
+    assert_one_error(err, "index differs")
 
 
 def test_compress_resume_of_a_finished_diff_that_lost_a_shard(pair, capsys, tmp_path):
