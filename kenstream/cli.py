@@ -208,14 +208,37 @@ _UNRECORDED = {"--resume": False, "--strict-resume": False, "--executor": True,
                "--ray-address": True, "--threads": True, "--quiet": False, "--debug": False}
 """Options that change no byte of the output (flag -> whether it takes a value)."""
 _UNRECORDED_SHORT = {"-j": True, "-q": False}
+_SHORT_VALUE = set("jo")  # compress's short options that take a value; -q and -h take none
+
+
+def _unbundled(argv) -> list:
+    """``argv`` with bundled short options split as argparse reads them: ``-qj2`` ->
+    ``-q -j 2``, ``-qo DIR`` -> ``-q -o DIR``. Anything else (``-3``, ``--x``) as it is."""
+    out = []
+    for arg in argv:
+        body = arg[1:]
+        if arg.startswith("--") or len(arg) <= 2 or not arg.startswith("-") \
+                or body[0] not in _SHORT_VALUE | {"q", "h"}:
+            out.append(arg)
+            continue
+        for i, c in enumerate(body):
+            if c not in _SHORT_VALUE | {"q", "h"}:  # not a bundle argparse would accept
+                out.append("-" + body[i:])
+                break
+            out.append("-" + c)
+            if c in _SHORT_VALUE:
+                if body[i + 1:]:
+                    out.append(body[i + 1:])
+                break
+    return out
 
 
 def _recorded(argv) -> list:
     """The command line to record in a diff: how to make it, so without where, on how many
     threads or in how many runs it was made, or what it printed (`_UNRECORDED`, also as
-    ``--opt=value``, an abbreviation, ``-j 2`` or ``-j2``)."""
+    ``--opt=value``, an abbreviation, ``-j 2``, ``-j2`` or in a bundle such as ``-qj2``)."""
     out, skip = [], False
-    for arg in argv:
+    for arg in _unbundled(argv):
         if skip:
             skip = False
             continue

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kenstream
-from kenstream.cli import _recorded, main
+from kenstream.cli import _recorded, build_parser, main
 from tests.ckpt import save_dir, toy_pair
 from tests.expect import assert_same_model, expected_model
 
@@ -197,6 +197,13 @@ def test_executor_thread_and_display_flags_are_not_recorded():
             "--keep", "0.5", "--res", "--ray-a", "h:1", "--exe=local", "-q", "-j", "2",
             "-j2", "--threads=4", "--thr", "1", "--quiet", "--debug", "--seed", "-3"]
     assert _recorded(argv) == ["compress", "b", "f", "-o", "d", "--keep", "0.5", "--seed", "-3"]
+    # Bundled short options, split as argparse reads them: -q and -j go, -o stays whole.
+    for bundle, want in ((["-qj", "2", "-o", "d"], ["-o", "d"]), (["-qj2", "-o", "d"], ["-o", "d"]),
+                         (["-qo", "d"], ["-o", "d"]), (["-qod"], ["-o", "d"])):
+        assert _recorded(["compress", "b", "f", "--k", "3", *bundle]) == \
+            ["compress", "b", "f", "--k", "3", *want], bundle
+        parsed = build_parser().parse_args(["compress", "b", "f", "--k", "3", *bundle])
+        assert parsed.output == "d"
 
 
 def test_thread_counts_make_the_same_diff_files(tmp_path):
