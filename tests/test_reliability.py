@@ -372,6 +372,32 @@ def test_a_reset_base_value_beyond_the_finetunes_dtype_is_refused(tmp_path, caps
         assert got[3, 2].item() == 11.0
 
 
+@pytest.mark.parametrize("extra", [["--k", "1"], ["--keep", "0.1", "--budget", "global"]])
+def test_delta_names_the_base_when_its_cast_overflows(tmp_path, capsys, extra):
+    """--method delta compares in the fine-tune's dtype: a float32 base value of 1e6 does
+    not fit float16. The error names the base's file (it named the fine-tune's) and says
+    that the cast overflows (it said 'NaN or Inf', of a finite value)."""
+    g = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(6, 8, generator=g)}
+    base["w"][3, 2] = 1e6
+    ft = {"w": (base["w"].clamp(-10, 10) + 0.01).to(torch.float16)}
+    b, f = save_dir(tmp_path / "base", base), save_dir(tmp_path / "ft", ft)
+    out = tmp_path / "out"
+    code, err = cli(capsys, ["compress", b, f, "-o", out, "--method", "delta", *extra], [b, f])
+    assert code == 2
+    assert_one_error(err, str(b / "model.safetensors"), "tensor 'w'", "row 3", "column 2",
+                     "does not fit F16", "--exclude")
+    assert_not_complete(out)
+    # An inf in the base itself (no cast): 'NaN or Inf in the base tensor', of the base's file.
+    base["w"][3, 2] = float("inf")
+    b2 = save_dir(tmp_path / "base2", {"w": base["w"].to(torch.float16)})
+    code, err = cli(capsys, ["compress", b2, f, "-o", tmp_path / "out2", "--method", "delta",
+                             *extra], [b2, f])
+    assert code == 2
+    assert_one_error(err, str(b2 / "model.safetensors"), "tensor 'w'", "row 3",
+                     "NaN or Inf in the base tensor")
+
+
 @pytest.mark.parametrize("flags, needle", [
     (["--k", "0"], "--k"), (["--k", "-3"], "--k"), (["--keep", "0"], "--keep"),
     (["--keep", "1.5"], "--keep"), (["--keep", "nan"], "--keep"), (["--keep", "-0.2"], "--keep"),

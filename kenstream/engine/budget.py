@@ -22,7 +22,7 @@ from ..errors import KenstreamError
 from ..format import spec
 from ..io.rows import TensorRows, identical
 from ..kernels import scores
-from .plan import base_rows, tensor_salt
+from .plan import base_rows, selection_error, tensor_salt
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def block_bins(item, rows, brows, r0, r1, settings) -> np.ndarray:
                                brows.read(r0, r1) if settings.method == "delta" else None,
                                seed=settings.seed, salt=tensor_salt(item.name), row_offset=r0)
     except KenstreamError as exc:
-        raise exc.located(file=rows.info.file, tensor=item.name)
+        raise selection_error(exc, item, rows, brows)
 
 
 def allocate(stats: dict, items, settings) -> dict:

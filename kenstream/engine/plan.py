@@ -6,12 +6,13 @@ settings, so an interrupted run and its ``--resume`` agree on every shard's cont
 
 from __future__ import annotations
 
+import re
 import warnings
 import zlib
 from dataclasses import dataclass
 
 from .. import dtypes
-from ..errors import MismatchError
+from ..errors import CheckpointError, MismatchError, NonFiniteError
 from ..format import spec
 from ..format.layout import EMPTY_HEADER, encoded_sizes, header_cost
 from ..io import safetensors_file
@@ -55,6 +56,23 @@ class Item:
         if self.base_name is None:
             return 0
         return self.rows if self.base_rows is None else self.base_rows
+
+
+def selection_error(exc, item, rows, brows):
+    """A rule's error on rows of ``item``, located: on the base's file when it is about
+    the base (a NaN or inf there), and where the base is finite as stored but not in the
+    fine-tune's dtype that the rule compares in, said so."""
+    if not (isinstance(exc, NonFiniteError) and "base" in exc.message and brows is not None):
+        return exc.located(file=rows.info.file, tensor=item.name)
+    if brows.stored != brows.dtype and exc.row is not None:
+        over = dtypes.cast_overflows(brows.raw(exc.row, exc.row + 1), brows.stored, brows.dtype)
+        if over.any():
+            exc = CheckpointError(
+                f"base value at column {int(over.argmax())} does not fit {brows.dtype}, the "
+                "fine-tune's dtype, which the rule compares in: it would be inf",
+                row=exc.row, hint=f"--exclude '^{re.escape(item.name)}$' stores the tensor "
+                                  "whole")
+    return exc.located(file=brows.info.file, tensor=item.name)
 
 
 def base_rows(base, item) -> TensorRows:

@@ -19,7 +19,7 @@ from ..format import spec
 from ..format.layout import header_reserve
 from ..io.rows import TensorRows, identical
 from .budget import Cutter
-from .plan import base_rows, tensor_salt
+from .plan import base_rows, selection_error, tensor_salt
 from .sink_v1 import V1Sink
 from .sink_v2 import V2Sink
 
@@ -116,7 +116,7 @@ def _select(item, rows, base_rows, r0, r1, settings):
             base_rows=None if settings.method == "ken" else base_rows.read(r0, r1),
             ties=settings.ties, seed=settings.seed, salt=tensor_salt(item.name), row_offset=r0)
     except KenstreamError as exc:
-        raise exc.located(file=rows.info.file, tensor=item.name)
+        raise selection_error(exc, item, rows, base_rows)
 
 
 def _reads_base(sink, settings) -> bool:
