@@ -233,11 +233,12 @@ def _decide(passes, target: int, floats: int, size, model=None, steps=None) -> t
         return "done", keep, True
     if keep <= MIN_KEEP and got > target:
         raise _below_floor(size, target, got, keep)
-    if steps and got > target and all(p[1] > target for p in passes):
+    if steps is not None and got > target and all(p[1] > target for p in passes):
         # A row budget keeps at least one value a row: once the smallest keep tried keeps
-        # one in every row, as MIN_KEEP does, no smaller keep makes a smaller diff.
+        # one in every row, as MIN_KEEP does, no smaller keep makes a smaller diff; with
+        # nothing selected (no steps), no keep changes the diff at all.
         low = min(passes)
-        if _signature(low[0], steps) == _signature(MIN_KEEP, steps):
+        if not steps or _signature(low[0], steps) == _signature(MIN_KEEP, steps):
             raise _below_floor(size, target, low[1], low[0])
     tried = [p[0] for p in passes]
     if keep in tried[:-1]:

@@ -363,6 +363,9 @@ def test_a_request_under_one_value_a_row_stops_at_once():
     assert _decide([(0.0016, 1200)], 1000, 10_000, "1kB", None, [100, 1000])[0] == "run"
     # Tensor and global budgets have no steps: the search goes on down.
     assert _decide([(0.0004, 1200)], 1000, 10_000, "1kB")[0] == "run"
+    # A row budget that selects nothing (every tensor excluded): no keep changes the diff.
+    with pytest.raises(SelectionError, match="below the smallest diff these settings make"):
+        _decide([(0.3, 1200)], 1000, 10_000, "1kB", None, [])
 
 
 def test_size_just_under_the_smallest_diff_is_refused_in_few_passes(pair, tmp_path, capsys):
