@@ -39,13 +39,14 @@ MODEL_SHARD_SIZE = "5GB"
 """Default largest shard of a rebuilt model (the Hugging Face convention)."""
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,  # 500M, 1.5G, as --help shows
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_size(text, what: str = "size", examples: str = "500MB or 2GB", shown=None) -> int:
-    """``'2GB'`` -> 2_000_000_000 (decimal units; KiB/MiB/GiB binary; plain bytes), at most
-    2**63 - 1 bytes (what an index can record). Errors say ``what {shown}`` (``shown``:
-    ``text`` unless given) and name ``examples``."""
+    """``'2GB'`` or ``'2G'`` -> 2_000_000_000 (decimal units; KiB/MiB/GiB binary; plain
+    bytes), at most 2**63 - 1 bytes (what an index can record). Errors say ``what
+    {shown}`` (``shown``: ``text`` unless given) and name ``examples``."""
     shown = short(text if shown is None else shown)
     if isinstance(text, numbers.Integral) and not isinstance(text, bool):
         value = int(text)
@@ -63,7 +64,8 @@ def parse_size(text, what: str = "size", examples: str = "500MB or 2GB", shown=N
 
 
 def parse_keep(text) -> float:
-    """``--keep``: a fraction (0.25) or a percentage (``'25%'``); any real number type."""
+    """``--keep``: a fraction (0.25) or a percentage (``'25%'``): a string, or an int, float,
+    NumPy or ``fractions.Fraction`` number (``numbers.Real``; not ``Decimal``)."""
     if isinstance(text, str):
         t = text.strip()
         try:

@@ -249,6 +249,11 @@ def test_size_units():
     assert parse_request("300MB", 10) == 300_000_000
     assert parse_request("2MiB", 10) == 2 * 2**20
     assert parse_request("10%", 1000) == 100
+    # --shard-size takes the same forms: rebuild's --help gives 500M as an example.
+    from kenstream.settings import parse_size
+
+    assert parse_size("500M") == 500_000_000 and parse_size("1.5G") == 1_500_000_000
+    assert parse_size("2KiB") == 2048 and parse_size("7") == 7
 
 
 def test_size_warns_about_the_keep_it_chose_not_a_keep_asked(pair, tmp_path, capsys):
