@@ -283,7 +283,7 @@ def test_the_second_pass_solves_a_model_fitted_to_the_first():
     dense grid solve of the same model, written out here."""
     import numpy as np
 
-    from kenstream.engine.size import AIM, _modelled_keep, _next_keep
+    from kenstream.engine.size_search import AIM, _modelled_keep, _next_keep
 
     selected, k1 = 1_000_000, 0.2
     fixed, per_value, per_choice = 30_000, 1.5, 0.12
@@ -314,7 +314,7 @@ def test_short_rows_skip_keeps_whose_diff_a_pass_measured():
     """A row budget keeps round(keep * cols) values a row, so keeps within one step make
     the same diff. Inside a bracket the search moves to a keep of a new signature, or
     stops when the bracket holds none, instead of running a diff it has measured."""
-    from kenstream.engine.size import _decide, _signature, _unmeasured
+    from kenstream.engine.size_search import decide, _signature, _unmeasured
 
     assert _signature(0.1003, [100, 1000]) == (10, 100)
     assert _signature(0.1008, [100, 1000]) == (10, 101)
@@ -324,17 +324,17 @@ def test_short_rows_skip_keeps_whose_diff_a_pass_measured():
     passes = [(0.1, 900), (0.1016, 1200)]
     found = _unmeasured(0.10048, passes, target, [100, 1000])
     assert _signature(found, [100, 1000]) == (10, 101) and 0.1 < found < 0.1016
-    assert _decide(passes, target, 10_000, "1kB", None, [100, 1000]) == ("run", found)
+    assert decide(passes, target, 10_000, "1kB", None, [100, 1000]) == ("run", found)
     # Between (10, 100) and (10, 101) there is nothing else: the search rewrites the
     # largest diff under the request (the first pass) rather than repeat one.
     passes = [(0.1, 900), (0.1006, 1200)]
     assert _unmeasured(0.10018, passes, target, [100, 1000]) is None
-    assert _decide(passes, target, 10_000, "1kB", None, [100, 1000]) == ("run", 0.1)
-    assert _decide(passes + [(0.1, 900)], target, 10_000, "1kB", None, [100, 1000]) == \
+    assert decide(passes, target, 10_000, "1kB", None, [100, 1000]) == ("run", 0.1)
+    assert decide(passes + [(0.1, 900)], target, 10_000, "1kB", None, [100, 1000]) == \
         ("done", 0.1, False)
     # Without steps (tensor and global budgets) the secant keep is run as it is.
-    assert _decide(passes, target, 10_000, "1kB")[0] == "run"
-    assert _decide(passes, target, 10_000, "1kB")[1] == pytest.approx(0.10018)
+    assert decide(passes, target, 10_000, "1kB")[0] == "run"
+    assert decide(passes, target, 10_000, "1kB")[1] == pytest.approx(0.10018)
     # Before a bracket exists, a keep of a measured signature moves to the nearest step
     # past every pass on the request's side: down from the smallest keep when all are
     # over, up from the largest when all are under.
@@ -345,7 +345,7 @@ def test_short_rows_skip_keeps_whose_diff_a_pass_measured():
     # The secant after two passes over the request (0.0996, in the second pass's step)
     # becomes the step below it, as a whole search: a new diff, not a repeat.
     passes = [(0.2, 2000), (0.1016, 1010)]
-    kind, keep = _decide(passes, target, 10_000, "1kB", None, [100])
+    kind, keep = decide(passes, target, 10_000, "1kB", None, [100])
     assert kind == "run" and _signature(keep, [100]) == (9,) and keep > 0.0949
     # No step left that way: the keep is returned as it is (the caller's bounds apply).
     assert _unmeasured(0.999, [(0.996, 800)], target, [100]) == 0.999
@@ -356,21 +356,21 @@ def test_a_request_under_one_value_a_row_stops_at_once():
     """Every pass over the request, and the smallest keep tried already keeps one value in
     every row (rows of 100 and 1000 values at keep 0.0004): no smaller keep can make a
     smaller diff, so the search says so instead of running passes that repeat that diff."""
-    from kenstream.engine.size import _decide
+    from kenstream.engine.size_search import decide
     from kenstream.errors import SelectionError
 
     for passes in ([(0.0004, 1200)], [(0.3, 5000), (0.0004, 1200)],
                    [(0.0004, 1200), (0.0003, 1200)]):
         with pytest.raises(SelectionError, match="below the smallest diff these settings "
                                                  "make: 1,200 bytes at keep 0.000[34]"):
-            _decide(passes, 1000, 10_000, "1kB", None, [100, 1000])
+            decide(passes, 1000, 10_000, "1kB", None, [100, 1000])
     # A keep that keeps two values in the longer rows still has a step down to take.
-    assert _decide([(0.0016, 1200)], 1000, 10_000, "1kB", None, [100, 1000])[0] == "run"
+    assert decide([(0.0016, 1200)], 1000, 10_000, "1kB", None, [100, 1000])[0] == "run"
     # Tensor and global budgets have no steps: the search goes on down.
-    assert _decide([(0.0004, 1200)], 1000, 10_000, "1kB")[0] == "run"
+    assert decide([(0.0004, 1200)], 1000, 10_000, "1kB")[0] == "run"
     # A row budget that selects nothing (every tensor excluded): no keep changes the diff.
     with pytest.raises(SelectionError, match="below the smallest diff these settings make"):
-        _decide([(0.3, 1200)], 1000, 10_000, "1kB", None, [])
+        decide([(0.3, 1200)], 1000, 10_000, "1kB", None, [])
 
 
 def test_size_just_under_the_smallest_diff_is_refused_in_few_passes(pair, tmp_path, capsys):
