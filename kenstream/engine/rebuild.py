@@ -56,17 +56,19 @@ def _model_file(i: int, n: int) -> str:
     return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def _check_reused(path: Path, names) -> None:
-    """A finished output shard kept by --resume must hold exactly the planned tensors."""
+def _check_reused(path: Path, names, prefix: str = "",
+                  hint: str = "delete it and rerun with --resume") -> dict:
+    """A finished output shard kept by --resume must hold exactly the planned tensors;
+    returns its metadata. Errors start with ``prefix`` and end with ``hint``."""
     try:
         with SafetensorsFile(path) as sf:
-            found = set(sf.names())
+            found, metadata = set(sf.names()), sf.metadata
     except CheckpointError as exc:  # this run's own output: not a download to fetch again
-        raise OutputError(exc.message, file=path, hint="delete it and rerun with --resume") \
-            from None
+        raise OutputError(prefix + exc.message, file=path, hint=hint) from None
     if found != set(names):
-        raise OutputError("holds other tensors than the plan puts in it", file=path,
-                          hint="delete it and rerun with --resume")
+        raise OutputError(prefix + "holds other tensors than the plan puts in it", file=path,
+                          hint=hint)
+    return metadata
 
 
 def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwrite=False,
@@ -88,6 +90,7 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
         shards = _plan_files(out, records, limit, header_limit)
         extras = [n for n in extra_files(d.path) if n not in ("README.md", FINETUNED_CARD)]
         files = [*shards.names, INDEX_NAME, PARTIAL_NAME, "README.md", *extras]
+        total_size = sum(r.params * r.itemsize for r in records.values())
         workers = kernels.get_threads() if threads is None else kernels.thread_count(threads)
         with executor_ready(executor, ray_address=ray_address, quiet=quiet, threads=workers,
                             groups=len(shards.names)), \
@@ -95,7 +98,7 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
                              overwrite=overwrite, plan=PARTIAL_NAME, index=INDEX_NAME,
                              files=files) as claim:
             if claim.state == "complete":
-                index = _check_finished(out, d, b, shards, force)
+                index = _check_finished(out, d, b, shards, total_size, force)
                 say(f"{printable(out)} is already rebuilt; nothing to resume", quiet)
                 return index
             say("checking diff shard hashes", quiet)
@@ -131,7 +134,6 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
             largest = max((_first_block_bytes(r, d.index, block_elems)
                            for r in records.values()), default=0)
             counts = {n: r.params for n, r in records.items()}
-            total_size = sum(r.params * r.itemsize for r in records.values())
             job = RebuildJob(shards, str(d.path), Source.of(b), counts, largest, block_elems,
                              workers, d.forced_base, metadata,
                              _read_past_cache(b.files, total_size))
@@ -146,14 +148,13 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
     return index
 
 
-def _check_finished(out: Path, d, b, shards: ShardSet, force: bool) -> dict:
+def _check_finished(out: Path, d, b, shards: ShardSet, total_size: int, force: bool) -> dict:
     """The index of a finished model that ``--resume`` met, after checking that this run
     would write it: its shards are the ones this ``--shard-size`` plans, each made from this
     diff (the diff index's sha256 in its metadata), over a base the diff accepts."""
     index = read_json_file(out / INDEX_NAME)
     hint = "to replace it, run the command with --overwrite instead of --resume"
-    planned = {"metadata": {"total_size": sum(r.params * r.itemsize
-                                              for r in d.records.values())},
+    planned = {"metadata": {"total_size": total_size},
                "weight_map": {t: name for name, group in shards for t in group}}
     if index != planned:  # the index this command writes, byte for byte in content
         raise OutputError("--resume: the finished model is not the one this command writes "
@@ -161,19 +162,10 @@ def _check_finished(out: Path, d, b, shards: ShardSet, force: bool) -> dict:
                           file=out / INDEX_NAME, hint=hint)
     diff_sha = sha256_file(d.path / spec.INDEX_NAME)
     for name, group in shards:
-        path = out / name
-        try:
-            with SafetensorsFile(path) as sf:
-                made_from = sf.metadata.get("kenstream_diff_sha256")
-                held = set(sf.names())
-        except CheckpointError as exc:
-            raise OutputError(f"--resume: {exc.message}", file=path, hint=hint) from None
-        if made_from != diff_sha:
+        metadata = _check_reused(out / name, group, "--resume: ", hint)
+        if metadata.get("kenstream_diff_sha256") != diff_sha:
             raise OutputError("--resume: the finished model was rebuilt from another diff",
-                              file=path, hint=hint)
-        if held != set(group):
-            raise OutputError("--resume: holds other tensors than the plan puts in it",
-                              file=path, hint=hint)
+                              file=out / name, hint=hint)
     d.check_base(b, force=force)
     check_shapes(d, b)
     return index
