@@ -72,6 +72,7 @@ class NonFiniteError(SelectionError):
     """A NaN or Inf in a row that is to be selected."""
 
     hint = "the selection rules need finite values; check the checkpoint for overflow"
+    in_base = False  # True when the value is the base's (the rules that compare with it)
 
 
 class CheckpointError(KenstreamError, ValueError):

@@ -62,17 +62,23 @@ def selection_error(exc, item, rows, brows):
     """A rule's error on rows of ``item``, located: on the base's file when it is about
     the base (a NaN or inf there), and where the base is finite as stored but not in the
     fine-tune's dtype that the rule compares in, said so."""
-    if not (isinstance(exc, NonFiniteError) and "base" in exc.message and brows is not None):
+    if not (isinstance(exc, NonFiniteError) and exc.in_base and brows is not None):
         return exc.located(file=rows.info.file, tensor=item.name)
     if brows.stored != brows.dtype and exc.row is not None:
         over = dtypes.cast_overflows(brows.raw(exc.row, exc.row + 1), brows.stored, brows.dtype)
         if over.any():
-            exc = CheckpointError(
-                f"base value at column {int(over.argmax())} does not fit {brows.dtype}, the "
-                "fine-tune's dtype, which the rule compares in: it would be inf",
-                row=exc.row, hint=f"--exclude '^{re.escape(item.name)}$' stores the tensor "
-                                  "whole")
+            return cast_overflow_error(item, brows, exc.row, int(over.argmax()),
+                                       "which the rule compares in: it would be inf")
     return exc.located(file=brows.info.file, tensor=item.name)
+
+
+def cast_overflow_error(item, brows, row: int, col: int, consequence: str) -> CheckpointError:
+    """A base value at ``row``, ``col`` of ``item`` that is finite as stored and inf in the
+    fine-tune's dtype, and what that would do (``consequence``)."""
+    return CheckpointError(
+        f"base value at column {col} does not fit {brows.dtype}, the fine-tune's dtype, "
+        + consequence, file=brows.info.file, tensor=item.name, row=row,
+        hint=f"--exclude '^{re.escape(item.name)}$' stores the tensor whole")
 
 
 def base_rows(base, item) -> TensorRows:

@@ -9,17 +9,15 @@ few blocks, whatever the size of the largest tensor or of the model.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 from .. import dtypes, kernels
-from ..errors import CheckpointError, KenstreamError
+from ..errors import KenstreamError
 from ..format import spec
 from ..format.layout import header_reserve
 from ..io.rows import TensorRows, identical
 from .budget import Cutter
-from .plan import base_rows, selection_error, tensor_salt
+from .plan import base_rows, cast_overflow_error, selection_error, tensor_salt
 from .sink_v1 import V1Sink
 from .sink_v2 import V2Sink
 
@@ -101,11 +99,8 @@ def _check_cast(item, brows, r0, r1, mask) -> None:
     bad &= ~mask.reshape(bad.shape)
     if bad.any():
         i, j = (int(x) for x in np.argwhere(bad)[0])
-        raise CheckpointError(
-            f"base value at column {j} does not fit {brows.dtype}, the fine-tune's dtype: "
-            f"the position is reset, so the rebuilt model would hold inf there",
-            file=brows.info.file, tensor=item.name, row=r0 + i,
-            hint=f"--exclude '^{re.escape(item.name)}$' stores the tensor whole")
+        raise cast_overflow_error(item, brows, r0 + i, j, "at a reset position: the rebuilt "
+                                                          "model would hold inf there")
 
 
 def _select(item, rows, base_rows, r0, r1, settings):

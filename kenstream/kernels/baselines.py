@@ -129,8 +129,11 @@ def raise_bad_rows(status, row_offset) -> None:
     bad = np.flatnonzero(status)
     if bad.size:
         i = int(bad[0])
-        which = "base" if status[i] == _BAD_BASE else "fine-tune"
-        raise NonFiniteError(f"NaN or Inf in the {which} tensor", row=int(row_offset) + i)
+        in_base = bool(status[i] == _BAD_BASE)
+        err = NonFiniteError(f"NaN or Inf in the {'base' if in_base else 'fine-tune'} tensor",
+                             row=int(row_offset) + i)
+        err.in_base = in_base
+        raise err
 
 
 @njit(**JIT)
