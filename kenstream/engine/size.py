@@ -5,17 +5,15 @@ well the kept values code against the base, so the size is found by measuring: c
 at a first guess, read the diff's size, correct, and compress again until the diff is
 within ``[LOW, 1] x`` the request (docs/algorithm.md section 7; :mod:`.size_search`
 chooses each keep). Each pass is a whole compress into the output directory, which the
-next pass replaces; a tensor or global
-budget's first pass (the score histograms) is made once and reused by every pass. Each
-pass records the search so far in the output (``.kenstream-size``), from which ``--resume``
-takes it up at the pass a kill interrupted.
+next pass replaces; a tensor or global budget's first pass (the score histograms) is made
+once and reused by every pass. Each pass records the search so far in the output
+(``.kenstream-size``), from which ``--resume`` takes it up at the pass a kill interrupted.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,9 +71,6 @@ def parse_request(text, whole: int) -> int:
         if not 0 < share <= 100:
             raise SelectionError(f"--size {short(text)} is not a share in (0%, 100%]")
         return max(1, int(whole * share / 100))
-    m = re.fullmatch(r"([0-9.]+)\s*([kKmMgGtT])", t)
-    if m:  # 1.5G: a decimal unit without its B
-        t = m.group(1) + m.group(2).upper() + "B"
     return parse_size(t, "--size", "300MB, 1.5G or 10%", shown=text)
 
 
