@@ -16,6 +16,11 @@ def layer_of(name: str) -> str:
     return m.group(1) if m else "other"
 
 
+def layer_order(layers) -> list:
+    """``layer_of`` values in numeric order (2 before 10), ``'other'`` last."""
+    return sorted(layers, key=lambda n: (not n.isdigit(), natural_key(n)))
+
+
 def split_bytes(rec) -> tuple[int, int]:
     """(bytes of positions, bytes of values) a record stores; format 1's from its
     encoding (values raw, the rest positions)."""
@@ -49,9 +54,7 @@ def info(diff) -> dict:
             if rec.selected:
                 layer["selected"] += rec.params
                 layer["kept"] += rec.kept
-        # Blocks in numeric order (2 before 10), the tensors outside every block last.
-        order = sorted(layers, key=lambda n: (not n.isdigit(), natural_key(n)))
-        layers = {n: layers[n] for n in order}
+        layers = {n: layers[n] for n in layer_order(layers)}
         totals = idx.totals.to_json()
         if idx.format_version == 1:
             totals["positions_bytes"] = sum(r["positions_bytes"] for r in rows)

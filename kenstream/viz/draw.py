@@ -256,9 +256,11 @@ def render(diff, tensor, view, out, *, base=None, color="value", max_pixels=1024
     if not out.suffix:
         out = out.with_name(out.name + ".png")
     kinds = mpl.figure.Figure().canvas.get_supported_filetypes()
-    if out.suffix and out.suffix[1:].lower() not in kinds:
+    kind = out.suffix[1:].lower()
+    if kind not in kinds:
         raise KenstreamError(f"cannot write {out.suffix} pictures; use one of "
                              f".{', .'.join(sorted(kinds))}", file=out)
+    picture = io.BytesIO()  # drawn here, then written at once (below)
     if raw:
         if view not in ("matrix", "neighbors"):
             raise KenstreamError("raw output exists only for the matrix and neighbors views")
@@ -268,13 +270,11 @@ def render(diff, tensor, view, out, *, base=None, color="value", max_pixels=1024
                if view == "neighbors" else
                matrix_image(diff, tensor, base=base, color=color, max_pixels=max_pixels,
                             block_elems=block_elems))
-        picture = io.BytesIO()
-        imsave(picture, to_rgba(img), format=out.suffix[1:].lower())
+        imsave(picture, to_rgba(img), format=kind)
     else:
         fig = figure(diff, tensor, view, base=base, color=color, max_pixels=max_pixels,
                      block_elems=block_elems)
-        picture = io.BytesIO()
-        fig.savefig(picture, dpi=100, format=out.suffix[1:].lower())
+        fig.savefig(picture, dpi=100, format=kind)
     # Drawn in memory, then written through a temporary name: an interrupted run leaves no
     # half picture, and a link planted at ``out`` is replaced, not written through.
     out.parent.mkdir(parents=True, exist_ok=True)

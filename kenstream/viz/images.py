@@ -24,11 +24,10 @@ import numpy as np
 
 from .. import dtypes
 from ..engine.blocks import TensorBlocks
-from ..engine.info import layer_of
+from ..engine.info import layer_of, layer_order
 from ..errors import KenstreamError
 from ..io.diff_reader import DiffReader
 from ..io.rows import TensorRows
-from ..text import natural_key
 from . import COLORS
 
 BLOCK_ELEMS = 1 << 22
@@ -159,9 +158,8 @@ def summary_table(records: dict) -> tuple:
         acc = layers.setdefault(layer_of(name), {"params": 0, "kept": 0, "bytes": 0})
         for key in acc:
             acc[key] += row[key]
-    order = sorted(layers, key=lambda k: (not k.isdigit(), natural_key(k)))
     layers = {k: dict(layers[k], fraction=layers[k]["kept"] / layers[k]["params"]
-                      if layers[k]["params"] else 0.0) for k in order}
+                      if layers[k]["params"] else 0.0) for k in layer_order(layers)}
     return tensors, layers
 
 
