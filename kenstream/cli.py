@@ -19,31 +19,34 @@ from .text import printable
 
 __all__ = ["build_parser", "entry", "main"]
 
-# Options left out of the recorded command (name -> takes a value): they change no byte of
-# the result, so a resumed or distributed diff stays identical to a local whole run's.
 _UNRECORDED = {"--resume": False, "--strict-resume": False, "--executor": True,
                "--ray-address": True, "--threads": True, "--quiet": False, "--debug": False}
-"""Options that change no byte of the output (flag -> whether it takes a value)."""
+"""Options left out of the recorded command (flag -> whether it takes a value): they change
+no byte of the output, so a resumed, threaded or distributed diff stays identical to a
+local whole run's."""
 _UNRECORDED_SHORT = {"-j": True, "-q": False}
-_SHORT_VALUE = set("jo")  # compress's short options that take a value; -q and -h take none
+"""The same for short flags, as `_unbundled` leaves them: standing alone."""
+_SHORT = {"j": True, "o": True, "q": False, "h": False}
+"""compress's short options (letter -> whether it takes a value)."""
 
 
 def _unbundled(argv) -> list:
-    """``argv`` with bundled short options split as argparse reads them: ``-qj2`` ->
-    ``-q -j 2``, ``-qo DIR`` -> ``-q -o DIR``. Anything else (``-3``, ``--x``) as it is."""
+    """``argv`` with short options split as argparse reads them: ``-qj2`` -> ``-q -j 2``,
+    ``-qo DIR`` -> ``-q -o DIR``, ``-j2`` -> ``-j 2``. Anything else (``-3``, ``--x``) as
+    it is."""
     out = []
     for arg in argv:
         body = arg[1:]
         if arg.startswith("--") or len(arg) <= 2 or not arg.startswith("-") \
-                or body[0] not in _SHORT_VALUE | {"q", "h"}:
+                or body[0] not in _SHORT:
             out.append(arg)
             continue
         for i, c in enumerate(body):
-            if c not in _SHORT_VALUE | {"q", "h"}:  # not a bundle argparse would accept
+            if c not in _SHORT:  # not a bundle argparse would accept
                 out.append("-" + body[i:])
                 break
             out.append("-" + c)
-            if c in _SHORT_VALUE:
+            if _SHORT[c]:
                 if body[i + 1:]:
                     out.append(body[i + 1:])
                 break
@@ -59,9 +62,8 @@ def _recorded(argv) -> list:
         if skip:
             skip = False
             continue
-        short = arg[:2]
-        if short in _UNRECORDED_SHORT and not arg.startswith("--"):
-            skip = _UNRECORDED_SHORT[short] and len(arg) == 2
+        if arg in _UNRECORDED_SHORT:
+            skip = _UNRECORDED_SHORT[arg]
             continue
         flag = arg.split("=", 1)[0]
         known = [o for o in _UNRECORDED if len(flag) > 2 and flag.startswith("--")

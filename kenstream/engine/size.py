@@ -81,8 +81,8 @@ def compress_to_size(base, finetuned, out, size, *, quiet=False, overwrite=False
     fine-tune's bytes); ``options`` as for :func:`compress` (not ``k`` or ``keep``).
 
     Returns the index, with ``"size"``: the :class:`Search` (not written to disk). Usually
-    2 or 3 passes, at most ``size_search.MAX_PASSES`` (and one more to rewrite the best of them when none
-    landed in the window: rows of few columns change size in steps). A request at or
+    2 or 3 passes, at most ``size_search.MAX_PASSES`` (and one more to rewrite the best of
+    them when none landed in the window: rows of few columns change size in steps). A request at or
     above the lossless diff keeps everything (``lossless``). Raises SelectionError when
     even the smallest keep makes a diff over the request. ``resume`` finishes a search
     that was interrupted, from the record its passes keep in ``out`` (``SEARCH_NAME``).

@@ -13,8 +13,6 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-
-
 def count(value, what: str, *, optional=False) -> int | None:
     """A JSON integer in [0, 2**63), or None where ``optional``."""
     if value is None and optional:

@@ -110,8 +110,9 @@ def compare_block(got: np.ndarray, want: np.ndarray, base: np.ndarray | None,
     Flags (OR of :data:`KEPT_DIFFERS`, :data:`RESET_DIFFERS`, :data:`DIFFERS`) compare bit
     patterns. The norms are sums of squares in float64 of the exact values, over the
     positions whose bit patterns differ (so an inf or a NaN shared adds nothing; a NaN
-    difference adds inf), 0.0 for integer dtypes or without a base. Two passes (the flags, then the norms), O(size),
-    no temporaries larger than a 65536-entry table (about 1.5 ns a value, one thread).
+    difference adds inf), 0.0 for integer dtypes or without a base. Two passes (the flags,
+    then the norms), O(size), no temporaries larger than a 65536-entry table (about 1.5 ns
+    a value, one thread).
     """
     if not got.shape == want.shape == kept.shape or (base is not None
                                                     and base.shape != got.shape):
