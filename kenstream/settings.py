@@ -28,7 +28,7 @@ tensor. ``row`` is the default, and the only budget of ``ken`` (a per-row rule).
 RANKED = ("delta", "magnitude", "random")
 """Rules whose score ranks every position, so that a budget can cross rows."""
 
-MAX_COUNT = MAX_K = (1 << 63) - 1
+MAX_COUNT = (1 << 63) - 1
 """The largest k and size: an index stores them as signed 64-bit counts (the format's
 ``spec.MAX_COUNT``; settings stay clear of the format package, which the kernels must not
 load)."""
@@ -126,7 +126,7 @@ class Settings:
                                      f"got {short(pattern)}")
         if self.k is not None and self.k < 1:
             raise SelectionError(f"--k must be a whole number >= 1, got {self.k}")
-        if self.k is not None and int(self.k) > MAX_K:
+        if self.k is not None and self.k > MAX_COUNT:
             raise SelectionError(f"--k must be at most 2**63 - 1, got {self.k}",
                                  hint="a k of a row's length or more keeps the row whole, "
                                       "as --keep 1 does")
