@@ -91,7 +91,7 @@ def measure(frames, level: int) -> dict:
         tot["format 2"] += len(encode_frame(ft, base, None, code, level).data)
         tot["format 2, zstd 19"] += len(encode_frame(ft, base, None, code, 19).data)
         lengths = np.empty(n, np.uint8)
-        words = np.zeros(n * (w - 1) // 32 + 2, np.uint32)
+        words = np.empty(n * (w - 1) // 64 + 1, np.uint64)
         tot["raw bits"] += (codec.encode_lengths(a, p, w, True, lengths, words) + 7) // 8
         centre = codec.median_exponent(p, w)
         ctx = np.clip(((p >> (w - 9)) & 255).astype(np.int64) - centre + 4, 0, 7)

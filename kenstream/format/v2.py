@@ -93,7 +93,7 @@ def _delta(a, p, code, level) -> bytes:
             codec.scale_f32(p, scale, scaled)
             p = scaled
     lengths = np.empty(n, np.uint8)
-    words = np.zeros(n * max(w - 1, 1) // 32 + 2, np.uint32)
+    words = np.empty(n * max(w - 1, 1) // 64 + 1, np.uint64)
     bits = codec.encode_lengths(a, p, w, is_float, lengths, words)
     centre = codec.median_exponent(p, w)
     table = np.empty(codec.CONTEXTS * codec.RANKS, np.uint8)

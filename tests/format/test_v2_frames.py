@@ -89,27 +89,34 @@ def test_sparse_masks_use_column_gaps_and_dense_ones_the_bitmask():
 
 
 def test_lengths_and_raw_bits_follow_the_definition():
-    """encode_lengths against a plain-Python reading of docs/format.md 6.5."""
+    """encode_lengths against a plain-Python reading of docs/format.md 6.5, for every
+    width, for counts that do and do not fill the writer's last 64-bit chunk, into a
+    word buffer of the documented size holding garbage."""
     rng = np.random.default_rng(2)
-    for code, w, is_float in (("BF16", 16, True), ("F32", 32, True), ("I64", 64, False),
-                              ("F64", 64, True)):
-        ft, base = pair(code, rng)
-        bits = np.dtype(f"u{w // 8}")
-        a, p = ft.view(bits).reshape(-1), base.view(bits).reshape(-1)
-        lengths = np.empty(a.size, np.uint8)
-        words = np.zeros(a.size * w // 32 + 2, np.uint32)
-        total = codec.encode_lengths(a, p, w, is_float, lengths, words)
-        stream, at = int.from_bytes(words.tobytes(), "little"), 0
-        for i, (x, y) in enumerate(zip(a.tolist(), p.tolist())):
-            d = (reference_v2._key(x, w, is_float) - reference_v2._key(y, w, is_float)) % (1 << w)
-            d = d - (1 << w) if d >> (w - 1) else d
-            z = 2 * d if d >= 0 else -2 * d - 1
-            assert lengths[i] == z.bit_length(), (code, i)
-            if z.bit_length() > 1:
-                k = z.bit_length() - 1
-                assert (stream >> at) & ((1 << k) - 1) == z & ((1 << k) - 1)
-                at += k
-        assert total == at
+    cases = (("BF16", 16, True), ("F16", 16, True), ("F32", 32, True), ("I32", 32, False),
+             ("I64", 64, False), ("F64", 64, True), ("U8", 8, False), ("F8_E4M3", 8, True))
+    for code, w, is_float in cases:
+        for rows, cols in ((6, 40), (5, 37), (3, 3), (3, 2)):
+            ft, base = pair(code, rng, rows=rows, cols=cols)
+            bits = np.dtype(f"u{w // 8}")
+            a, p = ft.view(bits).reshape(-1), base.view(bits).reshape(-1)
+            lengths = np.empty(a.size, np.uint8)
+            words = rng.integers(0, 2**63, a.size * (w - 1) // 64 + 1, dtype=np.uint64)
+            total = codec.encode_lengths(a, p, w, is_float, lengths, words)
+            stream, at = int.from_bytes(words.tobytes(), "little"), 0
+            for i, (x, y) in enumerate(zip(a.tolist(), p.tolist())):
+                d = (reference_v2._key(x, w, is_float) - reference_v2._key(y, w, is_float))
+                d %= 1 << w
+                d = d - (1 << w) if d >> (w - 1) else d
+                z = 2 * d if d >= 0 else -2 * d - 1
+                assert lengths[i] == z.bit_length(), (code, cols, i)
+                if z.bit_length() > 1:
+                    k = z.bit_length() - 1
+                    assert (stream >> at) & ((1 << k) - 1) == z & ((1 << k) - 1), (code, i)
+                    at += k
+            assert total == at, (code, cols)
+            # The bits of the last word past the stream are zero (a frame stores whole bytes).
+            assert stream >> at & ((1 << (-at % 64)) - 1) == 0, (code, cols)
 
 
 def test_weight_decay_is_predicted_and_still_exact():
@@ -133,7 +140,7 @@ def _unscaled_raw_bytes(ft, base) -> int:
     """Raw bits the same values would need against the unscaled base."""
     n = ft.size
     lengths = np.empty(n, np.uint8)
-    words = np.zeros(n + 2, np.uint32)
+    words = np.zeros(n // 2 + 1, np.uint64)
     bits = codec.encode_lengths(ft.view(np.uint32).reshape(-1), base.view(np.uint32).reshape(-1),
                                 32, True, lengths, words)
     return (bits + 7) // 8
