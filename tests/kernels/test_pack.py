@@ -3,14 +3,17 @@
 import numpy as np
 import pytest
 
+from kenstream.kernels import pack as pack_module
 from kenstream.kernels.pack import pack_pair, pack_rows, row_counts
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16, np.float64, np.int8])
-@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 8), (4, 17), (0, 5), (6, 64)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 8), (4, 17), (0, 5), (6, 64), (9, 130)])
 def test_pack_rows_matches_numpy(dtype, shape):
+    """Densities on both sides of 3/4, where a row's set bits are walked or every column
+    is visited; rows of whole 64-column words, a few bytes, and both."""
     rng = np.random.default_rng(sum(shape))
-    for density in (0.0, 0.3, 1.0):
+    for density in (0.0, 0.3, 0.8, 1.0):
         mask = rng.random(shape) < density
         values = rng.integers(0, 255, size=shape).astype(dtype)
         packed, kept = pack_rows(mask, values, np.count_nonzero(mask, axis=1))
@@ -24,7 +27,7 @@ def test_pack_rows_matches_numpy(dtype, shape):
 def test_pack_pair_and_row_counts_match_numpy(dtype, shape):
     """Both tensors' kept values in mask order, the bits and the per-row counts."""
     rng = np.random.default_rng(sum(shape) + 1)
-    for density in (0.0, 0.03, 0.3, 1.0):
+    for density in (0.0, 0.03, 0.3, 0.8, 1.0):
         mask = rng.random(shape) < density
         values = rng.integers(0, 255, size=shape).astype(dtype)
         base = rng.integers(0, 255, size=shape).astype(dtype)
@@ -36,6 +39,23 @@ def test_pack_pair_and_row_counts_match_numpy(dtype, shape):
         assert kept.dtype == values.dtype and kept_base.dtype == base.dtype
         assert np.array_equal(kept.view(np.uint8), values[mask].view(np.uint8))
         assert np.array_equal(kept_base.view(np.uint8), base[mask].view(np.uint8))
+
+
+@pytest.mark.parametrize("density", [0.3, 0.9])
+def test_pack_never_writes_past_a_row_s_count(density):
+    """Counts one short of the mask's: each row gives its first kept values only, and
+    nothing is written past the last row's slots (a numba kernel has no bounds check)."""
+    rng = np.random.default_rng(5)
+    mask = rng.random((4, 200)) < density
+    values = rng.integers(1, 1000, size=mask.shape).astype(np.uint16)
+    counts = row_counts(mask) - 1
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    packed = np.empty((4, 25), np.uint8)
+    out = np.zeros(int(offsets[-1]) + 8, np.uint16)
+    pack_module._pack_serial(mask.view(np.uint8), values, values, False, offsets, packed, out, out)
+    expect = np.concatenate([values[r][mask[r]][:counts[r]] for r in range(4)])
+    assert np.array_equal(out[:offsets[-1]], expect)
+    assert not out[offsets[-1]:].any()
 
 
 def test_pack_keeps_nan_payloads_and_negative_zero():
