@@ -319,7 +319,7 @@ class FrameDecoder:
         need = codec.raw_bits_needed(lengths)
         if (need + 7) // 8 != lraw or (need % 8 and sec[len(sec) - 1] >> (need % 8)):
             raise DiffError("frame raw bits do not match its lengths")
-        words = np.zeros(lraw // 4 + 2, np.uint32)
+        words = np.zeros(lraw // 8 + 2, np.uint64)
         words.view(np.uint8)[:lraw] = np.frombuffer(sec, np.uint8, lraw, at + lnib + lesc)
         out = np.empty(n, bits)
         codec.decode_lengths(lengths, words, p, w, self.is_float, out)
