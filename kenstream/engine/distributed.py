@@ -27,7 +27,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from .. import __version__
+from .. import __version__, kernels
 from ..errors import ExecutorError, KenstreamError
 
 MAX_RETRIES = 3
@@ -243,6 +243,7 @@ def run_group(job, pos: int, name, group, tally, cwd: str, driver: dict):
             raise ExecutorError(f"a Ray worker has {wrong} {mine.get(wrong)}, the driver "
                                 f"{driver[wrong]}; outputs would not be byte-identical",
                                 hint="install the same versions on every node")
+        kernels.keep_freed_memory()
         with _working_dir(cwd), _offline(), job.session() as ctx:
             return job.write(ctx, name, group, _Silent() if tally is None else Feed(tally, pos))
     except KenstreamError as exc:

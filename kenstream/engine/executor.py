@@ -68,9 +68,11 @@ def run_shards(job, groups: list, progress, *, executor: str = "local", handles=
 
     ``handles``: the inputs the driver has open, used by the local executor. With
     ``resume``, a group the job finds finished is kept (and counted on ``progress``)
-    instead of written again, under either executor.
+    instead of written again, under either executor. The process that writes (this one,
+    or each Ray task) keeps the memory its frames free (`kernels.keep_freed_memory`).
     """
     check_executor(executor)
+    kernels.keep_freed_memory()
     results = [None] * len(groups)
     todo = []
     for pos, (name, group) in enumerate(groups):

@@ -15,10 +15,10 @@ import numpy as np
 from ..errors import MismatchError, SelectionError
 from ..settings import METHODS, TIES
 from ._inputs import as_array, check_k, check_out, check_row_offset, check_ties
-from ._jit import cached, frame_pool, get_threads, thread_count, threads
+from ._jit import cached, frame_pool, get_threads, keep_freed_memory, thread_count, threads
 
-__all__ = ["METHODS", "TIES", "compiled", "frame_pool", "get_threads", "select", "thread_count",
-           "threads", "warm_up"]
+__all__ = ["METHODS", "TIES", "compiled", "frame_pool", "get_threads", "keep_freed_memory",
+           "select", "thread_count", "threads", "warm_up"]
 
 
 def _selection_kernel(method: str, budget: str = "row"):

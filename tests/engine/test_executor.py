@@ -135,3 +135,19 @@ def test_a_failed_deferred_hash_stops_the_run_before_the_index(pair, tmp_path, m
     with pytest.raises(OutputError, match="Input/output error"):
         _multi_shard(pair, tmp_path)()
     assert not (tmp_path / "diff" / "kenstream-diff.json").exists()
+
+
+def test_every_command_that_writes_keeps_the_memory_its_frames_free(pair, tmp_path, monkeypatch):
+    """compress, rebuild and verify apply the allocator settings before their shards' work
+    (tests/kernels/test_jit.py shows what the settings do)."""
+    from kenstream import kernels
+
+    calls = []
+    monkeypatch.setattr(kernels, "keep_freed_memory", lambda: calls.append(1) or True)
+    b, f = map(str, pair)
+    assert main(["compress", b, f, "-o", str(tmp_path / "d"), "--keep", "0.5", "-q"]) == 0
+    assert len(calls) == 1
+    assert main(["rebuild", b, str(tmp_path / "d"), "-o", str(tmp_path / "m"), "-q"]) == 0
+    assert len(calls) == 2
+    assert main(["verify", b, str(tmp_path / "d"), "-q"]) == 0
+    assert len(calls) == 3
