@@ -6,7 +6,7 @@ passed through :func:`printable` before it reaches the terminal.
 
 from __future__ import annotations
 
-from .text import natural_key, printable
+from .text import printable
 
 
 def human(n: float) -> str:
@@ -60,7 +60,7 @@ def print_info(report: dict, tensors: bool = False) -> None:
 def print_verify(report: dict) -> None:
     """One line per tensor: kept fraction and relative reconstruction error."""
     print(f"{'tensor':<60} {'kept':>7} {'rel.err':>9}")
-    for name, row in sorted(report["tensors"].items(), key=lambda kv: natural_key(kv[0])):
+    for name, row in report["tensors"].items():  # in numeric order (engine.verify)
         err = row.get("rel_error")
         print(f"{printable(name):<60} {row['kept_fraction']:>7.3f} "
               + (f"{err:>9.4f}" if err is not None else f"{'-':>9}"))

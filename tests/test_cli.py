@@ -239,7 +239,8 @@ def test_help_names_the_switch_that_turns_direct_reads_off(command, capsys):
 
 def test_info_lists_blocks_in_numeric_order(tmp_path, capsys):
     """Twelve blocks: block 2 comes before block 10, and the tensors outside every block
-    last; `info --tensors` and verify list names with their numbers in the same order."""
+    last; `info --tensors`, verify and its JSON list names with their numbers in the same
+    order."""
     g = torch.Generator().manual_seed(3)
     base = {f"enc.{i}.w": torch.randn(4, 8, generator=g) for i in range(12)}
     base["embed.w"] = torch.randn(4, 8, generator=g)
@@ -259,6 +260,9 @@ def test_info_lists_blocks_in_numeric_order(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     head = next(i for i, line in enumerate(lines) if line.split()[:1] == ["tensor"])
     assert [line.split()[0] for line in lines[head + 1:head + 14]] == \
+        ["embed.w"] + [f"enc.{i}.w" for i in range(12)]
+    assert main(["verify", str(b), str(d), "--finetuned", str(f), "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["tensors"]) == \
         ["embed.w"] + [f"enc.{i}.w" for i in range(12)]
 
 

@@ -22,6 +22,7 @@ from ..io.rows import TensorRows
 from ..kernels.compare import (DIFFERS, KEPT_DIFFERS, RESET_DIFFERS, compare_block,
                                 first_rows)
 from ..progress import bar
+from ..text import natural_key
 from .blocks import TensorBlocks, ThreadBuffers, check_shapes, compile_first
 from .executor import Source, VerifyJob, check_executor, executor_ready, run_shards
 
@@ -33,7 +34,8 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None
     checks and checksum); with ``finetuned``, also every value against it.
 
     Returns ``{"ok", "problems", "tensors": {name: {"encoding", "kept_fraction",
-    "rel_error"}}}`` (``rel_error`` None where it is no finite number) and raises
+    "rel_error"}}}`` (tensors in numeric order of their names, as `info` lists them;
+    ``rel_error`` None where it is no finite number) and raises
     VerifyError (exit 1) listing the first problem when anything mismatches. Blocks are
     checked on ``threads`` threads (default: every core). ``executor="ray"`` checks the
     tensors of each diff shard in a Ray task (``threads`` CPUs each); the report is the
@@ -65,6 +67,9 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None
         finally:
             if ft is not None:
                 ft.close()
+    # Tensors as `info` and the table list them (layers.2 before layers.10); problems in
+    # the order they were found.
+    tensors = dict(sorted(tensors.items(), key=lambda kv: natural_key(kv[0])))
     report = {"ok": not problems, "problems": problems, "tensors": tensors}
     if problems:
         err = VerifyError(f"{len(problems)} mismatch(es); first: {problems[0]}", file=diff)

@@ -61,7 +61,7 @@ class DiffReader:
     def _refuse_unindexed(self):
         names = [p.name for p in self.path.iterdir() if p.name not in HOUSEKEEPING]
         if spec.PARTIAL_NAME in names:
-            raise DiffError("is an unfinished diff (the compress run was interrupted)",
+            raise DiffError("is an unfinished diff (its compress run stopped before the end)",
                             file=self.path, hint=RESUME_HINT)
         if any(n.endswith((spec.TEMP_SUFFIX, spec.SHARD_SUFFIX)) for n in names):
             raise DiffError(f"has diff shards but no {spec.INDEX_NAME}: an incomplete diff",
