@@ -119,6 +119,30 @@ def test_lengths_and_raw_bits_follow_the_definition():
             assert stream >> at & ((1 << (-at % 64)) - 1) == 0, (code, cols)
 
 
+def test_raw_bits_decode_for_every_count_of_the_last_group():
+    """decode_lengths against the values encoded, for every width and every count of the
+    writer's last, shorter group, into an output holding junk (a freed array of the right
+    values must not hide a value left undecoded)."""
+    rng = np.random.default_rng(4)
+    for code, w, is_float in (("F8_E4M3", 8, True), ("BF16", 16, True), ("F32", 32, True),
+                              ("F64", 64, True), ("I64", 64, False)):
+        for n in list(range(0, 19)) + [63, 64, 65, 257]:
+            ft, base = pair(code, rng, rows=3, cols=40)
+            bits = np.dtype(f"u{w // 8}")
+            a = np.resize(ft.view(bits).reshape(-1), n)
+            p = np.resize(base.view(bits).reshape(-1), n)
+            lengths = np.empty(n, np.uint8)
+            words = np.zeros(n * (w - 1) // 64 + 2, np.uint64)
+            codec.encode_lengths(a, p, w, is_float, lengths, words)
+            out = ~a  # every value wrong until decoded
+            codec.decode_lengths(lengths, words, p, w, is_float, out)
+            assert np.array_equal(out, a), (code, n)
+    with pytest.raises(ValueError, match="uint64"):
+        codec.encode_lengths(a, p, w, is_float, lengths, np.zeros(40, np.uint32))
+    with pytest.raises(ValueError, match="uint64"):
+        codec.decode_lengths(lengths, np.zeros(40, np.uint32), p, w, is_float, out)
+
+
 def test_weight_decay_is_predicted_and_still_exact():
     """A float32 fine-tune whose untouched weights all shrank by one factor: the frame
     records that scale, codes smaller than without it, and decodes exactly."""
