@@ -63,16 +63,20 @@ def parse_size(text, what: str = "size", examples: str = "500MB or 2GB", shown=N
     return value
 
 
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
+
+
 def parse_keep(text) -> float:
     """``--keep``: a fraction (0.25) or a percentage (``'25%'``): a string, or an int, float,
     NumPy or ``fractions.Fraction`` number (``numbers.Real``; not ``Decimal``)."""
     if isinstance(text, str):
+        # Decimal notation only: float() alone would also take '1_0', 'nan' and digits of
+        # other scripts.
         t = text.strip()
-        try:
-            return float(t[:-1]) / 100 if t.endswith("%") else float(t)
-        except ValueError:
-            raise SelectionError(f"keep {text!r} is not a fraction such as 0.25 or 25%") \
-                from None
+        number = t[:-1].rstrip() if t.endswith("%") else t
+        if not _DECIMAL.fullmatch(number):
+            raise SelectionError(f"keep {text!r} is not a fraction such as 0.25 or 25%")
+        return float(number) / 100 if t.endswith("%") else float(number)
     if isinstance(text, bool) or not isinstance(text, numbers.Real):
         raise SelectionError(f"keep {short(text)} is not a fraction such as 0.25 or 25%")
     return float(text)

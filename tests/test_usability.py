@@ -81,13 +81,23 @@ def test_keep_takes_a_percentage(pair, tmp_path):
         assert p.read_bytes() == (c / p.name).read_bytes()
 
 
-def test_keep_refuses_what_is_no_share(pair, tmp_path, capsys):
+@pytest.mark.parametrize("text", ["a quarter", "1_0%", "0_5", "nan", "0x1", "\u0660.\u0665"])
+def test_keep_refuses_what_is_no_share(pair, tmp_path, capsys, text):
+    """Decimal notation only: float() alone takes '1_0', 'nan' and other scripts' digits."""
     b, f = pair
     with pytest.raises(SystemExit) as exc:
-        main(["compress", str(b), str(f), "-o", str(tmp_path / "d"), "--keep", "a quarter"])
+        main(["compress", str(b), str(f), "-o", str(tmp_path / "d"), "--keep", text])
     assert exc.value.code == 2
     assert "0.25 or 25%" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_keep_reads_decimal_notation_and_percentages():
+    from kenstream.settings import parse_keep
+
+    for text, value in (("0.25", 0.25), (" .5 ", 0.5), ("1.", 1.0), ("2.5e-1", 0.25),
+                        ("+0.5", 0.5), ("25%", 0.25), (" 25 % ", 0.25), ("1e1%", 0.1)):
+        assert parse_keep(text) == value, text
 
 
 @pytest.mark.parametrize("change, named", [
