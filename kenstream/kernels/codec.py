@@ -47,11 +47,13 @@ def _bitlen(z):
 
 
 @njit(**JIT)
-def _masks(w):
-    """(sign bit, magnitude mask, all-ones) of width ``w`` as uint64."""
+def _key_masks(w, is_float):
+    """(flip, top, full) of `_zigzag` and `_unzigzag` for width ``w``, as uint64: the
+    magnitude bits a negative float's key flips (none for integers), the sign bit's
+    position, all ones."""
     full = np.uint64(0xFFFFFFFFFFFFFFFF) >> np.uint64(64 - w)
-    sign = np.uint64(1) << np.uint64(w - 1)
-    return sign, sign - np.uint64(1), full
+    magnitude = (np.uint64(1) << np.uint64(w - 1)) - np.uint64(1)
+    return (magnitude if is_float else np.uint64(0)), np.uint64(w - 1), full
 
 
 def _group(a):
@@ -76,6 +78,14 @@ def _zigzag(x, y, flip, top, full):
 
 
 @njit(**JIT)
+def _unzigzag(z, y, flip, top, full):
+    """The bits ``x`` with ``_zigzag(x, y, ...) == z``."""
+    d = (z >> np.uint64(1)) ^ (full * (z & np.uint64(1)))
+    key = ((y ^ (flip * (y >> top))) + d) & full
+    return key ^ (flip * (key >> top))
+
+
+@njit(**JIT)
 def _append(a, p, i, flip, top, full, lengths, chunk, size):
     """Value ``i``: its length stored, its raw bits appended to ``chunk`` of ``size`` bits."""
     v = _zigzag(np.uint64(a[i]), np.uint64(p[i]), flip, top, full)
@@ -91,9 +101,7 @@ def _zigzag_groups(a, p, w, is_float, lengths, chunks, sizes):
     """Each value's length, and for each group of `_group` values their raw bits
     concatenated (first value lowest) in ``chunks[g]``, ``sizes[g]`` bits. No state is
     carried from group to group, so the compiler vectorises it."""
-    _, mag, full = _masks(w)
-    flip = mag if is_float else np.uint64(0)
-    top = np.uint64(w - 1)
+    flip, top, full = _key_masks(w, is_float)
     per = _group(a)
     n = a.shape[0]
     for g in range(n // per):  # whole groups: an inner loop of constant count, unrolled
@@ -155,19 +163,18 @@ def encode_lengths(a, p, w, is_float, lengths, words):
 
 
 @njit(**JIT)
+def _raw_size(lengths, i):
+    """Raw bits of value ``i``: its length less the implied top bit."""
+    return max(np.int64(lengths[i]) - 1, 0)
+
+
+@njit(**JIT)
 def raw_bits_needed(lengths):
     """Raw bits the lengths call for: sum of max(L - 1, 0)."""
     total = 0
     for i in range(lengths.shape[0]):
-        if lengths[i] > 1:
-            total += np.int64(lengths[i]) - 1
+        total += _raw_size(lengths, i)
     return total
-
-
-@njit(**JIT)
-def _raw_size(lengths, i):
-    """Raw bits of value ``i``: its length less the implied top bit."""
-    return max(np.int64(lengths[i]) - 1, 0)
 
 
 @njit(**JIT)
@@ -204,14 +211,10 @@ def _read_chunks(lengths, words, chunks, out):
 def _take(lengths, i, chunk, p, flip, top, full, out):
     """Value ``i`` from the low raw bits of ``chunk`` and prediction ``p[i]`` (the inverse
     of `_append`); returns the chunk's remaining bits."""
-    n = np.int64(lengths[i])
-    k = np.uint64(max(n - 1, 0))
+    k = np.uint64(_raw_size(lengths, i))
     one = np.uint64(1)
-    z = (chunk & ((one << k) - one)) | (np.uint64(n > 0) << k)
-    d = (z >> one) ^ (full * (z & one))
-    y = np.uint64(p[i])
-    key = ((y ^ (flip * (y >> top))) + d) & full
-    out[i] = key ^ (flip * (key >> top))
+    z = (chunk & ((one << k) - one)) | (np.uint64(lengths[i] > 0) << k)
+    out[i] = _unzigzag(z, np.uint64(p[i]), flip, top, full)
     return chunk >> k
 
 
@@ -219,9 +222,7 @@ def _take(lengths, i, chunk, p, flip, top, full, out):
 def _split_chunks(lengths, chunks, p, w, is_float, out):
     """Each group's values from its chunk; no state from group to group."""
     per = _group(out)
-    _, mag, full = _masks(w)
-    flip = mag if is_float else np.uint64(0)
-    top = np.uint64(w - 1)
+    flip, top, full = _key_masks(w, is_float)
     n = lengths.shape[0]
     for g in range(n // per):  # an inner loop of constant count, unrolled
         chunk = chunks[g]
@@ -238,9 +239,9 @@ def decode_lengths(lengths, words, p, w, is_float, out):
     """Inverse of :func:`encode_lengths`: ``out`` [n] (unsigned ints of width ``w``) from
     lengths, raw bits (uint64 ``words``) and the prediction. ``words`` must hold at least
     ``bits // 64 + 2`` words (callers check the raw length against :func:`raw_bits_needed`
-    first). Two passes, as the encoder: the serial one cuts the
-    stream into one chunk a group, the other splits the chunks (1.1 against 2.3 ms for
-    a 1M-value bf16 frame read value by value: docs/benchmarks.md)."""
+    first). Two passes, as the encoder: the serial one cuts the stream into one chunk a
+    group, the other splits the chunks (1.1 against 2.3 ms for a 1M-value bf16 frame
+    read value by value: docs/benchmarks.md)."""
     if words.itemsize != 8:
         raise ValueError("decode_lengths reads uint64 words")
     per = _group(out)
