@@ -67,10 +67,10 @@ def keep_freed_memory() -> bool:
     the next frame's arrays fault fresh zeroed pages in: 990 page faults for one step
     that allocates two 2 MB arrays and frees the larger first; in a 1B rebuild 1.45 M
     faults and 5.3 s of system time against 28 k and 2.3 s with these settings
-    (docs/benchmarks.md). Fixing the mapping threshold at
-    `MMAP_THRESHOLD` and the trim threshold at `TRIM_THRESHOLD` keeps them: the
-    process may then hold up to `TRIM_THRESHOLD` of freed memory per heap for reuse. A
-    no-op (False) where the C library is not glibc or `ALLOCATOR_SWITCH` is ``0``.
+    (docs/benchmarks.md). Fixing the mapping threshold at `MMAP_THRESHOLD` and the trim
+    threshold at `TRIM_THRESHOLD` keeps them: the process may then hold up to
+    `TRIM_THRESHOLD` of freed memory per heap for reuse. A no-op (False) where the C
+    library is not glibc or `ALLOCATOR_SWITCH` is ``0``.
     """
     if os.environ.get(ALLOCATOR_SWITCH, "").strip() == "0":
         return False

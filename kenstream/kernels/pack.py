@@ -121,17 +121,10 @@ def _pack_outputs(mask, counts, dtype):
 
 def pack_pair(mask: np.ndarray, values: np.ndarray, base: np.ndarray, counts: np.ndarray):
     """(packed bits, kept values of ``values``, kept values of ``base``): :func:`pack_rows`
-    of two tensors of one shape under one mask, in one pass over it. Cost O(rows * cols)."""
-    rows, cols = mask.shape
+    of two tensors of one shape under one mask, gathered together. Cost O(rows * cols)."""
     if values.itemsize != base.itemsize:
         raise ValueError(f"values of {values.itemsize} and {base.itemsize} bytes")
-    width = np.dtype(f"u{values.itemsize}")
-    offsets, packed, a_out = _pack_outputs(mask, counts, width)
-    b_out = np.empty_like(a_out)
-    if rows and cols:
-        _pack_serial(np.ascontiguousarray(mask).view(np.uint8),
-                     values.reshape(rows, cols).view(width), base.reshape(rows, cols).view(width),
-                     True, offsets, packed, a_out, b_out)
+    packed, a_out, b_out = _pack(mask, values, base, counts)
     return packed, a_out.view(values.dtype), b_out.view(base.dtype)
 
 
@@ -143,14 +136,23 @@ def pack_rows(mask: np.ndarray, values: np.ndarray, counts: np.ndarray):
     output, so they must be the mask's own counts). Bits are least significant first
     (docs/format.md 2.2). Cost O(rows * cols).
     """
+    packed, out, _ = _pack(mask, values, None, counts)
+    return packed, out.view(values.dtype)
+
+
+def _pack(mask, values, base, counts):
+    """(packed bits, kept values, kept base values) as unsigned ints of the values' width;
+    with ``base`` None the last is the kept values again."""
     rows, cols = mask.shape
     width = np.dtype(f"u{values.itemsize}")
-    bits = values.reshape(rows, cols).view(width)
-    offsets, packed, out = _pack_outputs(mask, counts, width)
+    offsets, packed, a_out = _pack_outputs(mask, counts, width)
+    b_out = a_out if base is None else np.empty_like(a_out)
     if rows and cols:
-        _pack_serial(np.ascontiguousarray(mask).view(np.uint8), bits, bits, False, offsets, packed,
-                     out, out)
-    return packed, out.view(values.dtype)
+        a_in = values.reshape(rows, cols).view(width)
+        b_in = a_in if base is None else base.reshape(rows, cols).view(width)
+        _pack_serial(np.ascontiguousarray(mask).view(np.uint8), a_in, b_in, base is not None,
+                     offsets, packed, a_out, b_out)
+    return packed, a_out, b_out
 
 
 @njit(**JIT)
