@@ -73,10 +73,11 @@ def parse_keep(text) -> float:
         # Decimal notation only: float() alone would also take '1_0', 'nan' and digits of
         # other scripts.
         t = text.strip()
-        number = t[:-1].rstrip() if t.endswith("%") else t
+        percent = t.endswith("%")
+        number = t[:-1].rstrip() if percent else t
         if not _DECIMAL.fullmatch(number):
             raise SelectionError(f"keep {text!r} is not a fraction such as 0.25 or 25%")
-        return float(number) / 100 if t.endswith("%") else float(number)
+        return float(number) / 100 if percent else float(number)
     if isinstance(text, bool) or not isinstance(text, numbers.Real):
         raise SelectionError(f"keep {short(text)} is not a fraction such as 0.25 or 25%")
     return float(text)

@@ -35,11 +35,11 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None
 
     Returns ``{"ok", "problems", "tensors": {name: {"encoding", "kept_fraction",
     "rel_error"}}}`` (tensors in numeric order of their names, as `info` lists them;
-    ``rel_error`` None where it is no finite number) and raises
-    VerifyError (exit 1) listing the first problem when anything mismatches. Blocks are
-    checked on ``threads`` threads (default: every core). ``executor="ray"`` checks the
-    tensors of each diff shard in a Ray task (``threads`` CPUs each); the report is the
-    same. Cost: reads every input once; memory a few row blocks a thread.
+    ``rel_error`` None where it is no finite number) and raises VerifyError (exit 1)
+    listing the first problem when anything mismatches. Blocks are checked on ``threads``
+    threads (default: every core). ``executor="ray"`` checks the tensors of each diff
+    shard in a Ray task (``threads`` CPUs each); the report is the same. Cost: reads
+    every input once; memory a few row blocks a thread.
     """
     check_executor(executor)
     with kernels.threads(threads), DiffReader(diff) as d, Checkpoint.open(str(base)) as b, \
