@@ -244,3 +244,41 @@ def copy_files(folder, names, out: Path, rename: dict | None = None) -> None:
                 raise OutputError.from_os(exc, "copy", file=Path(out) / dst) from exc
             finally:
                 os.close(fd)
+
+
+def stale_copies(folder, names, out: Path, rename: dict | None = None) -> list[str]:
+    """Those of ``names`` whose copy in ``out`` (under the name ``rename`` gives it) is
+    missing, is not a regular file (a link is not followed) or differs from ``folder``'s
+    file byte for byte: what `copy_files` must copy again to make ``out`` whole.
+
+    Cost: reads both copies of every file (the companions of a model: a few MB)."""
+    stale = []
+    for name in names:
+        parts = PurePosixPath((rename or {}).get(name, name)).parts
+        with os.fdopen(open_regular(Path(folder) / name, error=CheckpointError), "rb") as src:
+            try:
+                fd = open_dir_inside(out, parts[:-1])
+                try:
+                    copy = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
+                                   dir_fd=fd)
+                finally:
+                    os.close(fd)
+            except OSError:  # missing, a link, or under a link
+                stale.append(name)
+                continue
+            with os.fdopen(copy, "rb") as dst:
+                if not stat.S_ISREG(os.fstat(dst.fileno()).st_mode) or not _same_bytes(src, dst):
+                    stale.append(name)
+    return stale
+
+
+def _same_bytes(a, b, chunk: int = 1 << 20) -> bool:
+    """Whether the open binary files ``a`` and ``b`` hold the same bytes."""
+    if os.fstat(a.fileno()).st_size != os.fstat(b.fileno()).st_size:
+        return False
+    while True:
+        x, y = a.read(chunk), b.read(chunk)
+        if x != y:
+            return False
+        if not x:
+            return True

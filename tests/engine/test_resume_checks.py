@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from kenstream.cli import main
 from kenstream.io.fingerprint import HEAD_BYTES, SAMPLE_BYTES, SAMPLES, fingerprint
 from tests.ckpt import save_dir
 from tests.test_outputs import executor_module, interrupt_after, rebuild_module
@@ -129,6 +130,54 @@ def test_compress_resume_of_a_finished_diff_that_lost_a_shard(pair, capsys, tmp_
     code, err = cli(capsys, ["info", tmp_path / "nowhere"])
     assert code == 2
     assert_one_error(err, "nowhere", "does not exist")
+
+
+def test_resume_of_a_finished_run_copies_lost_companions_again(pair, capsys, tmp_path):
+    """A finished diff or model whose config or tokenizer was deleted, edited or replaced
+    by a link is not whole: --resume copies those files again (from the fine-tune into the
+    diff, from the diff into the model), replaces a link rather than writing through it,
+    and names what it copied. It said 'nothing to resume' and kept the loss."""
+    b, f, d = pair
+    (f / "tokenizer.json").write_text('{"vocab": ["a", "b"]}')
+    (f / "README.md").write_text("the fine-tune's own card")
+    argv = compress_argv(b, f, d)
+    assert cli(capsys, argv, [b, f])[0] == 0
+    shards = files_of(d)
+    outside = tmp_path / "outside.json"
+    outside.write_text("not part of any model")
+    (d / "config.json").unlink()
+    (d / "tokenizer.json").write_text("edited")
+    (d / "README.finetuned.md").unlink()
+    (d / "README.finetuned.md").symlink_to(outside)
+    code = main([str(a) for a in argv + ["--resume"]])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "copied again" in err
+    for name in ("config.json", "tokenizer.json", "README.md"):
+        assert name in err
+    assert outside.read_text() == "not part of any model"
+    assert not (d / "README.finetuned.md").is_symlink()
+    for src, dst in (("config.json", "config.json"), ("tokenizer.json", "tokenizer.json"),
+                     ("README.md", "README.finetuned.md")):
+        assert (d / dst).read_bytes() == (f / src).read_bytes()
+    assert files_of(d).keys() == shards.keys()
+    assert {n: h for n, h in files_of(d).items() if n.endswith(".kdiff")} == \
+        {n: h for n, h in shards.items() if n.endswith(".kdiff")}
+    # Nothing lost: the run says so and changes nothing.
+    again = files_of(d)
+    code = main([str(a) for a in argv + ["--resume"]])
+    out, err = capsys.readouterr()
+    assert code == 0 and "nothing to resume" in err and "copied again" not in err, err
+    assert files_of(d) == again
+
+    model = tmp_path / "model"
+    rebuild_argv = ["rebuild", b, d, "-o", model]
+    assert cli(capsys, rebuild_argv, [b, d])[0] == 0
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer.json").unlink()
+    assert cli(capsys, rebuild_argv + ["--resume"], [b, d])[0] == 0
+    for name in ("config.json", "tokenizer.json"):
+        assert (model / name).read_bytes() == (f / name).read_bytes()
 
 
 # -- 12. tensor names holding '::' ----------------------------------------------------------
