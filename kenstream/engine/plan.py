@@ -12,7 +12,7 @@ import zlib
 from dataclasses import dataclass
 
 from .. import dtypes
-from ..errors import CheckpointError, MismatchError, NonFiniteError
+from ..errors import CheckpointError, MismatchError, NonFiniteError, SelectionError
 from ..format import spec
 from ..format.layout import EMPTY_HEADER, encoded_sizes, header_cost
 from ..io import safetensors_file
@@ -121,7 +121,8 @@ def make_items(ft, base, alignment, settings, *, version: int = spec.FORMAT_VERS
     """
     items = []
     reshaped = []  # warned about only once the pair is known to be one model
-    quantized = quantized_modules(ft) if version >= 2 else set()
+    stacked = []  # format 1's rows of a stack of matrices: a whole matrix each
+    quantized = quantized_modules(ft)
     for name in ft.names():
         info = ft.info(name)
         shape = tuple(int(d) for d in info.shape)
@@ -149,12 +150,20 @@ def make_items(ft, base, alignment, settings, *, version: int = spec.FORMAT_VERS
                             f"{list(binfo.shape)}; stored whole")
             item("store", "reshaped", None, nbytes, None)
         elif any(name.startswith(prefix) for prefix in quantized):
+            if version == 1:
+                raise SelectionError(
+                    "is part of a quantized unit (its weight is stored as F8 or integers); "
+                    "format 1 cannot keep a unit whole, and pruning its float scales alone "
+                    "would rebuild a wrong model", file=info.file, tensor=name,
+                    hint="drop --format-version 1: format 2 stores such units whole")
             item("store", "quantized", None, nbytes)
         elif info.dtype not in SELECTABLE or binfo.dtype not in SELECTABLE:
             item("store", "non-float", None, nbytes)
         elif not settings.wants(name):
             item("store", "excluded", None, nbytes)
         else:
+            if version == 1 and (rows, cols) != spec.rows_cols_v2(name, shape):
+                stacked.append(f"'{name}' {list(shape)}")
             k = settings.k_for(cols)
             kept = rows * min(k, cols)
             est = min(encoded_sizes(rows, cols, kept, dtypes.itemsize(info.dtype), False))
@@ -167,6 +176,11 @@ def make_items(ft, base, alignment, settings, *, version: int = spec.FORMAT_VERS
                             file=ft.root)
     for message in reshaped:
         warnings.warn(message, stacklevel=2)
+    if stacked:
+        warnings.warn(f"format 1 cuts {len(stacked)} stacked tensor(s) ({stacked[0]} first) "
+                      "into one row per matrix, not one per output unit, so a row's k is "
+                      "spread over whole matrices; format 2 (the default) selects them as "
+                      "their unfused matrices", stacklevel=2)
     for message in _setting_warnings(items, settings):
         warnings.warn(message, stacklevel=2)
     return items

@@ -81,6 +81,48 @@ def test_gptq_packed_weights_scales_and_zeros_stay_whole(tmp_path):
     assert_same_model(tmp_path / "out", {n: t.clone() for n, t in ft.items()})
 
 
+def test_format_1_refuses_a_quantized_unit_rather_than_prune_its_scales(tmp_path, capsys):
+    """Format 1 has no record for a unit kept whole: it stored the F8 weight as
+    non-float and pruned its float32 scales, exit 0, a model that dequantises wrongly.
+    It now refuses in one line naming the tensor and format 2, and makes nothing."""
+    from kenstream.cli import main
+
+    g = torch.Generator().manual_seed(11)
+    w = "m.a.weight"
+    base = {w: _noise(g, 32, 64, std=1).to(torch.float8_e4m3fn),
+            w + "_scale_inv": torch.rand(4, 8, generator=g) + 0.5}
+    ft = {w: (base[w].float() + _noise(g, 32, 64, std=0.1)).to(torch.float8_e4m3fn),
+          w + "_scale_inv": base[w + "_scale_inv"] * 1.01}
+    b, f = save_dir(tmp_path / "b", base), save_dir(tmp_path / "f", ft)
+    out = tmp_path / "d"
+    code = main(["compress", str(b), str(f), "-o", str(out), "--keep", "0.25",
+                 "--format-version", "1", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "quantized unit" in err[0] and "format 1" in err[0] and "--format-version" in err[0]
+    assert f"tensor '{w}" in err[0] and "model.safetensors" in err[0]
+    assert not out.exists()
+
+
+def test_format_1_warns_that_it_cuts_a_stack_into_whole_matrices(tmp_path):
+    """Format 1's rows of an [E, out, in] stack are whole matrices (its readers know no
+    other cut), so a row's k is not what the same matrices unfused would get: said."""
+    g = torch.Generator().manual_seed(12)
+    w = _noise(g, 4, 16, 32)
+    name = "model.layers.0.mlp.experts.down_proj"
+    b = save_dir(tmp_path / "b", {name: w, "n.weight": _noise(g, 8, 32)})
+    f = save_dir(tmp_path / "f", {name: w + _noise(g, 4, 16, 32, std=2e-3),
+                                  "n.weight": _noise(g, 8, 32)})
+    with pytest.warns(UserWarning, match=r"format 1 cuts 1 stacked tensor\(s\) \('model\."
+                                         r"layers\.0\.mlp\.experts\.down_proj' \[4, 16, 32\]"):
+        index = kenstream.compress(b, f, tmp_path / "d", k=8, format_version=1, quiet=True)
+    assert (index["tensors"][name]["rows"], index["tensors"][name]["cols"]) == (4, 512)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kenstream.compress(b, f, tmp_path / "d2", k=8, quiet=True)
+
+
 @pytest.mark.parametrize("base_rows,ft_rows", [(100, 102), (100, 128), (104, 100)])
 def test_resized_vocabulary_selects_the_shared_rows(tmp_path, base_rows, ft_rows):
     """A chat fine-tune that adds tokens (or pads, or trims the vocabulary): the rows both
