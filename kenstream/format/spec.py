@@ -24,7 +24,6 @@ ENCODINGS = {1: ("bitmask", "indices", "dense", "unchanged"), 2: ("coded", "unch
 """Encodings of a tensor record, by format version."""
 SELECTED_ENCODINGS = ("bitmask", "indices")
 """Format 1's encodings of a selected tensor."""
-REASONS = ("selected", "identical", "new", "reshaped", "excluded", "non-float")
 ROLES = ("mask", "index", "counts", "values", "frames", "table")
 """Entry roles, the suffix after ``::`` in a shard entry name (format 1 uses the first
 four, format 2 the last two)."""

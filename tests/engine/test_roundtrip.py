@@ -243,3 +243,28 @@ def test_empty_tensors_round_trip(tmp_path, version, keep):
     assert {n: (tuple(t.shape), t.dtype) for n, t in loaded.items()} == \
         {n: (tuple(t.shape), t.dtype) for n, t in ft.items()}
     assert kenstream.verify(tmp_path / "diff", b, f, quiet=True)["ok"]
+
+
+def test_a_reason_the_reader_does_not_know_is_read(tmp_path):
+    """docs/format.md 6.2: reasons are informational, and a reader accepts one it does not
+    know (a later writer's, here in the shards' records and the index alike), rebuilding
+    the same model."""
+    from tests.forge import edit_records, resign
+
+    base, ft = toy_pair(torch.bfloat16)
+    b = save_dir(tmp_path / "base", base)
+    f = save_dir(tmp_path / "ft", ft)
+    d = tmp_path / "diff"
+    kenstream.compress(b, f, d, keep=0.3, quiet=True)
+
+    def later(records):
+        for rec in records.values():
+            rec["reason"] = "zz"  # no longer than any reason, so the header keeps its size
+
+    for shard in d.glob("*.kdiff"):
+        edit_records(shard, later)
+    resign(d)
+    index = json.loads((d / "kenstream-diff.json").read_text())
+    assert {r["reason"] for r in index["tensors"].values() if r["shard"]} == {"zz"}
+    kenstream.rebuild(b, d, tmp_path / "out", quiet=True)
+    assert_same_model(tmp_path / "out", expected_model(base, ft, keep=0.3))
