@@ -22,8 +22,18 @@ KEPT_COLOR = "#1f3b73"
 NEIGHBOR_COLORS = ("#d62728", "#ff7f0e", "#bcbd22", "#2ca02c", "#1f77b4")
 """Colour of a kept position with 0, 1, 2, 3, 4 kept neighbours (reset positions: white)."""
 
-_ENCODING_COLORS = {"bitmask": KEPT_COLOR, "indices": "#6a8fd0", "coded": KEPT_COLOR,
-                    "dense": "#ff7f0e", "unchanged": "#9e9e9e"}
+STORED_COLORS = {"selected by the rule": KEPT_COLOR, "stored whole": "#ff7f0e",
+                 "unchanged": "#9e9e9e"}
+"""Bar colour of a tensor in the summary, by how the diff holds it (`how_stored`)."""
+
+
+def how_stored(rec) -> str:
+    """``rec``'s key in `STORED_COLORS`: pruned by the selection rule, stored whole (new,
+    reshaped, excluded, non-float, quantized) or unchanged. The same in both formats,
+    where the encoding says little (format 2 codes every stored tensor)."""
+    if rec.encoding == "unchanged":
+        return "unchanged"
+    return "selected by the rule" if rec.selected else "stored whole"
 
 
 # -- figures (matplotlib imported lazily) -----------------------------------------------
@@ -186,7 +196,7 @@ def summary_figure(records: dict, title: str = ""):
                 ax.set_xlabel("layer")
                 ax.set_ylabel(label)
             else:
-                colors = [_ENCODING_COLORS[records[n].encoding] for n in table]
+                colors = [STORED_COLORS[how_stored(records[n])] for n in table]
                 ax.barh(np.arange(len(table)), vals / scale, color=colors)
                 names = [shortened(n, 60) for n in table] if col == 0 else [""] * len(table)
                 ax.set_yticks(np.arange(len(table)), names, fontsize=6.5)
@@ -198,9 +208,9 @@ def summary_figure(records: dict, title: str = ""):
             ax.set_title(f"{what} per {per}", fontsize=9)
     from matplotlib.patches import Patch
 
-    present = {rec.encoding for rec in records.values()} - {"unchanged"}  # no bar to see
-    ax.legend(handles=[Patch(color=c, label=e) for e, c in _ENCODING_COLORS.items()
-                       if e in present], fontsize=7, loc="lower right", title="encoding",
+    present = {how_stored(rec) for rec in records.values()} - {"unchanged"}  # no bar to see
+    ax.legend(handles=[Patch(color=c, label=e) for e, c in STORED_COLORS.items()
+                       if e in present], fontsize=7, loc="lower right", title="how stored",
               title_fontsize=7)
     fig.suptitle(title, fontsize=10)
     return fig

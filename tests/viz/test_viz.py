@@ -292,6 +292,37 @@ def test_summary_has_one_bar_per_tensor_and_layer(pair):
     assert labels == ["0", "1", "2", "other"]
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_summary_colours_tensors_by_how_the_diff_holds_them(tmp_path, version):
+    """A pruned tensor, one stored whole (new in the fine-tune) and one unchanged have
+    their own colours and legend entries in either format (format 2 codes every stored
+    tensor, so its encoding told them apart no more)."""
+    import matplotlib.colors as mcolors
+
+    rng = np.random.default_rng(3)
+    base = {"a.w": rng.standard_normal((6, 8)).astype(np.float32),
+            "same.w": rng.standard_normal((4, 8)).astype(np.float32)}
+    ft = {"a.w": base["a.w"] + np.float32(0.1), "same.w": base["same.w"],
+          "head.w": rng.standard_normal((3, 8)).astype(np.float32)}
+    for sub, tensors in (("b", base), ("f", ft)):
+        (tmp_path / sub).mkdir()
+        save_file(tensors, str(tmp_path / sub / "model.safetensors"))
+    diff = tmp_path / "d"
+    kenstream.compress(tmp_path / "b", tmp_path / "f", diff, keep=0.5, quiet=True,
+                       format_version=version)
+    fig = viz.figure(diff, None, "summary")
+    ax = {a.get_title(): a for a in fig.axes}["kept fraction per tensor"]
+    names = [t.get_text() for t in ax.get_yticklabels()]
+    colour = {n: mcolors.to_hex(p.get_facecolor()) for n, p in zip(names, ax.patches)}
+    assert len(set(colour.values())) == 3, colour
+    assert colour["a.w"] == draw.KEPT_COLOR.lower()
+    legend = fig.axes[-1].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["selected by the rule",
+                                                          "stored whole"]
+    handles = legend.legend_handles
+    assert mcolors.to_hex(handles[1].get_facecolor()) == colour["head.w"]
+
+
 def test_summary_groups_by_first_layer_number():
     from kenstream.format.records import TensorRecord
 
