@@ -75,10 +75,23 @@ def _recorded(argv) -> list:
     return out
 
 
+def _finished(args, index_name: str, plan_name: str) -> bool:
+    """Whether ``--resume`` meets a finished output (its index, no plan file), so that the
+    run writes nothing and its summary line must not say 'wrote'."""
+    from pathlib import Path
+
+    out = Path(args.output)
+    return bool(args.resume) and (out / index_name).is_file() \
+        and not os.path.lexists(out / plan_name)
+
+
 def _run(args, argv) -> int:
     import kenstream as ks
 
     if args.command == "compress":
+        from .format.spec import INDEX_NAME, PARTIAL_NAME
+
+        verb = "found" if _finished(args, INDEX_NAME, PARTIAL_NAME) else "wrote"
         options = dict(ties=args.ties, method=args.method, include=args.include,
                        exclude=args.exclude, seed=args.seed, threads=args.threads,
                        shard_size=args.shard_size, level=args.level,
@@ -96,17 +109,20 @@ def _run(args, argv) -> int:
                                 keep=args.keep, **options)
         t = index["totals"]
         if not args.quiet:
-            print(f"wrote {printable(args.output)}: kept {t['kept']:,} of {t['selected']:,} "
+            print(f"{verb} {printable(args.output)}: kept {t['kept']:,} of {t['selected']:,} "
                   f"selected parameters, {human(t['diff_bytes'])} "
                   f"({t['diff_bytes'] / max(t['finetuned_bytes'], 1):.1%} of the fine-tune)")
         return 0
     if args.command == "rebuild":
+        from .engine.rebuild import INDEX_NAME, PARTIAL_NAME
+
+        verb = "found" if _finished(args, INDEX_NAME, PARTIAL_NAME) else "wrote"
         index = ks.rebuild(args.base, args.diff, args.output, shard_size=args.shard_size,
                            force=args.force, resume=args.resume, overwrite=args.overwrite,
                            quiet=args.quiet, threads=args.threads, executor=args.executor,
                            ray_address=args.ray_address)
         if not args.quiet:
-            print(f"wrote {printable(args.output)}: {len(index['weight_map'])} tensors, "
+            print(f"{verb} {printable(args.output)}: {len(index['weight_map'])} tensors, "
                   f"{human(index['metadata']['total_size'])}")
         return 0
     if args.command == "verify":

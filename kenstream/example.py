@@ -89,6 +89,9 @@ def run_demo(directory, *, keep=0.5, quiet=False) -> int:
     """Generate the example pair and run the whole tool on it, saying what happens."""
     from .io.outputs import claim_output
 
+    from .settings import Settings
+
+    Settings(keep=keep)  # a bad --keep is refused before the example is written
     directory = Path(directory)
     # The folder must be new, empty, or a previous demo (its marker lists the pair's files):
     # the demo never replaces files it did not write.
@@ -103,24 +106,30 @@ def _demo(directory: Path, keep, quiet) -> int:
     import kenstream as ks
     from .reports import print_info
 
-    print(f"1. writing a small BERT-shaped base / fine-tune pair under {printable(directory)}/")
+    def step(text: str) -> None:  # -q: only the result line
+        if not quiet:
+            print(text)
+
+    step(f"1. writing a small BERT-shaped base / fine-tune pair under {printable(directory)}/")
     base, ft = write_pair(directory)
     diff, rebuilt = directory / "diff", directory / "rebuilt"
-    print(f"2. compress: keep {keep:.0%} of every row of every changed matrix (KEN rule)")
+    step(f"2. compress: keep {keep:.0%} of every row of every changed matrix (KEN rule)")
     t0 = time.perf_counter()
     ks.compress(base, ft, diff, keep=keep, overwrite=True, quiet=quiet,
                 command=["kenstream", "compress", str(base), str(ft), "-o", str(diff),
                          "--keep", str(keep)])
-    print(f"   done in {time.perf_counter() - t0:.1f} s")
-    print("3. info:")
-    print_info(ks.info(diff))
-    print(f"4. rebuild: base + diff -> {printable(rebuilt)}/ (a standard model directory)")
+    step(f"   done in {time.perf_counter() - t0:.1f} s")
+    step("3. info:")
+    if not quiet:
+        print_info(ks.info(diff))
+    step(f"4. rebuild: base + diff -> {printable(rebuilt)}/ (a standard model directory)")
     ks.rebuild(base, diff, rebuilt, overwrite=True, quiet=quiet)
-    print("5. verify: hashes, base identity, and every kept value against the fine-tune")
+    step("5. verify: hashes, base identity, and every kept value against the fine-tune")
     report = ks.verify(diff, base, ft, quiet=quiet)
     worst = max((r.get("rel_error") or 0.0 for r in report["tensors"].values()), default=0.0)
-    print(f"   OK: {len(report['tensors'])} tensors checked bit for bit; largest relative "
-          f"reconstruction error ||rebuilt - ft|| / ||ft - base|| = {worst:.3f}")
-    print(printable(f"Try: kenstream info {diff}    kenstream verify {base} {diff} "
-                    f"--finetuned {ft}"))
+    print(f"{'' if quiet else '   '}OK: {len(report['tensors'])} tensors checked bit for bit; "
+          f"largest relative reconstruction error ||rebuilt - ft|| / ||ft - base|| = "
+          f"{worst:.3f}")
+    step(printable(f"Try: kenstream info {diff}    kenstream verify {base} {diff} "
+                   f"--finetuned {ft}"))
     return 0

@@ -115,17 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "keep every copy of a kept value")
     p.add_argument("--method", choices=METHODS, default="ken", help=METHOD_HELP)
     p.add_argument("--budget", choices=BUDGETS, default="row", help=BUDGET_HELP)
-    p.add_argument("--seed", type=int, default=0, help="seed for --method random and --ties scrambled")
-    p.add_argument("--include", metavar="REGEX", help="select only tensors whose name matches")
+    p.add_argument("--seed", type=int, default=0, help="seed for --method random and --ties scrambled (0 to 2**64 - 1)")
+    p.add_argument("--include", metavar="REGEX", help="select only tensors whose name matches; the others are stored whole "
+                        "where they changed")
     p.add_argument("--exclude", metavar="REGEX", help="store whole the tensors whose name matches")
     p.add_argument("-j", "--threads", type=_threads, default=None,
                    help="selection threads (default: every core)")
     p.add_argument("--shard-size", default=DIFF_SHARD_SIZE,
                    help="maximum diff shard size (e.g. 500MB); a tensor larger than it "
                         "gets a shard of its own")
-    p.add_argument("--level", type=int, default=DEFAULT_LEVEL,
-                   help="zstd level of the coded values and positions: higher is smaller and "
-                        "slower (1 to 19)")
+    p.add_argument("--level", type=int, default=None,
+                   help="zstd level of format 2's coded values and positions: higher is "
+                        f"smaller and slower (1 to 19; default: {DEFAULT_LEVEL})")
     p.add_argument("--format-version", type=int, choices=READ_VERSIONS, default=FORMAT_VERSION,
                    help="diff format to write; 1 only for kenstream 0.1 readers (raw values, "
                         "not entropy-coded)")

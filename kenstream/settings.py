@@ -131,6 +131,11 @@ class Settings:
                                      f"got {short(pattern)}")
         if self.k is not None and self.k < 1:
             raise SelectionError(f"--k must be a whole number >= 1, got {self.k}")
+        if not 0 <= self.seed < 1 << 64:
+            # The kernels take it modulo 2**64: -1 would draw 2**64 - 1's ties, and the
+            # index would record two seeds for one diff.
+            raise SelectionError(f"--seed must be a whole number from 0 to 2**64 - 1, got "
+                                 f"{short(self.seed)}")
         if self.k is not None and self.k > MAX_COUNT:
             raise SelectionError(f"--k must be at most 2**63 - 1, got {self.k}",
                                  hint="a k of a row's length or more keeps the row whole, "

@@ -47,6 +47,12 @@ def test_verify_json_reports_every_tensor(made, capsys):
         want = error / change if change else (0.0 if error == 0 else float("inf"))
         assert row["rel_error"] == pytest.approx(want, rel=1e-9), name
     assert 0 < mlp["rel_error"] < 1
+    # Without a fine-tune there is no error to measure, but the key is there: null (a
+    # script reading it met a KeyError).
+    assert main(["verify", str(d), "--base", str(b), "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)["tensors"]
+    assert set(alone) == set(ft)
+    assert all(row.keys() == mlp.keys() and row["rel_error"] is None for row in alone.values())
 
 
 @pytest.mark.parametrize("with_finetuned", [True, False])
@@ -167,9 +173,17 @@ def test_ctrl_c_exits_130_with_one_line(made, monkeypatch, capsys):
 
 
 def test_demo_runs_the_whole_tool(tmp_path, capsys):
+    """-q leaves the result line alone (it printed every step and the info table); a bad
+    --keep is refused before the example is written (it was written first)."""
+    assert main(["demo", str(tmp_path / "bad"), "--keep", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--keep must be a fraction in (0, 1]" in err[0], err
+    assert not (tmp_path / "bad").exists()
     assert main(["demo", str(tmp_path / "demo"), "-q"]) == 0
-    out = capsys.readouterr().out
-    assert "OK:" in out and "checked bit for bit" in out
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("OK:"), captured.out
+    assert "checked bit for bit" in lines[0] and captured.err == ""
     demo = tmp_path / "demo"
     assert (demo / "diff" / "kenstream-diff.json").exists()
     assert (demo / "rebuilt" / "model.safetensors.index.json").exists()

@@ -408,6 +408,10 @@ def test_delta_names_the_base_when_its_cast_overflows(tmp_path, capsys, extra):
     (["--k", "4", "--level", "20"], "--level"), (["--k", "4", "--level", "-1"], "--level"),
     (["--k", "4", "--shard-size", "9" * 400], "too large"),
     (["--k", "4", "--shard-size", "9300000TB"], "at most 2**63 - 1 bytes"),
+    # --level would be ignored, -1 would draw 2**64 - 1's ties under another record
+    (["--k", "4", "--level", "5", "--format-version", "1"], "format 1 stores raw bits"),
+    (["--k", "4", "--seed", "-1"], "--seed must be a whole number from 0 to 2**64 - 1"),
+    (["--k", "4", "--seed", str(2**64)], "--seed must be a whole number from 0 to 2**64 - 1"),
 ])
 def test_bad_selection_flags(pair, capsys, flags, needle):
     b, f, out = pair
@@ -425,6 +429,8 @@ def test_bad_selection_flags(pair, capsys, flags, needle):
     ({"keep": 0.5, "threads": 0}, "threads must be a whole number >= 1"),
     ({"keep": "half"}, "keep 'half' is not a fraction"),
     ({"keep": 0.5, "shard_size": 2**63}, "at most 2**63 - 1 bytes"),
+    ({"keep": 0.5, "level": 3, "format_version": 1}, "format 1 stores raw bits"),
+    ({"keep": 0.5, "seed": -5}, "from 0 to 2**64 - 1"),
 ])
 def test_api_settings_are_checked_before_anything_is_made(pair, options, needle):
     """The Python API takes what the command line parses: a bad value is a SelectionError

@@ -137,7 +137,14 @@ def test_resume_of_a_finished_diff_with_the_same_settings_is_a_no_op(pair, tmp_p
     before = {p.name: p.read_bytes() for p in d.iterdir()}
     assert main(["compress", str(b), str(f), "-o", str(d), "--keep", "30%", "--resume"]) == 0
     out = capsys.readouterr()
-    assert "already a complete diff" in out.err and "wrote" in out.out
+    assert "already a complete diff" in out.err and "wrote" not in out.out
+    assert out.out.startswith(f"found {d}: kept "), out.out  # it said 'wrote': nothing was
+    rebuilt = tmp_path / "rebuilt"
+    assert main(["rebuild", str(b), str(d), "-o", str(rebuilt)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {rebuilt}: ")
+    assert main(["rebuild", str(b), str(d), "-o", str(rebuilt), "--resume"]) == 0
+    out = capsys.readouterr()
+    assert "already rebuilt" in out.err and out.out.startswith(f"found {rebuilt}: "), out
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
 
 

@@ -153,7 +153,7 @@ def _full_hashes(ckpt) -> dict:
 
 def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, method="ken",
              include=None, exclude=None, seed=0, threads=None, shard_size=DIFF_SHARD_SIZE,
-             level=spec.DEFAULT_LEVEL, format_version=spec.FORMAT_VERSION,
+             level=None, format_version=spec.FORMAT_VERSION,
              frame_elems=spec.DEFAULT_FRAME_ELEMS, block_elems=spec.DEFAULT_BLOCK_ELEMS,
              resume=False, strict_resume=False, overwrite=False, quiet=False, command=None,
              header_limit=None, executor="local", ray_address=None, budget="row",
@@ -163,7 +163,8 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
     Returns the index (also written as ``out/kenstream-diff.json``) as JSON. ``keep=1``
     (or ``k`` at least every row's length) stores the whole fine-tune, losslessly.
     ``threads`` threads select and code (the caller's numba thread count is restored
-    after); ``level`` is the zstd level of format 2, whose frames hold about
+    after); ``level`` is the zstd level of format 2 (default `spec.DEFAULT_LEVEL`;
+    refused for format 1, which does not code), whose frames hold about
     ``frame_elems`` values; tensors stream in row blocks of about ``block_elems`` values.
     Peak memory is a few row blocks. ``strict_resume`` records the inputs' full sha256 in
     the plan file, so that ``resume`` refuses inputs changed anywhere (one extra read of
@@ -246,7 +247,8 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
             say(_plan_report(alignment, items), quiet or bool(search and search["passes"]))
             label = "compress" if search is None else f"--size pass {len(search['passes']) + 1}"
             job = CompressJob(shards, Source.of(f), Source.of(b), settings, version,
-                              block_elems, level, frame_elems, kernels.get_threads(), cuts)
+                              block_elems, None if coding is None else coding.level,
+                              frame_elems, kernels.get_threads(), cuts)
             if executor == "local":  # Ray's workers compile on their own nodes
                 _compile_first(settings, codes, quiet)
             with bar(sum(i.params for i in items), label, quiet) as progress:
@@ -323,13 +325,18 @@ def _coding(version, level, frame_elems):
     if version not in spec.READ_VERSIONS:
         raise SelectionError(f"format version {version!r} is not one this kenstream writes "
                              f"({', '.join(map(str, spec.READ_VERSIONS))})")
+    if version == 1:
+        if level is not None:  # it would be ignored: format 1 stores raw bits
+            raise SelectionError("--level sets format 2's zstd coding; format 1 stores raw "
+                                 "bits", hint="drop --level, or --format-version 1")
+        return 1, None
+    if level is None:
+        level = spec.DEFAULT_LEVEL
     if not (is_int(level) and spec.MIN_WRITE_LEVEL <= level <= spec.MAX_WRITE_LEVEL):
         raise SelectionError(f"--level must be a zstd level from {spec.MIN_WRITE_LEVEL} to "
                              f"{spec.MAX_WRITE_LEVEL}, got {level!r}",
                              hint=f"higher is smaller and slower; the default is "
                                   f"{spec.DEFAULT_LEVEL}")
-    if version == 1:
-        return 1, None
     try:
         return 2, Coding.from_json({"level": level, "frame_elems": frame_elems})
     except DiffError as exc:

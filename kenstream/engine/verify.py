@@ -35,7 +35,7 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None
 
     Returns ``{"ok", "problems", "tensors": {name: {"encoding", "kept_fraction",
     "rel_error"}}}`` (tensors in numeric order of their names, as `info` lists them;
-    ``rel_error`` None where it is no finite number) and raises VerifyError (exit 1)
+    ``rel_error`` None where it is no finite number, and without ``finetuned``) and raises VerifyError (exit 1)
     listing the first problem when anything mismatches. Blocks are checked on ``threads``
     threads (default: every core). ``executor="ray"`` checks the tensors of each diff
     shard in a Ray task (``threads`` CPUs each); the report is the same. Cost: reads
@@ -125,7 +125,7 @@ class _Checking:
         self.name, self.rec = name, rec
         self.row = {"encoding": rec.encoding,
                     "kept_fraction": 0.0 if rec.encoding == "unchanged"
-                    else rec.kept / max(1, rec.params)}
+                    else rec.kept / max(1, rec.params), "rel_error": None}
         self.problems, self.futures, self.compared = [], [], False
         self.blocks = blocks = TensorBlocks(name, d, b, block_elems)
         count = len(blocks.ranges)
