@@ -310,11 +310,46 @@ def test_no_names_align(tmp_path, capsys):
     b = save_dir(tmp_path / "base", tensors())
     # no name matches, not even after adding or removing a dotted prefix
     f = save_dir(tmp_path / "ft", {n.replace(".", "_"): t for n, t in nudged(tensors()).items()})
-    out = tmp_path / "out"
+    _refused_as_unrelated(b, f, tmp_path / "out", capsys)
+
+
+def _refused_as_unrelated(b, f, out, capsys) -> None:
     code, err = cli(capsys, compress_argv(b, f, out), [b, f])
     assert code == 2
     assert_one_error(err, str(f), "no tensor name")
     assert not out.exists()
+
+
+def test_a_head_paired_by_its_tied_embedding_alone_is_no_alignment(tmp_path, capsys):
+    """A BERT-shaped base and a Llama-shaped fine-tune share no name; only the tied-head
+    rule paired the fine-tune's lm_head with the base's word embeddings (same shape), and
+    compress went on (exit 0). That pairing is no evidence of one model: refused."""
+    g = torch.Generator().manual_seed(5)
+    b = save_dir(tmp_path / "base", {
+        "embeddings.word_embeddings.weight": torch.randn(50, 16, generator=g),
+        "encoder.layer.0.attention.self.query.weight": torch.randn(16, 16, generator=g)})
+    f = save_dir(tmp_path / "ft", {
+        "model.embed_tokens.weight": torch.randn(50, 16, generator=g),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(16, 16, generator=g),
+        "lm_head.weight": torch.randn(50, 16, generator=g)})
+    _refused_as_unrelated(b, f, tmp_path / "out", capsys)
+
+
+def test_a_fine_tune_mostly_without_base_is_warned_about(tmp_path, capsys):
+    """One name in common and most parameters new: legal (rebuild is exact), but most
+    likely the wrong base, so compress says so; a large new head alone does not."""
+    g = torch.Generator().manual_seed(6)
+    shared = {"enc.w": torch.randn(8, 16, generator=g)}
+    b = save_dir(tmp_path / "base", shared)
+    f = save_dir(tmp_path / "ft", {**nudged(shared), "other.w": torch.randn(40, 16, generator=g)})
+    code = main([str(a) for a in compress_argv(b, f, tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "warning: only 17% of the fine-tune's parameters have a base tensor (1 of 2 " \
+           "tensors are new)" in err, err
+    f2 = save_dir(tmp_path / "ft2", {**nudged(shared), "head.w": torch.randn(7, 16, generator=g)})
+    assert main([str(a) for a in compress_argv(b, f2, tmp_path / "out2")]) == 0
+    assert "have a base tensor" not in capsys.readouterr().err
 
 
 def test_most_shapes_differ(tmp_path, capsys):

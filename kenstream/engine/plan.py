@@ -169,13 +169,21 @@ def make_items(ft, base, alignment, settings, *, version: int = spec.FORMAT_VERS
             est = min(encoded_sizes(rows, cols, kept, dtypes.itemsize(info.dtype), False))
             item("select", "selected", k, est)
     matched = len(alignment.pairs)
-    if matched == 0:
+    if matched == len(alignment.tied):
+        # A head paired with the base's embedding by shape alone says nothing of the pair:
+        # a BERT base and a Llama fine-tune of one vocabulary width met that way.
         raise MismatchError("no tensor name of the fine-tune matches the base", file=ft.root)
     if len(reshaped) * 2 > matched:
         raise MismatchError(f"{len(reshaped)} of {matched} matching tensors differ in shape",
                             file=ft.root)
     for message in reshaped:
         warnings.warn(message, stacklevel=2)
+    total = sum(i.params for i in items)
+    based = sum(i.params for i in items if i.base_name is not None)
+    if based * 2 < total:
+        warnings.warn(f"only {based / total:.0%} of the fine-tune's parameters have a base "
+                      f"tensor ({len(alignment.new)} of {len(items)} tensors are new): is the "
+                      "base the model it was fine-tuned from?", stacklevel=2)
     if stacked:
         warnings.warn(f"format 1 cuts {len(stacked)} stacked tensor(s) ({stacked[0]} first) "
                       "into one row per matrix, not one per output unit, so a row's k is "
