@@ -30,4 +30,9 @@ def __getattr__(name):
     return getattr(importlib.import_module(module), name)
 
 
+def __dir__():
+    # The lazy names too, so that tab completion and help() show the API.
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -16,6 +16,7 @@ import torch
 
 import kenstream
 from kenstream.cli import build_parser, main
+from kenstream.errors import DiffError
 from kenstream.settings import METHODS
 from tests.ckpt import save_dir, toy_pair
 
@@ -312,3 +313,31 @@ def test_warm_up_compiles_the_signatures_compress_runs(tmp_path, method, budget)
     done = subprocess.run([sys.executable, "-c", _WARM_CHECK, method, budget, *argv],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_swapped_paths_are_named_as_such(pair, tmp_path, capsys):
+    """A model folder where the diff goes (the base and the diff swapped, on the command
+    line or in ``kenstream.verify(diff, base)``) is named as a model, with a hint to check
+    the order; it said only 'not a kenstream diff'."""
+    b, f = pair
+    d = tmp_path / "diff"
+    assert main(["compress", str(b), str(f), "-o", str(d), "--keep", "0.3", "-q"]) == 0
+    for argv in (["verify", str(d), str(b)], ["rebuild", str(d), str(b), "-o",
+                                              str(tmp_path / "out")]):
+        assert main(argv + ["-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {b}: "), err
+        assert "it holds a model, not a kenstream diff" in err[0]
+        assert "are the paths swapped?" in err[0]
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DiffError, match="are the paths swapped"):
+        kenstream.verify(b, d, quiet=True)
+
+
+def test_dir_of_the_package_shows_its_api():
+    """The API is imported lazily (no kernels compiled for --help); dir() listed none of it,
+    so tab completion showed nothing."""
+    for name in ("compress", "compress_to_size", "rebuild", "load", "verify", "info",
+                 "select_mask", "render", "__version__"):
+        assert name in dir(kenstream), name
+        assert name in kenstream.__all__ or name == "__version__"

@@ -68,6 +68,11 @@ class DiffReader:
                             file=self.path, hint="copy or download the whole diff directory again")
         if not names:
             raise DiffError("is empty, not a kenstream diff", file=self.path)
+        if any(n.endswith((".safetensors", ".bin")) for n in names):
+            raise DiffError(f"has no {spec.INDEX_NAME}; it holds a model, not a kenstream "
+                            "diff", file=self.path,
+                            hint="a model where the diff goes: are the paths swapped? "
+                                 "rebuild and verify take BASE DIFF")
         raise DiffError(f"has no {spec.INDEX_NAME}; not a kenstream diff", file=self.path)
 
     def check_files(self) -> None:
