@@ -29,9 +29,14 @@ def front_matter(card: str) -> tuple[str, str]:
 
 def card_license(card: str | None) -> str | None:
     """The ``license:`` of a card's front matter, if it states one on one line."""
+    return _front_field(card, "license")
+
+
+def _front_field(card: str | None, key: str) -> str | None:
+    """The value of ``key:`` in a card's front matter, if it states one on one line."""
     if not card:
         return None
-    m = re.search(r"^license:\s*(\S[^\n]*)$", front_matter(card)[0], re.M)
+    m = re.search(rf"^{key}:\s*(\S[^\n]*)$", front_matter(card)[0], re.M)
     return m.group(1).strip().strip("'\"") if m else None
 
 
@@ -42,11 +47,14 @@ def _base_model(identity: dict) -> tuple[str, str | None]:
     return str(identity.get("source")), None
 
 
-def _yaml(base_model: str, license: str | None, extra: str = "") -> str:
+def _yaml(base_model: str, license: str | None, extra: str = "", *,
+          library: str | None = "kenstream", tags=("kenstream", "ken-pruning")) -> str:
     lines = ["---", f"base_model: {json.dumps(printable(base_model))}"]
     if license:
         lines.append(f"license: {json.dumps(printable(license))}")
-    lines += ["library_name: kenstream", "tags:", "- kenstream", "- ken-pruning"]
+    if library:
+        lines.append(f"library_name: {json.dumps(printable(library))}")
+    lines += ["tags:", *(f"- {t}" for t in tags)]
     return "\n".join(lines) + extra + "\n---\n\n"
 
 
@@ -77,9 +85,15 @@ def rebuilt_card(index: dict, diff_sha256: str, original: str | None) -> str:
     base_model, revision = _base_model(index.get("base") or {})
     sel = index.get("selection") or {}
     rule = f"k={sel.get('k')}" if sel.get("k") is not None else f"keep={sel.get('keep')}"
+    # The weights are the fine-tune's kind of model (library_name from its card, where it
+    # says), pruned only where the diff reset a value: a lossless rebuild is the fine-tune.
+    reset = (index.get("totals") or {}).get("reset")
+    pruned = ["pruned", *(["ken-pruning"] if sel.get("method") == "ken" else [])] \
+        if isinstance(reset, int) and reset > 0 else []
     text = (
         _yaml(base_model, card_license(original),
-              f"\nbase_model_revision: {json.dumps(revision)}" if revision else "")
+              f"\nbase_model_revision: {json.dumps(revision)}" if revision else "",
+              library=_front_field(original, "library_name"), tags=["kenstream", *pruned])
         + "# A fine-tune rebuilt by kenstream\n\n"
         "These weights are the base model with a kenstream diff applied: kept positions hold\n"
         "the fine-tuned values, every other position the base's.\n\n"

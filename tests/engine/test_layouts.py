@@ -243,7 +243,8 @@ def test_a_published_folder_keeps_its_card_licence_and_code(tmp_path):
     extras = {"LICENSE": "Apache License 2.0\n", "modeling_toy.py": "class Toy: ...\n",
               "configuration_toy.py": "class ToyConfig: ...\n",
               "processor_config.json": '{"processor_class": "ToyProcessor"}\n',
-              "README.md": "---\nlicense: apache-2.0\ntags:\n- toy\n---\n\n# Toy chat model\n"}
+              "README.md": "---\nlicense: apache-2.0\nlibrary_name: transformers\ntags:\n"
+                           "- toy\n---\n\n# Toy chat model\n"}
     for name, text in extras.items():
         (f / name).write_text(text)
     (f / "training_data.bin").write_bytes(b"\0" * 1000)  # not a companion: not copied
@@ -264,6 +265,16 @@ def test_a_published_folder_keeps_its_card_licence_and_code(tmp_path):
     diff_sha = hashlib.sha256((d / "kenstream-diff.json").read_bytes()).hexdigest()
     assert 'license: "apache-2.0"' in rebuilt and diff_sha in rebuilt
     assert rebuilt.rstrip().endswith("# Toy chat model")
+    # The rebuilt weights are the fine-tune's kind of model (its card's library_name, not
+    # kenstream's), tagged as pruned only where the diff reset values.
+    front = rebuilt.split("\n---\n", 1)[0]
+    assert 'library_name: "transformers"' in front and "kenstream" not in front.split(
+        "library_name", 1)[1].split("\n", 1)[0]
+    assert front.endswith("tags:\n- kenstream\n- pruned\n- ken-pruning"), front
+    kenstream.compress(b, f, tmp_path / "d1", keep=1, quiet=True)
+    kenstream.rebuild(b, tmp_path / "d1", tmp_path / "out1", quiet=True)
+    lossless = (tmp_path / "out1" / "README.md").read_text().split("\n---\n", 1)[0]
+    assert lossless.endswith("tags:\n- kenstream"), lossless
     with safe_open(str(out / "model.safetensors"), "pt") as sf:
         meta = sf.metadata()
     assert meta["format"] == "pt" and meta["kenstream_diff_sha256"] == diff_sha
