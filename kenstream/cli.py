@@ -15,7 +15,7 @@ import warnings
 from .errors import KenstreamError, OutputError
 from .parser import build_parser
 from .reports import human, print_info, print_verify
-from .text import printable
+from .text import counted, printable
 
 __all__ = ["build_parser", "entry", "main"]
 
@@ -180,7 +180,7 @@ def _print_size(index) -> None:
     note = ("; the request is at least the lossless diff, so every value is kept"
             if found["lossless"] else "")
     print(f"--size {human(found['requested'])}: chose keep {found['keep']:.6g} in "
-          f"{len(found['passes'])} passes; the diff is {human(got)} ({got:,} bytes, "
+          f"{counted(len(found['passes']), 'pass')}; the diff is {human(got)} ({got:,} bytes, "
           f"{got / found['requested']:.2%} of the request){note}")
 
 

@@ -18,6 +18,12 @@ def human(n: float) -> str:
     return str(n)
 
 
+def _number(value) -> str:
+    """A recorded number as people read it: six significant digits (a --size search's keep
+    is 0.0157544, not 0.015754414425381908)."""
+    return f"{value:.6g}" if isinstance(value, float) else printable(value)
+
+
 def _share(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:.1f}" if whole else "-"
 
@@ -30,14 +36,15 @@ def print_info(report: dict, tensors: bool = False) -> None:
     print(f"diff: {printable(report['path'])}   format {report.get('format_version')}")
     print(f"base: {printable(report['base'])}   fine-tune: {printable(report['finetuned'])}")
     sel = report["selection"]
-    rule = f"k={sel['k']}" if sel.get("k") is not None else f"keep={sel.get('keep')}"
+    rule = f"k={sel['k']}" if sel.get("k") is not None else f"keep={_number(sel.get('keep'))}"
     coding = report.get("coding")
     print(f"selection: {printable(sel['method'])} {rule} ties={printable(sel['ties'])} "
           f"budget={printable(sel.get('budget', 'row'))}"
           + (f"   coding: zstd level {coding['level']}, frames of {coding['frame_elems']:,} "
              "values" if coding else ""))
     print(f"parameters: {t['params']:,}   selected: {t['selected']:,}   kept: {t['kept']:,}   "
-          f"reset: {t['reset']:,} ({_share(t['reset'], t['selected'])}% of selected)")
+          f"reset: {t['reset']:,}" + (f" ({_share(t['reset'], t['selected'])}% of selected)"
+                                      if t["selected"] else ""))
     print(f"diff bytes: {human(t['diff_bytes'])} (positions {human(t['positions_bytes'])}, "
           f"values {human(t['values_bytes'])})   fine-tune bytes: "
           f"{human(t['finetuned_bytes'])}   ratio: {t['diff_to_finetuned']:.3f}")

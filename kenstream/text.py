@@ -72,3 +72,8 @@ def short(value) -> str:
     caller passed."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural (an added ``s``) unless ``n`` is 1: "1 pass", "3 tensors"."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}{'es' if noun.endswith('s') else 's'}"

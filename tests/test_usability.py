@@ -341,3 +341,27 @@ def test_dir_of_the_package_shows_its_api():
                  "select_mask", "render", "__version__"):
         assert name in dir(kenstream), name
         assert name in kenstream.__all__ or name == "__version__"
+
+
+def test_status_lines_count_and_round_as_people_read(tmp_path, capsys):
+    """'aligned 1 tensors', 'in 1 passes', 'keep=0.015754414425381908' and '(-% of
+    selected)' read badly; the counts agree with their nouns and keeps have 6 digits."""
+    from kenstream.reports import print_info
+    from kenstream.text import counted
+
+    assert [counted(n, w) for n, w in ((1, "pass"), (2, "pass"), (1, "tensor"),
+                                       (1200, "tensor"))] == \
+        ["1 pass", "2 passes", "1 tensor", "1,200 tensors"]
+    g = torch.Generator().manual_seed(2)
+    base = {"w": torch.randn(4, 8, generator=g)}
+    b = save_dir(tmp_path / "b", base)
+    f = save_dir(tmp_path / "f", {"w": base["w"] + 0.01})
+    d = tmp_path / "d"
+    assert main(["compress", str(b), str(f), "-o", str(d), "--keep", "0.5"]) == 0
+    assert "aligned 1 tensor (1 by exact name)" in capsys.readouterr().err
+    report = kenstream.info(d)
+    report["selection"]["keep"] = 0.015754414425381908
+    report["totals"]["selected"] = 0
+    print_info(report)
+    out = capsys.readouterr().out
+    assert "keep=0.0157544 " in out and "% of selected" not in out, out

@@ -25,7 +25,7 @@ from ..io.outputs import SEARCH_NAME, claim_output
 from ..io.safetensors_file import SafetensorsFile
 from ..progress import bar, say
 from ..settings import DEFAULT_TIES, DIFF_SHARD_SIZE, Settings, parse_size
-from ..text import printable
+from ..text import counted, printable
 from . import budget as budget_pass
 from .align import align, tie_heads
 from .cards import FINETUNED_CARD, card_license, diff_card
@@ -346,7 +346,7 @@ def _coding(version, level, frame_elems):
 def _plan_report(alignment, items) -> str:
     """One status line: how names were paired and what happens to special tensors."""
     prefix = alignment.finetuned_prefix or alignment.base_prefix
-    parts = [f"aligned {len(alignment.pairs)} tensors ({alignment.exact} by exact name"
+    parts = [f"aligned {counted(len(alignment.pairs), 'tensor')} ({alignment.exact} by exact name"
              + (f", prefix {printable(prefix)!r}" if prefix else "") + ")",
              f"{len(alignment.new)} new", f"{len(alignment.dropped)} only in the base"]
     for head, embedding in alignment.tied.items():

@@ -115,7 +115,8 @@ def compress_to_size(base, finetuned, out, size, *, quiet=False, overwrite=False
     while True:
         try:
             action = decide(search.passes, target, floats, size, search.model,
-                             search.steps)
+                            search.steps, excluded=bool(options.get("include")
+                                                        or options.get("exclude")))
         except SelectionError:
             _discard(out)
             raise

@@ -8,6 +8,7 @@ import math
 
 from ..errors import SelectionError
 from ..settings import Settings
+from ..text import counted
 
 LOW = 0.98
 """A pass ends the search when the diff is within [LOW, 1] times the request."""
@@ -151,12 +152,14 @@ def _next_step(keep: float, passes, target: int, steps) -> float:
     return far
 
 
-def decide(passes, target: int, floats: int, size, model=None, steps=None) -> tuple:
+def decide(passes, target: int, floats: int, size, model=None, steps=None,
+           excluded: bool = False) -> tuple:
     """What the search does after ``passes`` (each (keep, diff bytes), in order; ``model``
     the first pass's size split, see `_modelled_keep`): ``("run", keep)`` for another
     pass, or ``("done", keep, lossless)``. A pure function of what the passes measured, so
     a resumed search decides as the uninterrupted one did. Raises SelectionError when the
-    request cannot be met."""
+    request cannot be met (``excluded``: some tensors are stored whole by --include or
+    --exclude, which the refusal's hint then names)."""
     if not passes:
         return "run", _first_guess(floats, target)
     keep, got = passes[-1]
@@ -165,14 +168,14 @@ def decide(passes, target: int, floats: int, size, model=None, steps=None) -> tu
     if keep >= 1.0 and got <= target:
         return "done", keep, True
     if keep <= MIN_KEEP and got > target:
-        raise _below_floor(size, target, got, keep)
+        raise _below_floor(size, target, got, keep, excluded)
     if steps is not None and got > target and all(p[1] > target for p in passes):
         # A row budget keeps at least one value a row: once the smallest keep tried keeps
         # one in every row, as MIN_KEEP does, no smaller keep makes a smaller diff; with
         # nothing selected (no steps), no keep changes the diff at all.
         low = min(passes)
         if not steps or _signature(low[0], steps) == _signature(MIN_KEEP, steps):
-            raise _below_floor(size, target, low[1], low[0])
+            raise _below_floor(size, target, low[1], low[0], excluded)
     tried = [p[0] for p in passes]
     if keep in tried[:-1]:
         return "done", keep, False  # the best pass under the request, written again
@@ -184,15 +187,18 @@ def decide(passes, target: int, floats: int, size, model=None, steps=None) -> tu
     # Out of passes, or between two keeps that make the same diffs: the largest under.
     under = [p for p in passes if p[1] <= target]
     if not under:
-        raise SelectionError(f"--size {size}: no keep tried in {len(passes)} "
-                             f"passes made a diff of at most {target:,} bytes",
+        raise SelectionError(f"--size {size}: no keep tried in "
+                             f"{counted(len(passes), 'pass')} made a diff of at most "
+                             f"{target:,} bytes",
                              hint="ask for a larger size")
     best = max(under, key=lambda p: p[1])
     return ("done", keep, False) if best == passes[-1] else ("run", best[0])
 
 
-def _below_floor(size, target: int, got: int, keep: float) -> SelectionError:
+def _below_floor(size, target: int, got: int, keep: float,
+                 excluded: bool = False) -> SelectionError:
     return SelectionError(f"--size {size} ({target:,} bytes) is below the smallest diff these "
                           f"settings make: {got:,} bytes at keep {keep:g} (the fewest values "
                           "the rule keeps, tensors stored whole, positions and the shards' "
-                          "headers)", hint="ask for a larger size, or --exclude fewer tensors")
+                          "headers)", hint="ask for a larger size" + (", or --exclude fewer tensors"
+                                                         if excluded else ""))

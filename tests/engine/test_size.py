@@ -79,6 +79,16 @@ def test_size_refuses_what_it_cannot_reach(pair, tmp_path, capsys, value, needle
     assert not (tmp_path / "diff").exists()
 
 
+def test_size_floor_names_exclude_only_where_tensors_are_excluded(pair, tmp_path, capsys):
+    """The floor's hint suggests --exclude fewer tensors only to a run that excludes some
+    (it said so to every run)."""
+    for extra, named in (([], False), (["--exclude", "nothing-matches-this"], True)):
+        assert run(pair, tmp_path / "diff", "--size", "200B", *extra) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+        assert len(err) == 1 and "below the smallest diff" in err[0], err
+        assert ("--exclude fewer tensors" in err[0]) == named, err
+
+
 def test_size_refusal_leaves_the_users_other_files(pair, tmp_path, capsys):
     d = tmp_path / "diff"
     assert run(pair, d, "--keep", "0.5") == 0
