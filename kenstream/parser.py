@@ -109,10 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "where short rows make the size move in steps, the largest step under "
                         "it) and prints the keep it chose")
     p.add_argument("--ties", choices=TIES, default=DEFAULT_TIES,
-                   help="scrambled (default): exactly k per row, equal distances by a seeded "
-                        "per-row order; positions: exactly k per row, equal distances to the "
-                        "lowest column (the golden-vector rule, biased on bf16); values: also "
-                        "keep every copy of a kept value")
+                   help="scrambled (default): exactly k per row, equal distances (for "
+                        "delta and magnitude: equal scores) by a seeded per-row order; "
+                        "positions: exactly k per row, equal distances to the lowest column "
+                        "(the golden-vector rule, biased on bf16); values: also keep every "
+                        "copy of a kept value")
     p.add_argument("--method", choices=METHODS, default="ken", help=METHOD_HELP)
     p.add_argument("--budget", choices=BUDGETS, default="row", help=BUDGET_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed for --method random and --ties scrambled (0 to 2**64 - 1)")

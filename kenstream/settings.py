@@ -14,8 +14,9 @@ from .text import short
 METHODS = ("ken", "delta", "magnitude", "random")
 """Selection rules: the KEN rule, and the baselines it is compared with."""
 TIES = ("scrambled", "positions", "values")
-"""KEN tie modes (docs/algorithm.md): exact count, ties by a per-row scrambled order;
-exact count, ties to the lowest position (the golden rule); every copy of a kept value."""
+"""Tie modes of KEN, and of delta and magnitude (docs/algorithm.md 2.1, 2.2): exact count,
+ties by a per-row scrambled order; exact count, ties to the lowest position (the golden
+rule); every copy of a kept value."""
 DEFAULT_TIES = "scrambled"
 """Default of compress: exact in count and free of the lowest-position rule's column bias
 on rows with many equal values (bf16)."""

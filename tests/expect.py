@@ -44,9 +44,9 @@ def slow_mask(method, ft2: torch.Tensor, base2: torch.Tensor, k: int, ties=DEFAU
         return np.stack([slow_ken.ken_mask(row, k, ties, seed=seed, salt=salt, row_number=r)
                          for r, row in enumerate(x)]) if len(x) else np.zeros(x.shape, bool)
     if method == "delta":
-        return slow_rules.slow_delta(x, as_f32(base2), k)
+        return slow_rules.slow_delta(x, as_f32(base2), k, ties, seed=seed, salt=salt)
     if method == "magnitude":
-        return slow_rules.slow_magnitude(x, k)
+        return slow_rules.slow_magnitude(x, k, ties, seed=seed, salt=salt)
     return np.stack([slow_rules.slow_random_row(seed, salt, r, x.shape[1], k)
                      for r in range(x.shape[0])])
 

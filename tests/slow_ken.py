@@ -16,11 +16,9 @@ Cost: O(n k) time and memory per row. Also implements kenstream's product decisi
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from tests.slow_rules import row_stream
+from tests.slow_rules import row_stream, scrambled_ranks  # noqa: F401
 
 
 class SlowNonFinite(ValueError):
@@ -50,25 +48,6 @@ def densities(x: np.ndarray, grid: np.ndarray, h: float) -> np.ndarray:
     for j, g in enumerate(grid.astype(np.float64)):
         out[j] = np.sum(np.exp(-(((g - xd) / h) ** 2) / 2)) / (n * h * np.sqrt(2 * np.pi))
     return out
-
-
-def scrambled_ranks(n: int, seed: int, salt: int, row: int) -> np.ndarray:
-    """rank[p] of every position p in the scrambled order of global row ``row``: the order
-    lists position (a * s + c) mod n at place s, c uniform in [0, n) and then a uniform in
-    [1, n) redrawn until gcd(a, n) = 1, both from the row's splitmix64 stream (a = 1 for
-    n <= 2; c = 0 for n < 2)."""
-    a, c = 1, 0
-    if n >= 2:
-        below = row_stream(seed, salt, row)
-        c = below(n)
-        if n > 2:
-            a = 1 + below(n - 1)
-            while math.gcd(a, n) != 1:
-                a = 1 + below(n - 1)
-    order = (a * np.arange(n, dtype=np.int64) + c) % n
-    rank = np.empty(n, np.int64)
-    rank[order] = np.arange(n)
-    return rank
 
 
 def ken_row(row, k: int, rank=None):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 M64 = (1 << 64) - 1
@@ -29,24 +31,31 @@ def cast(x32, dtype):
     return x32.astype(dtype)
 
 
-def slow_top(keys, k):
-    """Per row: the k largest keys, ties to the lowest position, via a full lexsort."""
+def slow_top(keys, k, ties="positions", seed=0, salt=0, row0=0):
+    """Per row: the k largest keys via a full lexsort; equal keys to the lowest position,
+    to the lowest place in row ``row0 + i``'s scrambled order (``scrambled``), or, for
+    ``values``, every key equal to the k-th largest too."""
     keys = np.asarray(keys)
     mask = np.zeros(keys.shape, bool)
     cols = keys.shape[1]
     for i in range(keys.shape[0]):
-        order = np.lexsort((np.arange(cols), -keys[i].astype(np.float64)))
-        mask[i, order[: min(k, cols)]] = True
+        second = scrambled_ranks(cols, seed, salt, row0 + i) if ties == "scrambled" \
+            else np.arange(cols)
+        order = np.lexsort((second, -keys[i].astype(np.float64)))
+        top = order[: min(k, cols)]
+        mask[i, top] = True
+        if ties == "values" and len(top):
+            mask[i, keys[i] == keys[i][top[-1]]] = True
     return mask
 
 
-def slow_delta(ft, base, k):
+def slow_delta(ft, base, k, ties="positions", **draw):
     with np.errstate(over="ignore"):  # huge opposite values overflow to inf, a valid key
-        return slow_top(np.abs(widen(ft) - widen(base)), k)
+        return slow_top(np.abs(widen(ft) - widen(base)), k, ties, **draw)
 
 
-def slow_magnitude(ft, k):
-    return slow_top(np.abs(widen(ft)), k)
+def slow_magnitude(ft, k, ties="positions", **draw):
+    return slow_top(np.abs(widen(ft)), k, ties, **draw)
 
 
 def mix64(z):
@@ -85,3 +94,22 @@ def slow_random_row(seed, salt, row, n, k):
     mask = np.zeros(n, bool)
     mask[list(chosen)] = True
     return mask
+
+
+def scrambled_ranks(n: int, seed: int, salt: int, row: int) -> np.ndarray:
+    """rank[p] of every position p in the scrambled order of global row ``row``: the order
+    lists position (a * s + c) mod n at place s, c uniform in [0, n) and then a uniform in
+    [1, n) redrawn until gcd(a, n) = 1, both from the row's splitmix64 stream (a = 1 for
+    n <= 2; c = 0 for n < 2)."""
+    a, c = 1, 0
+    if n >= 2:
+        below = row_stream(seed, salt, row)
+        c = below(n)
+        if n > 2:
+            a = 1 + below(n - 1)
+            while math.gcd(a, n) != 1:
+                a = 1 + below(n - 1)
+    order = (a * np.arange(n, dtype=np.int64) + c) % n
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    return rank

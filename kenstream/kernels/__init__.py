@@ -64,9 +64,11 @@ def select(method: str, ft_rows, k: int, *, base_rows=None, ties: str = "positio
 
     - ``ken``: the KEN rule per row; ``ties`` as in :func:`.ken.select_mask` (``scrambled``
       draws each row's order from ``(seed, salt, row_offset + row)``).
-    - ``delta`` / ``magnitude`` / ``random``: exactly ``min(k, cols)`` per row (``ties`` has
-      no effect); ``delta`` needs ``base_rows`` of the same shape, ``random`` depends only on
-      ``(seed, salt, row_offset + row)``.
+    - ``delta`` / ``magnitude``: exactly ``min(k, cols)`` per row (more with
+      ``ties="values"``), equal keys by ``ties`` as for KEN; ``delta`` needs ``base_rows``
+      of the same shape.
+    - ``random``: exactly ``min(k, cols)`` per row (``ties`` has no effect), depending only
+      on ``(seed, salt, row_offset + row)``.
 
     ``row_offset`` is the tensor row of ``ft_rows[0]``: error rows are reported as
     ``row_offset + i`` whatever the rule. Inputs may be read-only memory maps (never
@@ -97,5 +99,5 @@ def select(method: str, ft_rows, k: int, *, base_rows=None, ties: str = "positio
         base, base_kind = as_array(base_rows, "base rows")
         if base.shape != ft.shape:
             raise MismatchError(f"base rows {base.shape} differ from fine-tune rows {ft.shape}")
-    return mask_matrix(method, ft, kind, base, base_kind, k, out, seed=seed, salt=salt,
-                       row_offset=row_offset)
+    return mask_matrix(method, ft, kind, base, base_kind, k, out, ties=ties, seed=seed,
+                       salt=salt, row_offset=row_offset)

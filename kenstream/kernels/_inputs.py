@@ -102,8 +102,16 @@ def as_u64(value, what):
     return np.uint64(int(value) & _M64)
 
 
+# Tie modes (docs/algorithm.md), as the kernels take them: the golden lowest position, the
+# published value mask, and the lowest place in the row's scrambled order.
+POSITIONS = 0
+VALUES = 1
+SCRAMBLED = 2
+TIE_CODES = {"positions": POSITIONS, "values": VALUES, "scrambled": SCRAMBLED}
+
+
 def check_ties(ties) -> str:
-    """A KEN tie mode, one of ``settings.TIES``, or SelectionError."""
+    """A tie mode, one of ``settings.TIES``, or SelectionError."""
     if ties not in TIES:
         raise SelectionError(f"unknown ties mode {ties!r}",
                              hint=f"use one of {', '.join(TIES)}")

@@ -28,6 +28,7 @@ from collections import namedtuple
 import numpy as np
 
 from ._density import rounded_density
+from ._inputs import SCRAMBLED, VALUES
 from ._lattice import MAX_MOMENTS
 from ._jit import JIT, PARALLEL, njit, prange
 from ._rowprep import (RADIX_SIZE, WIDE_ROW, bandwidth, make_grid, run_bounds, sort_row,
@@ -38,12 +39,6 @@ OK = 0
 NONFINITE = 1
 OVERFLOW = 2
 
-# Tie modes (docs/algorithm.md): the golden lowest position, the published value mask,
-# and the lowest place in the row's scrambled order.
-POSITIONS = 0
-VALUES = 1
-SCRAMBLED = 2
-TIE_CODES = {"positions": POSITIONS, "values": VALUES, "scrambled": SCRAMBLED}
 
 Workspace = namedtuple(
     "Workspace",

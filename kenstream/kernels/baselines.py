@@ -4,9 +4,14 @@ Each rule keeps exactly ``min(k, cols)`` positions in every row of a fine-tuned 
 as ``[rows, cols]`` (docs/format.md section 2.1) and writes a bool mask of the tensor's shape:
 
 - ``delta``: the ``k`` largest ``|ft - base|``, both widened to float32 first and subtracted in
-  float32; ties go to the lowest column.
-- ``magnitude``: the ``k`` largest ``|ft|`` (float32); ties go to the lowest column. ``-0.0``
-  and ``0.0`` are equal.
+  float32.
+- ``magnitude``: the ``k`` largest ``|ft|`` (float32). ``-0.0`` and ``0.0`` are equal.
+
+Both break ties at a row's k-th largest key by the tie mode (docs/algorithm.md section 6):
+``positions`` the lowest columns, ``scrambled`` the first places of the row's scrambled
+order (KEN's, ``_splitmix.scramble``), ``values`` all of them. On bf16 rows, whose changes
+take few distinct values, lowest columns kept twice the share of the first quarter of a
+row as of the last at keep 0.25.
 - ``random``: a uniform ``k``-subset of the columns, drawn by Floyd's algorithm from a
   splitmix64 stream seeded by ``(seed, salt, row_offset + row)`` only, so the mask does not
   depend on the thread count or on how the caller cuts a tensor into row chunks.
@@ -27,10 +32,11 @@ import numpy as np
 
 from ..errors import MismatchError, NonFiniteError, SelectionError
 from ..settings import METHODS as _ALL_METHODS
-from ._inputs import as_array, as_u64, check_k, check_out, check_row_offset, words
+from ._inputs import (SCRAMBLED, TIE_CODES, VALUES, as_array, as_u64, check_k, check_out,
+                      check_row_offset, check_ties, words)
 from ._jit import JIT, PARALLEL, njit, prange
 from ._rowprep import widen_row
-from ._splitmix import below, row_state
+from ._splitmix import below, row_state, scramble
 
 METHODS = tuple(m for m in _ALL_METHODS if m != "ken")
 
@@ -83,8 +89,12 @@ def _kth_largest(keys, k, cand, hist):
 
 
 @njit(**JIT)
-def _mark_top(keys, k, cand, hist, mask):
-    """mask[j] = keys[j] is among the k largest, ties to the lowest j. Exactly min(k, n) set."""
+def _mark_top(keys, k, cand, hist, mask, every_tie, a, c):
+    """mask[j] = keys[j] is among the k largest. Of the keys equal to the k-th largest,
+    ``every_tie`` keeps all (``ties="values"``: at least min(k, n) set); otherwise exactly
+    min(k, n) are set, the ties taken in the order that lists position ``(a * s + c) mod n``
+    at place s (a coprime to n: (1, 0) is the lowest position first, the row's scrambled
+    order draws another, ``_splitmix.scramble``)."""
     n = keys.shape[0]
     if k >= n:
         for j in range(n):
@@ -92,16 +102,24 @@ def _mark_top(keys, k, cand, hist, mask):
         return
     t, need_eq = _kth_largest(keys, k, cand, hist)
     # Two passes: the first has no loop-carried state, so it vectorises; the second takes
-    # the ties from the lowest j and stops at the last one needed (need_eq >= 1).
+    # the ties in their order and stops at the last one needed (need_eq >= 1).
+    if every_tie:
+        for j in range(n):
+            mask[j] = keys[j] >= t
+        return
     for j in range(n):
         mask[j] = keys[j] > t
     taken = 0
-    for j in range(n):
-        if keys[j] == t:
-            mask[j] = True
+    p = c
+    for _ in range(n):
+        if keys[p] == t:
+            mask[p] = True
             taken += 1
             if taken == need_eq:
                 break
+        p += a
+        if p >= n:  # a < n: one step never passes 2n
+            p -= n
 
 
 @njit(**JIT)
@@ -157,8 +175,11 @@ def _mark_random(state, k, mask):
 
 
 @njit(**PARALLEL)
-def _rank_kernel(ft, ft_kind, base, base_kind, use_base, k, out, status):
-    """Top-k of |ft| (use_base False) or |ft - base| per row into ``out`` (bool[rows, cols]).
+def _rank_kernel(ft, ft_kind, base, base_kind, use_base, k, out, status, ties, seed, salt,
+                 row_offset):
+    """Top-k of |ft| (use_base False) or |ft - base| per row into ``out`` (bool[rows, cols]),
+    equal keys by the tie mode ``ties`` (a code of ``_inputs.TIE_CODES``; row ``i``'s
+    scrambled order is drawn from (seed, salt, row_offset + i), as KEN's).
 
     ``ft`` and ``base`` are uint16 word views of the rows (``_inputs.words``), widened by
     ``_rowprep.widen_row``. ``status[i]`` (uint8[rows]) becomes _BAD_FT / _BAD_BASE for a
@@ -178,7 +199,10 @@ def _rank_kernel(ft, ft_kind, base, base_kind, use_base, k, out, status):
             status[i] = score_row(ft[i], ft_kind, base[i], base_kind, use_base, abits, bbits,
                                   wide)
             if status[i] == _OK:
-                _mark_top(abits, k, cand, hist, out[i])
+                a, c = np.int64(1), np.int64(0)
+                if ties == SCRAMBLED:
+                    a, c = scramble(n, seed, salt, row_offset + np.uint64(i))
+                _mark_top(abits, k, cand, hist, out[i], ties == VALUES, a, c)
 
 
 @njit(**PARALLEL)
@@ -218,11 +242,12 @@ def _matrix(x, what):
     return x, kind
 
 
-def mask_matrix(method, ft, kind, base, base_kind, k, out, *, seed=0, salt=0, row_offset=0):
+def mask_matrix(method, ft, kind, base, base_kind, k, out, *, ties="positions", seed=0, salt=0,
+                row_offset=0):
     """Masks of a baseline rule for ``ft`` [rows, cols] (checked inputs) into ``out``.
 
-    ``base`` / ``base_kind`` are used by ``delta`` only (pass ``ft`` / ``kind`` otherwise).
-    Errors name the global row ``row_offset + i``.
+    ``base`` / ``base_kind`` are used by ``delta`` only (pass ``ft`` / ``kind`` otherwise);
+    ``ties`` by ``delta`` and ``magnitude``. Errors name the global row ``row_offset + i``.
     """
     rows, cols = out.shape
     status = np.zeros(rows, dtype=np.uint8)
@@ -236,12 +261,14 @@ def mask_matrix(method, ft, kind, base, base_kind, k, out, *, seed=0, salt=0, ro
                        as_u64(int(row_offset), "row_offset"), out, status)
     else:
         _rank_kernel(words(ft), kind, words(base), base_kind, method == "delta", k_eff, out,
-                     status)
+                     status, TIE_CODES[check_ties(ties)], as_u64(seed, "seed"),
+                     as_u64(salt, "salt"), as_u64(int(row_offset), "row_offset"))
     raise_bad_rows(status, row_offset)
     return out
 
 
-def select_mask_method(method, ft, base=None, k=None, *, seed=0, salt=0, row_offset=0, out=None):
+def select_mask_method(method, ft, base=None, k=None, *, ties="positions", seed=0, salt=0,
+                       row_offset=0, out=None):
     """Keep ``min(k, cols)`` positions per row of ``ft`` by a baseline rule; return the mask.
 
     Args:
@@ -250,14 +277,20 @@ def select_mask_method(method, ft, base=None, k=None, *, seed=0, salt=0, row_off
             ``[rows, cols]`` (first axis by the rest). May be a read-only memmap.
         base: pretrained tensor of ``ft``'s shape (any of the same dtypes); ``delta`` only.
         k: positions to keep per row (int >= 1); ``k >= cols`` keeps every row whole.
-        seed, salt: ``random`` only; int (taken mod 2**64) or str (hashed). Pass a salt per
-            tensor (e.g. its name) so that tensors of one shape get different masks.
+        ties: ``delta`` and ``magnitude``: among keys equal to a row's k-th largest,
+            ``"positions"`` takes the lowest columns, ``"scrambled"`` the first in the row's
+            scrambled order (drawn from seed, salt and row as for KEN), ``"values"`` all of
+            them (then more than k may be kept).
+        seed, salt: ``random`` and scrambled ties; int (taken mod 2**64) or str (hashed).
+            Pass a salt per tensor (e.g. its name) so that tensors of one shape get
+            different masks.
         row_offset: global index of ``ft``'s first row, for a tensor given in row chunks;
             ``random`` rows depend on ``row_offset + i`` only; also used in error rows.
         out: optional preallocated C-contiguous bool array of ``ft``'s shape to fill.
 
     Returns:
-        bool array of ``ft``'s shape (``out`` when given), exactly ``min(k, cols)`` True per row.
+        bool array of ``ft``'s shape (``out`` when given), exactly ``min(k, cols)`` True per row
+        (at least that many with ``ties="values"``).
 
     Raises:
         SelectionError: unknown method, bad k / dtype / out, or delta without base.
@@ -285,6 +318,6 @@ def select_mask_method(method, ft, base=None, k=None, *, seed=0, salt=0, row_off
             raise MismatchError(
                 f"base shape {tuple(np.shape(base))} differs from fine-tune shape {shape}")
         base2, base_kind = _matrix(base, "base tensor")
-    mask_matrix(method, ft2, kind, base2, base_kind, k, out.reshape(ft2.shape), seed=seed,
-                salt=salt, row_offset=row_offset)
+    mask_matrix(method, ft2, kind, base2, base_kind, k, out.reshape(ft2.shape), ties=ties,
+                seed=seed, salt=salt, row_offset=row_offset)
     return out

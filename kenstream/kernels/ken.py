@@ -20,8 +20,8 @@ import numpy as np
 
 from ..errors import NonFiniteError, SelectionError
 from . import _ken
-from ._inputs import (as_array, as_u64, check_k, check_out, check_row_offset, check_ties,
-                      words)
+from ._inputs import (TIE_CODES, as_array, as_u64, check_k, check_out, check_row_offset,
+                      check_ties, words)
 SERIAL_BELOW = 1 << 16  # inputs with fewer values run on the calling thread alone
 
 
@@ -68,7 +68,7 @@ def mask_matrix(mat: np.ndarray, kind: int, k: int, ties: str, out: np.ndarray,
     """
     status = np.zeros(mat.shape[0], np.uint8)
     rows, n = mat.shape
-    draw = (_ken.TIE_CODES[ties], as_u64(seed, "seed"), as_u64(salt, "salt"),
+    draw = (TIE_CODES[ties], as_u64(seed, "seed"), as_u64(salt, "salt"),
             as_u64(int(row_offset), "row_offset"))
     if rows == 1 and n > _ken.WIDE_ROW:
         _ken.mask_rows_with(words(mat), kind, k, draw[0], out, status,

@@ -72,6 +72,51 @@ def test_magnitude_matches_slow(dtype):
         assert (got.sum(axis=1) == min(k, ft.shape[1])).all()
 
 
+@pytest.mark.parametrize("method", ["delta", "magnitude"])
+@pytest.mark.parametrize("ties", ["scrambled", "values", "positions"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_ranking_rules_break_ties_by_the_mode(method, ties, dtype):
+    """Equal keys at a row's k-th largest: the lowest columns (positions), the first in the
+    row's scrambled order drawn from (seed, salt, row) as for KEN (scrambled), or all of
+    them (values), against the slow twin; cut into row chunks with row_offset, the same
+    masks. Scrambled and positions differ where there are ties to break."""
+    ft, base = make_pair(dtype, rows=96, cols=53, seed=4)
+    b = base if method == "delta" else None
+    slow = slow_delta if method == "delta" else slow_magnitude
+    for k in (1, 7, 26, 52, 53):
+        got = select_mask_method(method, ft, b, k, ties=ties, seed=5, salt=11)
+        want = slow(ft, base, k, ties, seed=5, salt=11) if method == "delta" \
+            else slow(ft, k, ties, seed=5, salt=11)
+        np.testing.assert_array_equal(got, want, err_msg=f"k={k}")
+        kept = got.sum(axis=1)
+        if ties == "values":
+            assert (kept >= min(k, 53)).all()
+        else:
+            assert (kept == min(k, 53)).all()
+        parts = [select_mask_method(method, ft[r:r + 40], None if b is None else b[r:r + 40], k,
+                                    ties=ties, seed=5, salt=11, row_offset=r)
+                 for r in range(0, 96, 40)]
+        np.testing.assert_array_equal(np.concatenate(parts), got, err_msg=f"k={k} chunks")
+    if ties == "scrambled":
+        lowest = select_mask_method(method, ft, b, 26, ties="positions")
+        assert not np.array_equal(select_mask_method(method, ft, b, 26, ties=ties, seed=5),
+                                  lowest)
+
+
+def test_scrambled_ties_take_no_side_of_a_bf16_row():
+    """bf16 changes take few distinct values, so many tie at the k-th largest: taken from
+    the lowest columns, the first quarter of a row kept twice the share of the last at keep
+    0.25 (0.33 against 0.16); scrambled, every quarter keeps its quarter."""
+    rng = np.random.default_rng(0)
+    base32 = (rng.standard_normal((256, 4096)) * 0.02).astype(np.float32)
+    ft = to_bf16_bits(base32 + (rng.standard_normal((256, 4096)) * 2e-4).astype(np.float32))
+    base = to_bf16_bits(base32)
+    share = {ties: select_mask_method("delta", ft, base, 1024, ties=ties, salt=3)
+             .reshape(256, 4, 1024).mean(axis=(0, 2)) for ties in ("positions", "scrambled")}
+    assert share["positions"][0] - share["positions"][3] > 0.1
+    assert np.abs(share["scrambled"] - 0.25).max() < 0.01
+
+
 def test_delta_mixed_dtypes_and_float32_rounding():
     # float64 values that collapse to one float32 must tie; bf16 base against float64 ft.
     rng = np.random.default_rng(5)

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kenstream.kernels import _ken, _lattice
+from kenstream.kernels._inputs import TIE_CODES
 from kenstream.errors import NonFiniteError, SelectionError
 from kenstream.kernels.ken import SERIAL_BELOW, kept_counts, select_mask, select_positions
 from tests.slow_ken import (SlowOverflow, bandwidth, densities, grid_points, ken_mask,
@@ -194,7 +195,7 @@ def test_rows_are_independent(ties):
     for blocks in (1, 5, 37):
         out = np.empty(x.shape, bool)
         status = np.zeros(x.shape[0], np.uint8)
-        _ken.mask_rows(words, 0, k, _ken.TIE_CODES[ties], out, status, blocks, zero, zero, zero)
+        _ken.mask_rows(words, 0, k, TIE_CODES[ties], out, status, blocks, zero, zero, zero)
         assert not status.any()
         np.testing.assert_array_equal(out, whole)
 
