@@ -24,6 +24,12 @@ def _number(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else printable(value)
 
 
+def _name_width(names, least: int = 40, most: int = 100) -> int:
+    """Width of a table's name column: its longest name, within [least, most] (a longer
+    name pushes only its own line)."""
+    return min(most, max([least, *(len(printable(n)) for n in names)]))
+
+
 def _share(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:.1f}" if whole else "-"
 
@@ -55,19 +61,21 @@ def print_info(report: dict, tensors: bool = False) -> None:
     if not tensors:
         print("(kenstream info DIFF --tensors lists every tensor)")
         return
-    print(f"{'tensor':<48} {'encoding':>9} {'kept %':>7} {'positions':>11} {'values':>11} "
+    w = _name_width(row["name"] for row in report["tensors"])
+    print(f"{'tensor':<{w}} {'encoding':>9} {'kept %':>7} {'positions':>11} {'values':>11} "
           f"{'ratio':>6}")
     for row in report["tensors"]:
         kept = _share(row["kept"], row["params"]) if row["encoding"] != "unchanged" else "-"
-        print(f"{printable(row['name']):<48} {row['encoding']:>9} {kept:>7} "
+        print(f"{printable(row['name']):<{w}} {row['encoding']:>9} {kept:>7} "
               f"{human(row['positions_bytes']):>11} {human(row['values_bytes']):>11} "
               f"{row['ratio']:>6.3f}")
 
 
 def print_verify(report: dict) -> None:
     """One line per tensor: kept fraction and relative reconstruction error."""
-    print(f"{'tensor':<60} {'kept':>7} {'rel.err':>9}")
+    w = _name_width(report["tensors"])
+    print(f"{'tensor':<{w}} {'kept':>7} {'rel.err':>9}")
     for name, row in report["tensors"].items():  # in numeric order (engine.verify)
         err = row.get("rel_error")
-        print(f"{printable(name):<60} {row['kept_fraction']:>7.3f} "
+        print(f"{printable(name):<{w}} {row['kept_fraction']:>7.3f} "
               + (f"{err:>9.4f}" if err is not None else f"{'-':>9}"))

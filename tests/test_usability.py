@@ -365,3 +365,23 @@ def test_status_lines_count_and_round_as_people_read(tmp_path, capsys):
     print_info(report)
     out = capsys.readouterr().out
     assert "keep=0.0157544 " in out and "% of selected" not in out, out
+
+
+def test_tables_widen_their_name_column_to_the_longest_name(tmp_path, capsys):
+    """info --tensors and verify's table had fixed name columns (48, 60): a longer name, as
+    MoE experts have, pushed its row out of line with the header."""
+    g = torch.Generator().manual_seed(3)
+    long = "model.layers.11.block_sparse_moe.experts.7.feed_forward.w2.weight"
+    base = {long: torch.randn(4, 8, generator=g), "w": torch.randn(4, 8, generator=g)}
+    b = save_dir(tmp_path / "b", base)
+    f = save_dir(tmp_path / "f", {n: t + 0.01 for n, t in base.items()})
+    d = tmp_path / "d"
+    assert main(["compress", str(b), str(f), "-o", str(d), "--keep", "0.5", "-q"]) == 0
+    capsys.readouterr()
+    for argv, header in ((["info", str(d), "--tensors"], "tensor "),
+                         (["verify", str(b), str(d), "--finetuned", str(f)], "tensor ")):
+        assert main(argv) == 0
+        lines = capsys.readouterr().out.splitlines()
+        top = next(i for i, ln in enumerate(lines) if ln.startswith(header))
+        table = [ln for ln in lines[top:] if ln.split()[0] in ("tensor", long, "w")]
+        assert len(table) == 3 and len({len(ln) for ln in table}) == 1, table
