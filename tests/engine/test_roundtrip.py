@@ -129,7 +129,9 @@ def test_threads_give_identical_diffs(tmp_path):
 
 
 @pytest.mark.parametrize("method,ties", [("ken", "positions"), ("ken", "values"),
-                                         ("random", "positions"), ("delta", "positions")])
+                                         ("random", "positions"), ("delta", "positions"),
+                                         ("delta", "scrambled"), ("delta", "values"),
+                                         ("magnitude", "scrambled")])
 def test_row_blocks_do_not_change_the_diff(tmp_path, method, ties):
     """Streaming in many small row blocks writes the same bytes as whole tensors."""
     base, ft = toy_pair(torch.bfloat16)
