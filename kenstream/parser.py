@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "where short rows make the size move in steps, the largest step under "
                         "it) and prints the keep it chose")
     p.add_argument("--ties", choices=TIES, default=DEFAULT_TIES,
-                   help="scrambled (default): exactly k per row, equal distances (for "
-                        "delta and magnitude: equal scores) by a seeded per-row order; "
+                   help="scrambled (default): exactly k per row, equal distances by a "
+                        "seeded per-row order (delta and magnitude: equal scores from a "
+                        "seeded column on); "
                         "positions: exactly k per row, equal distances to the lowest column "
                         "(the golden-vector rule, biased on bf16); values: also keep every "
                         "copy of a kept value")

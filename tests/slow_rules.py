@@ -31,15 +31,23 @@ def cast(x32, dtype):
     return x32.astype(dtype)
 
 
+def rotation_ranks(n: int, seed: int, salt: int, row: int) -> np.ndarray:
+    """rank[p] of every position p in the rotated order of global row ``row``: position
+    (c + s) mod n at place s, with c the first draw of the row's stream, uniform in [0, n)
+    (c = 0 for n < 2)."""
+    c = row_stream(seed, salt, row)(n) if n >= 2 else 0
+    return (np.arange(n, dtype=np.int64) - c) % max(n, 1)
+
+
 def slow_top(keys, k, ties="positions", seed=0, salt=0, row0=0):
     """Per row: the k largest keys via a full lexsort; equal keys to the lowest position,
-    to the lowest place in row ``row0 + i``'s scrambled order (``scrambled``), or, for
+    to the lowest place in row ``row0 + i``'s rotated order (``scrambled``), or, for
     ``values``, every key equal to the k-th largest too."""
     keys = np.asarray(keys)
     mask = np.zeros(keys.shape, bool)
     cols = keys.shape[1]
     for i in range(keys.shape[0]):
-        second = scrambled_ranks(cols, seed, salt, row0 + i) if ties == "scrambled" \
+        second = rotation_ranks(cols, seed, salt, row0 + i) if ties == "scrambled" \
             else np.arange(cols)
         order = np.lexsort((second, -keys[i].astype(np.float64)))
         top = order[: min(k, cols)]

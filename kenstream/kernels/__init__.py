@@ -65,7 +65,8 @@ def select(method: str, ft_rows, k: int, *, base_rows=None, ties: str = "positio
     - ``ken``: the KEN rule per row; ``ties`` as in :func:`.ken.select_mask` (``scrambled``
       draws each row's order from ``(seed, salt, row_offset + row)``).
     - ``delta`` / ``magnitude``: exactly ``min(k, cols)`` per row (more with
-      ``ties="values"``), equal keys by ``ties`` as for KEN; ``delta`` needs ``base_rows``
+      ``ties="values"``), equal keys by ``ties`` (``scrambled``: from a column drawn from
+      ``(seed, salt, row_offset + row)``, wrapping around); ``delta`` needs ``base_rows``
       of the same shape.
     - ``random``: exactly ``min(k, cols)`` per row (``ties`` has no effect), depending only
       on ``(seed, salt, row_offset + row)``.

@@ -2,8 +2,9 @@
 
 A counter-based stream: any row's draws are regenerated from ``(seed, salt, row)`` alone,
 so a mask never depends on the thread count or on how a tensor is cut into row blocks.
-Used by the ``random`` baseline (Floyd's sampling) and by KEN's ``scrambled`` ties (an
-affine permutation of the row's positions). Serial ``@njit`` helpers on uint64.
+Used by the ``random`` baseline (Floyd's sampling), by KEN's ``scrambled`` ties (an affine
+permutation of the row's positions) and by the ranking rules' (a rotation of the row).
+Serial ``@njit`` helpers on uint64.
 """
 
 from __future__ import annotations
@@ -77,3 +78,14 @@ def scramble(n, seed, salt, row):
             if x == 1:
                 break
     return a, np.int64(c)
+
+
+@njit(**JIT)
+def rotation(n, seed, salt, row):
+    """The first place ``c`` of the row's rotated order, which lists position
+    ``(c + s) mod n`` at place s: the ``c`` of `scramble` (its first draw), 0 for n < 2.
+    For rows of at most 2**32 positions (``below``)."""
+    if n < 2:
+        return np.int64(0)
+    _, c = below(row_state(seed, salt, row), np.uint64(n))
+    return np.int64(c)

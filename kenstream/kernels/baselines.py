@@ -7,11 +7,12 @@ as ``[rows, cols]`` (docs/format.md section 2.1) and writes a bool mask of the t
   float32.
 - ``magnitude``: the ``k`` largest ``|ft|`` (float32). ``-0.0`` and ``0.0`` are equal.
 
-Both break ties at a row's k-th largest key by the tie mode (docs/algorithm.md section 6):
-``positions`` the lowest columns, ``scrambled`` the first places of the row's scrambled
-order (KEN's, ``_splitmix.scramble``), ``values`` all of them. On bf16 rows, whose changes
-take few distinct values, lowest columns kept twice the share of the first quarter of a
-row as of the last at keep 0.25.
+Both break ties at a row's k-th largest key by the tie mode (docs/algorithm.md 2.2):
+``positions`` the lowest columns, ``scrambled`` the first columns from one drawn for the
+row, wrapping around (``_splitmix.rotation``), ``values`` all of them. On bf16 rows, whose
+changes take few distinct values, lowest columns kept twice the share of the first quarter
+of a row as of the last at keep 0.25; a rotation keeps the taken ties together, so the
+mask codes as compactly, and favours no column across rows.
 - ``random``: a uniform ``k``-subset of the columns, drawn by Floyd's algorithm from a
   splitmix64 stream seeded by ``(seed, salt, row_offset + row)`` only, so the mask does not
   depend on the thread count or on how the caller cuts a tensor into row chunks.
@@ -36,7 +37,7 @@ from ._inputs import (SCRAMBLED, TIE_CODES, VALUES, as_array, as_u64, check_k, c
                       check_row_offset, check_ties, words)
 from ._jit import JIT, PARALLEL, njit, prange
 from ._rowprep import widen_row
-from ._splitmix import below, row_state, scramble
+from ._splitmix import below, rotation, row_state
 
 METHODS = tuple(m for m in _ALL_METHODS if m != "ken")
 
@@ -89,12 +90,12 @@ def _kth_largest(keys, k, cand, hist):
 
 
 @njit(**JIT)
-def _mark_top(keys, k, cand, hist, mask, every_tie, a, c):
+def _mark_top(keys, k, cand, hist, mask, every_tie, c):
     """mask[j] = keys[j] is among the k largest. Of the keys equal to the k-th largest,
     ``every_tie`` keeps all (``ties="values"``: at least min(k, n) set); otherwise exactly
-    min(k, n) are set, the ties taken in the order that lists position ``(a * s + c) mod n``
-    at place s (a coprime to n: (1, 0) is the lowest position first, the row's scrambled
-    order draws another, ``_splitmix.scramble``)."""
+    min(k, n) are set, the ties taken in the order that lists position ``(c + s) mod n`` at
+    place s: from the lowest position (c = 0), or from a column drawn for the row
+    (``_splitmix.rotation``)."""
     n = keys.shape[0]
     if k >= n:
         for j in range(n):
@@ -117,9 +118,9 @@ def _mark_top(keys, k, cand, hist, mask, every_tie, a, c):
             taken += 1
             if taken == need_eq:
                 break
-        p += a
-        if p >= n:  # a < n: one step never passes 2n
-            p -= n
+        p += 1
+        if p == n:
+            p = 0
 
 
 @njit(**JIT)
@@ -179,7 +180,8 @@ def _rank_kernel(ft, ft_kind, base, base_kind, use_base, k, out, status, ties, s
                  row_offset):
     """Top-k of |ft| (use_base False) or |ft - base| per row into ``out`` (bool[rows, cols]),
     equal keys by the tie mode ``ties`` (a code of ``_inputs.TIE_CODES``; row ``i``'s
-    scrambled order is drawn from (seed, salt, row_offset + i), as KEN's).
+    rotation is drawn from (seed, salt, row_offset + i), the stream of KEN's scrambled
+    order).
 
     ``ft`` and ``base`` are uint16 word views of the rows (``_inputs.words``), widened by
     ``_rowprep.widen_row``. ``status[i]`` (uint8[rows]) becomes _BAD_FT / _BAD_BASE for a
@@ -199,10 +201,10 @@ def _rank_kernel(ft, ft_kind, base, base_kind, use_base, k, out, status, ties, s
             status[i] = score_row(ft[i], ft_kind, base[i], base_kind, use_base, abits, bbits,
                                   wide)
             if status[i] == _OK:
-                a, c = np.int64(1), np.int64(0)
+                c = np.int64(0)
                 if ties == SCRAMBLED:
-                    a, c = scramble(n, seed, salt, row_offset + np.uint64(i))
-                _mark_top(abits, k, cand, hist, out[i], ties == VALUES, a, c)
+                    c = rotation(n, seed, salt, row_offset + np.uint64(i))
+                _mark_top(abits, k, cand, hist, out[i], ties == VALUES, c)
 
 
 @njit(**PARALLEL)
@@ -260,6 +262,9 @@ def mask_matrix(method, ft, kind, base, base_kind, k, out, *, ties="positions", 
         _random_kernel(words(ft), kind, k_eff, as_u64(seed, "seed"), as_u64(salt, "salt"),
                        as_u64(int(row_offset), "row_offset"), out, status)
     else:
+        if ties == "scrambled" and cols > 1 << 32:
+            raise SelectionError(f"scrambled ties support rows of at most 2**32 columns, got "
+                                 f"{cols}", hint="use --ties positions")
         _rank_kernel(words(ft), kind, words(base), base_kind, method == "delta", k_eff, out,
                      status, TIE_CODES[check_ties(ties)], as_u64(seed, "seed"),
                      as_u64(salt, "salt"), as_u64(int(row_offset), "row_offset"))
@@ -278,9 +283,9 @@ def select_mask_method(method, ft, base=None, k=None, *, ties="positions", seed=
         base: pretrained tensor of ``ft``'s shape (any of the same dtypes); ``delta`` only.
         k: positions to keep per row (int >= 1); ``k >= cols`` keeps every row whole.
         ties: ``delta`` and ``magnitude``: among keys equal to a row's k-th largest,
-            ``"positions"`` takes the lowest columns, ``"scrambled"`` the first in the row's
-            scrambled order (drawn from seed, salt and row as for KEN), ``"values"`` all of
-            them (then more than k may be kept).
+            ``"positions"`` takes the lowest columns, ``"scrambled"`` the first from a
+            column drawn for the row (from seed, salt and row, as KEN's order), wrapping
+            around, ``"values"`` all of them (then more than k may be kept).
         seed, salt: ``random`` and scrambled ties; int (taken mod 2**64) or str (hashed).
             Pass a salt per tensor (e.g. its name) so that tensors of one shape get
             different masks.
