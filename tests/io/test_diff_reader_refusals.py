@@ -1,0 +1,191 @@
+"""The diff reader's refusals that no other test reaches: a path that is no diff folder, a
+shard that is no readable file of the indexed size, a shard's entries that do not match
+its records; and verify given a fine-tune whose tensor has another shape or dtype. Each
+ends in one DiffError (one ``error:`` line), never a traceback or a passing check."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from kenstream.errors import DiffError
+from kenstream.io.diff_reader import DiffReader
+from tests.ckpt import save_dir
+from tests.forge import rewrite_header, resign
+from tests.test_reliability import (assert_one_error, cli, diff, nudged, pair,  # noqa: F401
+                                    tensors)
+
+
+def test_a_file_is_not_a_diff_directory(tmp_path, capsys):
+    path = tmp_path / "kenstream-diff.json"
+    path.write_text("{}")
+    with pytest.raises(DiffError, match="is not a diff directory"):
+        DiffReader(path)
+    code, err = cli(capsys, ["info", path])
+    assert code == 2
+    assert_one_error(err, "is not a diff directory")
+
+
+def test_an_empty_folder_and_a_folder_of_other_files_are_no_diffs(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DiffError, match="is empty, not a kenstream diff"):
+        DiffReader(empty)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("hello")
+    with pytest.raises(DiffError, match="has no kenstream-diff.json; not a kenstream diff"):
+        DiffReader(other)
+
+
+def _shard(d):
+    (shard,) = d.glob("*.kdiff")
+    return shard
+
+
+def test_a_shard_of_another_size_than_indexed_is_refused_before_hashing(diff):
+    _, _, d = diff
+    shard = _shard(d)
+    size = shard.stat().st_size
+    with open(shard, "ab") as fh:
+        fh.write(b"\x00" * 8)
+    with DiffReader(d) as reader, \
+            pytest.raises(DiffError, match=f"shard is {size + 8} bytes, index says {size}"):
+        reader.check_files()
+
+
+def test_a_shard_that_cannot_be_read_is_refused_in_one_line(diff, tmp_path, capsys):
+    """A shard replaced by a link to itself: stat fails (ELOOP), reported as a DiffError."""
+    b, _, d = diff
+    shard = _shard(d)
+    shard.unlink()
+    os.symlink(shard.name, shard)
+    with DiffReader(d) as reader, pytest.raises(DiffError, match="shard cannot be read"):
+        reader.check_files()
+    code, err = cli(capsys, ["rebuild", b, d, "-o", tmp_path / "rebuilt"])
+    assert code == 2
+    assert_one_error(err, "shard cannot be read", shard.name)
+
+
+def _renamed(old, new):
+    def edit(header):
+        header[new] = header.pop(old)
+    return edit
+
+
+@pytest.mark.parametrize("old, new, message", [
+    # b.weight's table, renamed to a role a coded record has no use for
+    ("b.weight::table", "a.weight::mask", "shard has a 'mask' entry, which a coded record"),
+    # a.weight's table, renamed to belong to a tensor no record names
+    ("a.weight::table", "zz.weight::table", "shard has no table entry for this tensor"),
+])
+def test_entries_that_do_not_match_the_record_are_refused(diff, tmp_path, capsys, old, new,
+                                                          message):
+    """Re-signed, so only the reader's entry checks stand between the edit and a
+    traceback (or a wrong model)."""
+    b, _, d = diff
+    rewrite_header(_shard(d), _renamed(old, new))
+    resign(d)
+    with DiffReader(d) as reader, pytest.raises(DiffError, match=message):
+        reader.entries("a.weight")
+    code, err = cli(capsys, ["rebuild", b, d, "-o", tmp_path / "rebuilt"])
+    assert code == 2
+    assert_one_error(err, message, "tensor 'a.weight'")
+
+
+@pytest.mark.parametrize("change", ["shape", "dtype"])
+def test_verify_reports_a_finetune_tensor_of_another_shape_or_dtype(diff, tmp_path, capsys,
+                                                                     change):
+    """The fine-tune given has b.weight, but not the one the diff rebuilds: a mismatch,
+    not a tensor quietly left unchecked."""
+    b, f, d = diff
+    other = nudged(tensors())
+    if change == "shape":
+        other["b.weight"] = other["b.weight"][:, :15].contiguous()
+        want = "b.weight: fine-tune has F32[8, 15], diff has F32[8, 16]"
+    else:
+        other["b.weight"] = other["b.weight"].to(torch.float64)
+        want = "b.weight: fine-tune has F64[8, 16], diff has F32[8, 16]"
+    other_dir = save_dir(tmp_path / "other", other)
+    code, err = cli(capsys, ["verify", d, "--base", b, "--finetuned", other_dir],
+                    [b, d, other_dir])
+    assert code == 1
+    assert_one_error(err, "1 mismatch", want)
+    code = cli(capsys, ["verify", d, "--base", b, "--finetuned", f])[0]
+    assert code == 0  # the true fine-tune passes
+
+
+def test_verify_report_lists_the_shape_mismatch(diff, tmp_path, capsys):
+    from kenstream.cli import main
+
+    b, _, d = diff
+    other = nudged(tensors())
+    other["b.weight"] = other["b.weight"].reshape(16, 8).contiguous()
+    other_dir = save_dir(tmp_path / "other", other)
+    assert main(["verify", str(d), "--base", str(b), "--finetuned", str(other_dir),
+                 "--json", "-q"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False
+    assert report["problems"] == ["b.weight: fine-tune has F32[16, 8], diff has F32[8, 16]"]
+
+
+def _edit_index(d, edit):
+    path = d / "kenstream-diff.json"
+    index = json.loads(path.read_text())
+    edit(index["tensors"])
+    path.write_text(json.dumps(index))
+
+
+def test_an_index_that_lost_a_tensor_is_refused(diff, tmp_path, capsys):
+    """The shard hashes are in the index, so they cannot tell that a tensor was taken out
+    of it; the records in the shards can: without that check the rebuilt model would
+    quietly lack the tensor."""
+    b, _, d = diff
+    _edit_index(d, lambda tensors: tensors.pop("c.bias"))
+    with DiffReader(d) as reader, \
+            pytest.raises(DiffError, match="records a tensor the index lacks"):
+        reader.check_hashes()
+    out = tmp_path / "rebuilt"
+    code, err = cli(capsys, ["rebuild", b, d, "-o", out])
+    assert code == 2
+    assert_one_error(err, "tensor 'c.bias'", "records a tensor the index lacks")
+    assert not (out / "model.safetensors").exists()
+
+
+def test_an_index_that_gained_a_tensor_is_refused(diff):
+    _, _, d = diff
+    _edit_index(d, lambda tensors: tensors.update({"d.bias": dict(tensors["c.bias"])}))
+    with DiffReader(d) as reader, \
+            pytest.raises(DiffError, match="record is in no shard's metadata"):
+        reader.check_hashes()
+
+
+def test_a_folder_of_shards_without_an_index_is_called_incomplete(diff):
+    _, _, d = diff
+    (d / "kenstream-diff.json").unlink()
+    with pytest.raises(DiffError, match="has diff shards but no kenstream-diff.json: an "
+                                        "incomplete diff"):
+        DiffReader(d)
+
+
+def test_load_checks_the_hashes_and_the_base_like_rebuild(diff, tmp_path):
+    """kenstream.load runs rebuild's checks before it yields anything: an index edited
+    (a tensor taken out) and a base other than the recorded one are refused, not turned
+    into a model lacking a tensor or one built on the wrong base."""
+    import kenstream
+    from kenstream.errors import IdentityError
+
+    b, f, d = diff
+    other = save_dir(tmp_path / "other", tensors(seed=9))
+    with pytest.raises(IdentityError, match="fingerprint"):
+        list(kenstream.load(other, d))
+    edited = tmp_path / "edited"
+    import shutil
+    shutil.copytree(d, edited)
+    _edit_index(edited, lambda tensors: tensors.pop("c.bias"))
+    with pytest.raises(DiffError, match="records a tensor the index lacks"):
+        list(kenstream.load(b, edited))
+    assert [name for name, _ in kenstream.load(b, d)] == ["a.weight", "b.weight", "c.bias"]
