@@ -654,6 +654,31 @@ def test_rebuild_against_another_base_needs_force(diff, capsys):
     assert (out1 / "model.safetensors.index.json").exists()
 
 
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_a_forced_base_of_other_shapes_is_refused_before_anything_is_built(tmp_path, capsys,
+                                                                         version):
+    """--force lets another base through the fingerprint check, not another shape: a base
+    whose 'b.weight' is [16, 8] where the diff's is [8, 16] (same bytes) is refused, by
+    rebuild and verify, naming the tensor and both shapes, before any shard is written
+    (rebuild writes 'a.weight' into a shard of its own first)."""
+    base = tensors()
+    b = save_dir(tmp_path / "base", base)
+    f = save_dir(tmp_path / "ft", nudged(base))
+    d = tmp_path / "diff"
+    code, err = cli(capsys, compress_argv(b, f, d, "--format-version", version), [b, f])
+    assert code == 0, err
+    other = save_dir(tmp_path / "other", {**base, "b.weight": base["b.weight"].reshape(16, 8)})
+    out = tmp_path / "rebuilt"
+    for argv in (["rebuild", other, d, "-o", out, "--force", "--shard-size", "600B"],
+                 ["verify", other, d, "--force"]):
+        code, err = cli(capsys, argv, [b, f, d, other])
+        assert code == 2, err
+        lines = [ln for ln in err.strip().splitlines() if not ln.startswith("warning: ")]
+        assert_one_error("\n".join(lines), "tensor 'b.weight'", "base tensor 'b.weight' has "
+                         "shape [16, 8], diff expects [8, 16]")
+        assert not (out.exists() and list(out.glob("*.safetensors"))), argv
+
+
 def test_index_strings_are_data(diff, capsys, tmp_path):
     """Hostile strings in the index are printed or compared, never evaluated or formatted."""
     b, f, d = diff
