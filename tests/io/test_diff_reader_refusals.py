@@ -189,3 +189,24 @@ def test_load_checks_the_hashes_and_the_base_like_rebuild(diff, tmp_path):
     with pytest.raises(DiffError, match="records a tensor the index lacks"):
         list(kenstream.load(b, edited))
     assert [name for name, _ in kenstream.load(b, d)] == ["a.weight", "b.weight", "c.bias"]
+
+
+def test_an_index_record_edited_apart_from_its_shard_copy_is_refused(tmp_path, capsys):
+    """An unchanged tensor's record says which base tensor the rebuilt model takes whole:
+    pointed at another base tensor of the same shape in the index alone, the rebuilt model
+    would be quietly wrong. The copy of every record in the shards' metadata tells."""
+    base = tensors()
+    ft = {**nudged(base), "b.weight": base["b.weight"].clone()}
+    b, f = save_dir(tmp_path / "b", base), save_dir(tmp_path / "f", ft)
+    d = tmp_path / "d"
+    assert cli(capsys, ["compress", b, f, "-o", d, "--keep", "0.5"], [b, f])[0] == 0
+
+    def repoint(records):
+        assert records["b.weight"]["encoding"] == "unchanged"
+        records["b.weight"]["base_name"] = "a.weight"
+    _edit_index(d, repoint)
+    out = tmp_path / "rebuilt"
+    code, err = cli(capsys, ["rebuild", b, d, "-o", out])
+    assert code == 2
+    assert_one_error(err, "tensor 'b.weight'", "record differs from the copy")
+    assert not (out / "model.safetensors").exists()
