@@ -44,7 +44,11 @@ def print_info(report: dict, tensors: bool = False) -> None:
     sel = report["selection"]
     rule = f"k={sel['k']}" if sel.get("k") is not None else f"keep={_number(sel.get('keep'))}"
     coding = report.get("coding")
-    print(f"selection: {printable(sel['method'])} {rule} ties={printable(sel['ties'])} "
+    # Ties break equal distances or scores of a row: random draws, and a budget across
+    # rows takes its cut bin in plan order, so for them the recorded mode means nothing.
+    ties = f" ties={printable(sel['ties'])}" if sel["method"] != "random" \
+        and sel.get("budget", "row") == "row" else ""
+    print(f"selection: {printable(sel['method'])} {rule}{ties} "
           f"budget={printable(sel.get('budget', 'row'))}"
           + (f"   coding: zstd level {coding['level']}, frames of {coding['frame_elems']:,} "
              "values" if coding else ""))

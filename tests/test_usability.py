@@ -364,7 +364,14 @@ def test_status_lines_count_and_round_as_people_read(tmp_path, capsys):
     report["totals"]["selected"] = 0
     print_info(report)
     out = capsys.readouterr().out
-    assert "keep=0.0157544 " in out and "% of selected" not in out, out
+    assert "keep=0.0157544 ties=scrambled " in out and "% of selected" not in out, out
+    # No tie mode where none applies: random draws, a budget across rows cuts by bins.
+    for method, budget in (("random", "row"), ("delta", "global")):
+        report["selection"].update(method=method, budget=budget)
+        print_info(report)
+        line = next(ln for ln in capsys.readouterr().out.splitlines()
+                    if ln.startswith("selection:"))
+        assert "ties=" not in line and f"budget={budget}" in line, line
 
 
 def test_tables_widen_their_name_column_to_the_longest_name(tmp_path, capsys):
