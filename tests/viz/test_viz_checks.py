@@ -142,7 +142,7 @@ def test_change_colouring_says_why_a_tensor_has_no_base(tmp_path, capsys):
     """--color change of a tensor stored without a base: a reshaped tensor is called
     reshaped, not new; a new one new."""
     rng = np.random.default_rng(2)
-    base = {"w": rng.standard_normal((4, 6)).astype(np.float32),
+    base = {"w": rng.standard_normal((8, 6)).astype(np.float32),
             "r": rng.standard_normal((6, 4)).astype(np.float32)}
     ft = {"w": base["w"] + 0.1, "r": base["r"].reshape(4, 6) + 0.1,
           "n": rng.standard_normal((2, 2)).astype(np.float32)}
