@@ -55,16 +55,12 @@ def test_verify_json_reports_every_tensor(made, capsys):
     assert all(row.keys() == mlp.keys() and row["rel_error"] is None for row in alone.values())
 
 
-@pytest.mark.parametrize("with_finetuned", [True, False])
-def test_verify_counts_every_parameter_on_its_bar(made, monkeypatch, with_finetuned):
-    """verify shows progress whether or not it compares with a fine-tune (decoding a large
-    diff alone takes minutes): its bar's total is every parameter, and all are counted."""
+def spy_bar(monkeypatch, module: str) -> dict:
+    """Replace ``module``'s progress bar with one that records its total, whether it was
+    quiet, and the sum of its updates, into the dict returned."""
     import importlib
     from contextlib import contextmanager
 
-    verify_mod = importlib.import_module("kenstream.engine.verify")
-
-    b, f, d, ft = made
     seen = {}
 
     class Bar:
@@ -78,7 +74,16 @@ def test_verify_counts_every_parameter_on_its_bar(made, monkeypatch, with_finetu
         seen.update(total=total, quiet=quiet)
         yield Bar()
 
-    monkeypatch.setattr(verify_mod, "bar", bar)
+    monkeypatch.setattr(importlib.import_module(module), "bar", bar)
+    return seen
+
+
+@pytest.mark.parametrize("with_finetuned", [True, False])
+def test_verify_counts_every_parameter_on_its_bar(made, monkeypatch, with_finetuned):
+    """verify shows progress whether or not it compares with a fine-tune (decoding a large
+    diff alone takes minutes): its bar's total is every parameter, and all are counted."""
+    b, f, d, ft = made
+    seen = spy_bar(monkeypatch, "kenstream.engine.verify")
     kenstream.verify(d, b, f if with_finetuned else None)
     params = sum(t.numel() for t in ft.values())
     assert seen == {"total": params, "quiet": False, "counted": params}
