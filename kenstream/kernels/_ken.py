@@ -39,7 +39,6 @@ OK = 0
 NONFINITE = 1
 OVERFLOW = 2
 
-
 Workspace = namedtuple(
     "Workspace",
     "bits wide scratch items items2 hist v pos gstart gend nxt prv taken flag "

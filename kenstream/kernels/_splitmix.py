@@ -54,6 +54,14 @@ def below(state, s):
 
 
 @njit(**JIT)
+def _first_place(n, seed, salt, row):
+    """(stream state after it, c): the row's first draw, uniform in [0, n), 2 <= n <= 2**32;
+    the offset of both the scrambled and the rotated order."""
+    state, c = below(row_state(seed, salt, row), np.uint64(n))
+    return state, np.int64(c)
+
+
+@njit(**JIT)
 def scramble(n, seed, salt, row):
     """(a, c) of the scrambled order of a row of n positions, drawn from the row's stream.
 
@@ -64,8 +72,7 @@ def scramble(n, seed, salt, row):
     """
     if n < 2:
         return np.int64(1), np.int64(0)
-    state = row_state(seed, salt, row)
-    state, c = below(state, np.uint64(n))
+    state, c = _first_place(n, seed, salt, row)
     a = np.int64(1)
     if n > 2:
         while True:
@@ -77,15 +84,14 @@ def scramble(n, seed, salt, row):
                 x, y = y, x % y
             if x == 1:
                 break
-    return a, np.int64(c)
+    return a, c
 
 
 @njit(**JIT)
 def rotation(n, seed, salt, row):
     """The first place ``c`` of the row's rotated order, which lists position
-    ``(c + s) mod n`` at place s: the ``c`` of `scramble` (its first draw), 0 for n < 2.
-    For rows of at most 2**32 positions (``below``)."""
+    ``(c + s) mod n`` at place s: the ``c`` of `scramble`, 0 for n < 2. For rows of at
+    most 2**32 positions (``below``)."""
     if n < 2:
         return np.int64(0)
-    _, c = below(row_state(seed, salt, row), np.uint64(n))
-    return np.int64(c)
+    return _first_place(n, seed, salt, row)[1]

@@ -1,21 +1,22 @@
 """Baseline selection rules to compare KEN against: ``delta``, ``magnitude`` and ``random``.
 
 Each rule keeps exactly ``min(k, cols)`` positions in every row of a fine-tuned tensor viewed
-as ``[rows, cols]`` (docs/format.md section 2.1) and writes a bool mask of the tensor's shape:
+as ``[rows, cols]`` (docs/format.md section 2.1; more with ``ties="values"``) and writes a
+bool mask of the tensor's shape:
 
 - ``delta``: the ``k`` largest ``|ft - base|``, both widened to float32 first and subtracted in
   float32.
 - ``magnitude``: the ``k`` largest ``|ft|`` (float32). ``-0.0`` and ``0.0`` are equal.
-
-Both break ties at a row's k-th largest key by the tie mode (docs/algorithm.md 2.2):
-``positions`` the lowest columns, ``scrambled`` the first columns from one drawn for the
-row, wrapping around (``_splitmix.rotation``), ``values`` all of them. On bf16 rows, whose
-changes take few distinct values, lowest columns kept twice the share of the first quarter
-of a row as of the last at keep 0.25; a rotation keeps the taken ties together, so the
-mask codes as compactly, and favours no column across rows.
 - ``random``: a uniform ``k``-subset of the columns, drawn by Floyd's algorithm from a
   splitmix64 stream seeded by ``(seed, salt, row_offset + row)`` only, so the mask does not
   depend on the thread count or on how the caller cuts a tensor into row chunks.
+
+The two ranking rules break ties at a row's k-th largest key by the tie mode
+(docs/algorithm.md 2.2): ``positions`` the lowest columns, ``scrambled`` the first columns
+from one drawn for the row, wrapping around (``_splitmix.rotation``), ``values`` all of them.
+On bf16 rows, whose changes take few distinct values, lowest columns kept twice the share of
+the first quarter of a row as of the last at keep 0.25; a rotation keeps the taken ties
+together, so the mask codes as compactly, and favours no column across rows.
 
 Inputs are float32, float64, float16 or bfloat16 given as its uint16 bit pattern; each row is
 widened to float32 into a scratch buffer (float64 is rounded to nearest), so a read-only
