@@ -75,14 +75,13 @@ def _recorded(argv) -> list:
     return out
 
 
-def _finished(args, index_name: str, plan_name: str) -> bool:
-    """Whether ``--resume`` meets a finished output (its index, no plan file), so that the
-    run writes nothing and its summary line must not say 'wrote'."""
-    from pathlib import Path
+def _verb(args, index: str, plan: str) -> str:
+    """'found' where ``--resume`` meets a finished output (the run writes nothing), else
+    'wrote': the first word of the summary line."""
+    from .io.outputs import is_complete
 
-    out = Path(args.output)
-    return bool(args.resume) and (out / index_name).is_file() \
-        and not os.path.lexists(out / plan_name)
+    return "found" if args.resume and is_complete(args.output, plan=plan, index=index) \
+        else "wrote"
 
 
 def _run(args, argv) -> int:
@@ -91,7 +90,7 @@ def _run(args, argv) -> int:
     if args.command == "compress":
         from .format.spec import INDEX_NAME, PARTIAL_NAME
 
-        verb = "found" if _finished(args, INDEX_NAME, PARTIAL_NAME) else "wrote"
+        verb = _verb(args, INDEX_NAME, PARTIAL_NAME)
         options = dict(ties=args.ties, method=args.method, include=args.include,
                        exclude=args.exclude, seed=args.seed, threads=args.threads,
                        shard_size=args.shard_size, level=args.level,
@@ -116,7 +115,7 @@ def _run(args, argv) -> int:
     if args.command == "rebuild":
         from .engine.rebuild import INDEX_NAME, PARTIAL_NAME
 
-        verb = "found" if _finished(args, INDEX_NAME, PARTIAL_NAME) else "wrote"
+        verb = _verb(args, INDEX_NAME, PARTIAL_NAME)
         index = ks.rebuild(args.base, args.diff, args.output, shard_size=args.shard_size,
                            force=args.force, resume=args.resume, overwrite=args.overwrite,
                            quiet=args.quiet, threads=args.threads, executor=args.executor,

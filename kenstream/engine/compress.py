@@ -18,7 +18,7 @@ from ..format.plans import CompressPlan
 from ..format.records import parse_shard_metadata
 from ..io.checkpoint import Checkpoint
 from ..io.diff_reader import DiffReader
-from ..io.extras import copy_files, stale_copies
+from ..io.extras import copy_files, copy_stale
 from ..io.fingerprint import sha256_file
 from ..io.jsonfile import read_json_file, read_plan, write_json_atomic, write_text_atomic
 from ..io.outputs import SEARCH_NAME, claim_output
@@ -220,8 +220,7 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
                 index = _check_finished(plan, out / spec.INDEX_NAME)
                 # Its shards are whole; the companions rebuild copies out of it (config,
                 # tokenizer) may have been lost or edited since, and are copied again.
-                lost = stale_copies(f.root, extras, out, rename)
-                copy_files(f.root, lost, out, rename)
+                lost = copy_stale(f.root, extras, out, rename)
                 done = (f"; copied again from the fine-tune: {', '.join(lost)}" if lost
                         else "; nothing to resume")
                 say(f"{printable(out)} is already a complete diff{done}",

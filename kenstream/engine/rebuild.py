@@ -12,7 +12,7 @@ from ..format.plans import RebuildPlan
 from ..io import direct, safetensors_file
 from ..io.checkpoint import Checkpoint
 from ..io.diff_reader import DiffReader
-from ..io.extras import copy_files, extra_files, stale_copies
+from ..io.extras import copy_files, copy_stale, extra_files
 from ..io.fingerprint import sha256_file
 from ..io.jsonfile import read_json_file, read_plan, write_json_atomic, write_text_atomic
 from ..io.outputs import claim_output
@@ -101,8 +101,7 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
                 index = _check_finished(out, d, b, shards, total_size, force)
                 # Loaders need the config and tokenizer beside the weights: lost or edited
                 # since, they are copied out of the diff again.
-                lost = stale_copies(d.path, extras, out)
-                copy_files(d.path, lost, out)
+                lost = copy_stale(d.path, extras, out)
                 done = (f"; copied again from the diff: {', '.join(lost)}" if lost
                         else "; nothing to resume")
                 say(f"{printable(out)} is already rebuilt{done}", quiet)

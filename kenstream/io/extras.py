@@ -246,6 +246,14 @@ def copy_files(folder, names, out: Path, rename: dict | None = None) -> None:
                 os.close(fd)
 
 
+def copy_stale(folder, names, out: Path, rename: dict | None = None) -> list[str]:
+    """Copy again (`copy_files`) those of ``names`` whose copy in ``out`` is lost, edited
+    or replaced by a link (`stale_copies`); returns their names, for the caller to say."""
+    stale = stale_copies(folder, names, out, rename)
+    copy_files(folder, stale, out, rename)
+    return stale
+
+
 def stale_copies(folder, names, out: Path, rename: dict | None = None) -> list[str]:
     """Those of ``names`` whose copy in ``out`` (under the name ``rename`` gives it) is
     missing, is not a regular file (a link is not followed) or differs from ``folder``'s

@@ -155,8 +155,25 @@ def _survey(out: Path):
     """(entries other than bookkeeping, marker file list or None) of ``out``."""
     if not out.is_dir():
         return [], None
-    entries = sorted(p.name for p in out.iterdir() if p.name not in HOUSEKEEPING)
-    return entries, read_marker(out)
+    return _entries(out), read_marker(out)
+
+
+def _entries(out: Path) -> list:
+    """Names in ``out`` other than bookkeeping, sorted ([] where it is no folder)."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name not in HOUSEKEEPING)
+
+
+def is_complete(out, *, plan: str, index: str) -> bool:
+    """Whether a ``--resume`` run would find ``out`` finished (`claim_output`'s state
+    ``'complete'``: its index, no plan file), asked without claiming it: so that a caller
+    reports "found", not "wrote"."""
+    return _complete(_entries(Path(out)), plan, index)
+
+
+def _complete(entries, plan: str, index: str) -> bool:
+    return index in entries and plan not in entries
 
 
 def _refuse_foreign(out: Path, entries, marker, *, resume, overwrite) -> None:
@@ -187,10 +204,10 @@ def _state(out: Path, entries, marker, resume, overwrite, plan, index) -> str:
     if not entries:
         return "fresh"
     if resume:
+        if _complete(entries, plan, index):
+            return "complete"
         if plan in entries:
             return "resume"
-        if index in entries:
-            return "complete"
         if all(n.endswith(TEMP_SUFFIX) and n[: -len(TEMP_SUFFIX)] in marker for n in entries):
             # Killed while its very first file was being written: nothing to keep.
             remove_listed(out, [n[: -len(TEMP_SUFFIX)] for n in entries])
