@@ -88,7 +88,6 @@ def write_pair(directory, cfg=BERT_SMALL) -> tuple:
 def run_demo(directory, *, keep=0.5, quiet=False) -> int:
     """Generate the example pair and run the whole tool on it, saying what happens."""
     from .io.outputs import claim_output
-
     from .settings import Settings
 
     Settings(keep=keep)  # a bad --keep is refused before the example is written

@@ -111,14 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ties", choices=TIES, default=DEFAULT_TIES,
                    help="scrambled (default): exactly k per row, equal distances by a "
                         "seeded per-row order (delta and magnitude: equal scores from a "
-                        "seeded column on); "
-                        "positions: exactly k per row, equal distances to the lowest column "
-                        "(the golden-vector rule, biased on bf16); values: also keep every "
-                        "copy of a kept value")
+                        "seeded column on); positions: exactly k per row, equal distances to "
+                        "the lowest column (the golden-vector rule, biased on bf16); values: "
+                        "also keep every copy of a kept value")
     p.add_argument("--method", choices=METHODS, default="ken", help=METHOD_HELP)
     p.add_argument("--budget", choices=BUDGETS, default="row", help=BUDGET_HELP)
-    p.add_argument("--seed", type=int, default=0, help="seed for --method random and --ties scrambled (0 to 2**64 - 1)")
-    p.add_argument("--include", metavar="REGEX", help="select only tensors whose name matches; the others are stored whole "
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for --method random and --ties scrambled (0 to 2**64 - 1)")
+    p.add_argument("--include", metavar="REGEX",
+                   help="select only tensors whose name matches; the others are stored whole "
                         "where they changed")
     p.add_argument("--exclude", metavar="REGEX", help="store whole the tensors whose name matches")
     p.add_argument("-j", "--threads", type=_threads, default=None,

@@ -112,11 +112,11 @@ def compress_to_size(base, finetuned, out, size, *, quiet=False, overwrite=False
     if resume:
         mode = _resume_from(out, target, floats, size, search, quiet)
     index = None
+    excluded = bool(options.get("include") or options.get("exclude"))  # named in a refusal
     while True:
         try:
             action = decide(search.passes, target, floats, size, search.model,
-                            search.steps, excluded=bool(options.get("include")
-                                                        or options.get("exclude")))
+                            search.steps, excluded=excluded)
         except SelectionError:
             _discard(out)
             raise

@@ -197,8 +197,8 @@ def decide(passes, target: int, floats: int, size, model=None, steps=None,
 
 def _below_floor(size, target: int, got: int, keep: float,
                  excluded: bool = False) -> SelectionError:
+    hint = "ask for a larger size" + (", or --exclude fewer tensors" if excluded else "")
     return SelectionError(f"--size {size} ({target:,} bytes) is below the smallest diff these "
                           f"settings make: {got:,} bytes at keep {keep:g} (the fewest values "
                           "the rule keeps, tensors stored whole, positions and the shards' "
-                          "headers)", hint="ask for a larger size" + (", or --exclude fewer tensors"
-                                                         if excluded else ""))
+                          "headers)", hint=hint)
