@@ -113,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "seeded per-row order (delta and magnitude: equal scores from a "
                         "seeded column on); positions: exactly k per row, equal distances to "
                         "the lowest column (the golden-vector rule, biased on bf16); values: "
-                        "also keep every copy of a kept value")
+                        "also keep every copy of a kept value. Under --budget tensor|global "
+                        "they choose among the positions of the score bin where the count "
+                        "is met: spread evenly over tensors and rows (scrambled), the first "
+                        "in plan order (positions), all of them (values)")
     p.add_argument("--method", choices=METHODS, default="ken", help=METHOD_HELP)
     p.add_argument("--budget", choices=BUDGETS, default="row", help=BUDGET_HELP)
     p.add_argument("--seed", type=int, default=0,

@@ -34,6 +34,18 @@ def _share(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:.1f}" if whole else "-"
 
 
+def selection(sel: dict) -> str:
+    """A recorded selection as ``info`` and a rebuilt model's card state it: rule, keep,
+    tie mode and budget."""
+    rule = f"k={sel.get('k')}" if sel.get("k") is not None else f"keep={_number(sel.get('keep'))}"
+    # Ties break equal distances or scores; random's draws in a row have none (a budget
+    # across rows still has its cut bin), so there the recorded mode means nothing.
+    budget = sel.get("budget", "row")
+    ties = "" if sel.get("method") == "random" and budget == "row" \
+        else f" ties={printable(sel.get('ties'))}"
+    return f"{printable(sel.get('method'))} {rule}{ties} budget={printable(budget)}"
+
+
 def print_info(report: dict, tensors: bool = False) -> None:
     """The ``kenstream info`` report: totals, one line per layer, and with ``tensors`` one
     line per tensor (bytes split into positions and values, and the ratio to the
@@ -41,15 +53,8 @@ def print_info(report: dict, tensors: bool = False) -> None:
     t = report["totals"]
     print(f"diff: {printable(report['path'])}   format {report.get('format_version')}")
     print(f"base: {printable(report['base'])}   fine-tune: {printable(report['finetuned'])}")
-    sel = report["selection"]
-    rule = f"k={sel['k']}" if sel.get("k") is not None else f"keep={_number(sel.get('keep'))}"
     coding = report.get("coding")
-    # Ties break equal distances or scores of a row: random draws, and a budget across
-    # rows takes its cut bin in plan order, so for them the recorded mode means nothing.
-    ties = f" ties={printable(sel['ties'])}" if sel["method"] != "random" \
-        and sel.get("budget", "row") == "row" else ""
-    print(f"selection: {printable(sel['method'])} {rule}{ties} "
-          f"budget={printable(sel.get('budget', 'row'))}"
+    print(f"selection: {selection(report['selection'])}"
           + (f"   coding: zstd level {coding['level']}, frames of {coding['frame_elems']:,} "
              "values" if coding else ""))
     print(f"parameters: {t['params']:,}   selected: {t['selected']:,}   kept: {t['kept']:,}   "

@@ -16,7 +16,8 @@ METHODS = ("ken", "delta", "magnitude", "random")
 TIES = ("scrambled", "positions", "values")
 """Tie modes of KEN, and of delta and magnitude (docs/algorithm.md 2.1, 2.2): exact count,
 ties by a per-row scrambled order; exact count, ties to the lowest position (the golden
-rule); every copy of a kept value."""
+rule); every copy of a kept value. Under a tensor or global budget they choose among the
+positions of the cut bin (section 6): spread evenly; in plan order; all."""
 DEFAULT_TIES = "scrambled"
 """Default of compress: exact in count and free of the lowest-position rule's column bias
 on rows with many equal values (bf16)."""

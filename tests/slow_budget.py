@@ -49,10 +49,19 @@ def normalised(bins, s) -> np.ndarray:
     return np.where(bins == 0, 0, bins - s + 8256)
 
 
-def slow_budget(tensors, method, budget, targets, seed=0) -> dict:
+def spread(quota, count) -> list:
+    """Which of ``count`` equal positions an even spread of ``quota`` takes: the j-th when
+    floor((j + 1) quota / count) > floor(j quota / count)."""
+    return [j for j in range(count) if (j + 1) * quota // count > j * quota // count]
+
+
+def slow_budget(tensors, method, budget, targets, seed=0, ties="positions") -> dict:
     """name -> bool mask [rows, cols]. ``tensors``: [(name, ft [rows, cols], base)] in
-    plan order; ``targets``: name -> values to keep. Ranks by normalised bin, ties by
-    (tensor order, row-major position)."""
+    plan order; ``targets``: name -> values to keep. Ranks by normalised bin; the bin
+    where the count is met (the cut bin) is taken by ``ties``: ``positions``, in (tensor
+    order, row-major position); ``scrambled``, shared among tensors in proportion to
+    their positions in it, floor(q * before / total) steps, and spread evenly over each
+    one's; ``values``, whole."""
     keys = []
     for t, (name, ft, base) in enumerate(tensors):
         bins = score_bins(method, ft, base, name, seed)
@@ -61,12 +70,29 @@ def slow_budget(tensors, method, budget, targets, seed=0) -> dict:
             keys.append((-int(v), t, p))
     masks = {name: np.zeros(ft.size, bool) for name, ft, _ in tensors}
     names = [name for name, _, _ in tensors]
-    if budget == "global":
-        chosen = sorted(keys)[:sum(targets.values())]
-    else:
-        chosen = []
-        for t, name in enumerate(names):
-            chosen += sorted(k for k in keys if k[1] == t)[:targets[name]]
-    for _, t, p in chosen:
-        masks[names[t]][p] = True
+    groups = [sorted(keys)] if budget == "global" else \
+        [sorted(k for k in keys if k[1] == t) for t in range(len(names))]
+    wants = [sum(targets.values())] if budget == "global" else [targets[n] for n in names]
+    for group, want in zip(groups, wants):
+        for _, t, p in _chosen(group, want, ties, len(names)):
+            masks[names[t]][p] = True
     return {name: masks[name].reshape(ft.shape) for name, ft, _ in tensors}
+
+
+def _chosen(ordered, want, ties, tensors) -> list:
+    """The keys kept of ``ordered`` (sorted by bin, tensor, position) for a target."""
+    if want >= len(ordered) or ties == "positions":
+        return ordered[:want]
+    cut = ordered[want][0]  # the bin of the first key left out
+    above = [k for k in ordered if k[0] < cut]
+    tied = [k for k in ordered if k[0] == cut]
+    quota = want - len(above)
+    if ties == "values":  # a bin no kept position is in is not a tie
+        return above + (tied if quota else [])
+    per = [[k for k in tied if k[1] == t] for t in range(tensors)]
+    out, before = list(above), 0
+    for keys in per:
+        share = (before + len(keys)) * quota // len(tied) - before * quota // len(tied)
+        before += len(keys)
+        out += [keys[j] for j in spread(share, len(keys))]
+    return out

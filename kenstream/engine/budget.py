@@ -5,9 +5,9 @@ positions with the highest scores of a ranking rule across whole tensors, or acr
 selected tensor. Before anything is written, :func:`gather` streams each selected tensor
 once, in row blocks, and keeps a histogram of its scores' bins (memory: one histogram a
 tensor, at most 32768 counts, trimmed to the bins it fills). :func:`allocate` then finds,
-from the histograms alone, a *cut* for every tensor: ``(shift, bin, quota)``: keep every
-position whose normalised bin is above ``bin``, and the first ``quota`` positions (row-major)
-in that bin. The totals come out exact. The cuts are the plan's (recorded in the plan file
+from the histograms alone, a *cut* for every tensor: ``(shift, bin, quota, count)``: keep
+every position whose normalised bin is above ``bin``, and ``quota`` of the ``count``
+positions in that bin, chosen by the tie mode. The totals come out exact. The cuts are the plan's (recorded in the plan file
 and handed to every shard writer, under any executor), so the write pass, wherever it
 runs, selects the same positions.
 """
@@ -86,40 +86,66 @@ def block_bins(item, rows, brows, r0, r1, settings) -> np.ndarray:
 
 
 def allocate(stats: dict, items, settings) -> dict:
-    """name -> ``[shift, bin, quota]``: the cut of every tensor in ``stats``, such that
-    each tensor keeps exactly its ``settings.target`` (``tensor``) or all of them keep
-    exactly the sum of their targets (``global``; the quota of the cut bin goes to
-    tensors in plan order). O(tensors * bins), no data read."""
+    """name -> ``[shift, bin, quota, count]``: the cut of every tensor in ``stats``, such
+    that each tensor keeps exactly its ``settings.target`` (``tensor``) or all of them keep
+    exactly the sum of their targets (``global``); ``count`` is the tensor's positions in
+    its cut bin. Which of those it keeps follows ``settings.ties`` (docs/algorithm.md 6):
+    ``scrambled``, the quota is shared among tensors in proportion to ``count`` and spread
+    evenly over each one's bin; ``positions``, it goes to tensors in plan order and to each
+    one's first positions; ``values``, every position of the bin is kept (where the
+    quota is not 0). O(tensors *
+    bins), no data read."""
     named = [i for i in items if i.name in stats]
     targets = {i.name: settings.target(i.with_base, i.cols) for i in named}
     if settings.budget == "tensor":
-        return {i.name: [stats[i.name].shift, *scores.cut_of(stats[i.name].hist(),
-                                                               targets[i.name])]
-                for i in named}
+        out = {}
+        for i in named:
+            s = stats[i.name]
+            cut, quota = scores.cut_of(s.hist(), targets[i.name])
+            count = 0 if cut < 0 else s.at(cut)
+            whole = settings.ties == "values" and quota > 0
+            out[i.name] = [s.shift, cut, count if whole else quota, count]
+        return out
     total = np.zeros(scores.NORM_BINS, np.int64)
     for i in named:
         s = stats[i.name]
         total[s.lo:s.lo + s.counts.size] += s.counts
     cut, left = scores.cut_of(total, sum(targets.values()))
-    out = {}
-    for i in named:
-        s = stats[i.name]
-        quota = 0 if cut < 0 else min(left, s.at(cut))
-        left -= quota
-        out[i.name] = [s.shift, cut, quota]
+    counts = [0 if cut < 0 else stats[i.name].at(cut) for i in named]
+    return {i.name: [stats[i.name].shift, cut, quota, count]
+            for i, quota, count in zip(named, _shares(left, counts, settings.ties), counts)}
+
+
+def _shares(quota: int, counts: list, ties: str) -> list:
+    """The global cut bin's ``quota`` shared among tensors holding ``counts`` of it."""
+    if ties == "values":  # the whole bin, if any of it is kept
+        return [n if quota else 0 for n in counts]
+    if ties == "positions":
+        out = []
+        for n in counts:
+            out.append(min(quota, n))
+            quota -= out[-1]
+        return out
+    # floor(quota * before / total) steps: in proportion, exact in sum, no sort
+    total, before, out = max(sum(counts), 1), 0, []
+    for n in counts:
+        out.append((before + n) * quota // total - before * quota // total)
+        before += n
     return out
 
 
 class Cutter:
     """The write pass of one tensor under its cut: masks block by block, in row order
-    (the quota of the cut bin is counted across blocks)."""
+    (the cut bin's positions are counted across blocks)."""
 
     def __init__(self, item, cut, settings):
         self.item, self.settings = item, settings
-        self.shift, self.bin, self.quota = (int(v) for v in cut)
-        self.taken = 0
+        self.shift, self.bin, self.quota, count = (int(v) for v in cut)
+        self.count = count if settings.ties == "scrambled" else None
+        self.seen = 0
 
     def mask(self, rows, brows, r0, r1) -> np.ndarray:
         bins = block_bins(self.item, rows, brows, r0, r1, self.settings)
-        mask, self.taken = scores.mask_of(bins, self.shift, self.bin, self.quota, self.taken)
+        mask, self.seen = scores.mask_of(bins, self.shift, self.bin, self.quota, self.seen,
+                                         self.count)
         return mask

@@ -13,6 +13,7 @@ import json
 import re
 
 from .. import __version__
+from ..reports import selection
 from ..text import printable
 
 FINETUNED_CARD = "README.finetuned.md"
@@ -84,7 +85,6 @@ def rebuilt_card(index: dict, diff_sha256: str, original: str | None) -> str:
     then the fine-tune's own card (without its front matter, whose licence is kept)."""
     base_model, revision = _base_model(index.get("base") or {})
     sel = index.get("selection") or {}
-    rule = f"k={sel.get('k')}" if sel.get("k") is not None else f"keep={sel.get('keep')}"
     # The weights are the fine-tune's kind of model (library_name from its card, where it
     # says), pruned only where the diff reset a value: a lossless rebuild is the fine-tune.
     reset = (index.get("totals") or {}).get("reset")
@@ -100,7 +100,7 @@ def rebuilt_card(index: dict, diff_sha256: str, original: str | None) -> str:
         f"- base: {printable(base_model)}" + (f" (revision {printable(revision)})"
                                              if revision else "") + "\n"
         f"- diff: format {index.get('format_version')}, index sha256 {diff_sha256}\n"
-        f"- selection: {printable(sel.get('method'))} {rule} ties={printable(sel.get('ties'))}\n"
+        f"- selection: {selection(sel)}\n"
         f"- rebuilt by kenstream {__version__}\n"
     )
     if original:

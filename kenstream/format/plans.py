@@ -35,7 +35,8 @@ class CompressPlan:
     coding: dict | None = None
     """Format 2's coding settings (``Coding.to_json()``), else None."""
     budget: dict | None = None
-    """A tensor or global budget's cuts: {tensor name: [shift, bin, quota]}, else None."""
+    """A tensor or global budget's cuts: {tensor name: [shift, bin, quota, count]}, else
+    None."""
 
     def to_json(self) -> dict:
         out = {"format": spec.FORMAT, "format_version": self.format_version,
@@ -71,9 +72,10 @@ class CompressPlan:
         budget = obj.get("budget")
         if budget is not None and not (
                 isinstance(budget, dict)
-                and all(isinstance(v, list) and len(v) == 3 and all(_is_int(x) for x in v)
+                and all(isinstance(v, list) and len(v) == 4 and all(_is_int(x) for x in v)
                         for v in budget.values())):
-            raise DiffError("plan budget is not a map of tensor names to [shift, bin, quota]")
+            raise DiffError("plan budget is not a map of tensor names to "
+                            "[shift, bin, quota, count]")
         return cls(_object(obj.get("settings"), "plan settings"),
                    _count(obj.get("shard_size"), "plan shard_size"), obj["base"],
                    obj["finetuned"], shards, obj.get("command"),

@@ -12,8 +12,9 @@ every selected tensor at once. The scores are those of the row rules in
 Each score becomes a **raw bin**: the top 14 bits of its float32 bit pattern
 (``bits >> 17``), 0 to 16383, monotone in the score, 64 bins an octave (1/128 to 1/64
 of the value wide); a random score's bin is the top 14 bits of its draw. Ranking is by
-bin; equal bins are tied, and ties go in row-major order (a tensor's first positions
-first), so a count is met exactly and the mask is deterministic.
+bin; equal bins are tied, and the positions of the bin where a count is met are taken
+by a fixed rule (spread evenly over the bin in row-major order, or its first ones), so a
+count is met exactly and the mask is deterministic.
 
 Normalisation is a shift of the bins: a tensor whose typical score is ``s`` has its bins
 moved down by ``raw_bin(s) - raw_bin(1.0)`` (:func:`shift_of`), so that a tensor scaled by
@@ -153,21 +154,37 @@ def cut_of(hist: np.ndarray, target: int) -> tuple[int, int]:
     return c, int(target) - over
 
 
-def mask_of(bins: np.ndarray, shift: int, cut: int, quota: int,
-            taken: int) -> tuple[np.ndarray, int]:
-    """(keep mask, positions of the cut bin taken so far) for a block of raw ``bins``
+def mask_of(bins: np.ndarray, shift: int, cut: int, quota: int, seen: int,
+            count: int | None = None) -> tuple[np.ndarray, int]:
+    """(keep mask, positions of the cut bin seen so far) for a block of raw ``bins``
     [rows, cols] of a tensor with ``shift``: every position whose normalised bin is above
-    ``cut``, and those in bin ``cut`` in row-major order while fewer than ``quota`` of
-    them are taken (``taken`` before this block). Compared in raw bins (normalised bin
-    ``b - shift + offset``, 0 for raw 0), so no normalised copy is made. O(rows * cols);
-    memory: the mask and the cut bin's positions."""
+    ``cut``, and ``quota`` of the tensor's positions in bin ``cut`` (``seen`` of them are in
+    the blocks before this one). With ``count`` (the tensor's positions in the bin), the
+    quota is spread evenly over them in row-major order: the ``j``-th is taken when
+    ``floor((j + 1) q / count) > floor(j q / count)``; without it, the first ``quota`` are
+    taken. Compared in raw bins (normalised bin ``b - shift + offset``, 0 for raw 0), so no
+    normalised copy is made. O(rows * cols); memory: the mask and the cut bin's
+    positions."""
     if cut < 0:
-        return np.ones(bins.shape, np.bool_), taken
+        return np.ones(bins.shape, np.bool_), seen
     # raw bin of the cut: 0 for the zero bin; <= 0 when the tensor has nothing that low
     raw = 0 if cut == 0 else cut + shift - _OFFSET
     mask = bins > max(raw, 0)
-    if quota > taken and (cut == 0 or raw >= 1):
-        tied = np.flatnonzero(bins.reshape(-1) == raw)[:quota - taken]
-        mask.reshape(-1)[tied] = True
-        taken += int(tied.size)
-    return mask, taken
+    if cut == 0 or raw >= 1:
+        tied = np.flatnonzero(bins.reshape(-1) == raw)
+        mask.reshape(-1)[tied[_taken(seen, tied.size, quota, count)]] = True
+        seen += int(tied.size)
+    return mask, seen
+
+
+def _taken(seen: int, n: int, quota: int, count: int | None) -> np.ndarray | slice:
+    """Which of the ``n`` cut-bin positions after the first ``seen`` are kept."""
+    if count is None:
+        return slice(0, max(0, min(n, quota - seen)))
+    if n and count * quota >= 1 << 63:  # past int64: Python integers, exactly
+        j = np.arange(seen, seen + n + 1, dtype=np.int64).astype(object)
+    else:
+        j = np.arange(seen, seen + n + 1, dtype=np.int64)
+    # floor(j q / count) for j = seen .. seen + n; a step up marks a kept position
+    steps = j * quota // max(count, 1)
+    return np.flatnonzero(np.diff(steps) > 0)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
+from safetensors.torch import load_file as load_torch
 
 import kenstream
 from kenstream.cli import main
@@ -67,7 +68,7 @@ def kept_masks(pair, diff, tmp) -> dict:
     return out
 
 
-def twin(pair, method, budget):
+def twin(pair, method, budget, ties="scrambled"):
     _, _, base, ft = pair
     rows = [(n, ft[n].numpy().reshape(ft[n].shape[0], -1) if ft[n].ndim > 1
              else ft[n].numpy().reshape(1, -1),
@@ -76,21 +77,29 @@ def twin(pair, method, budget):
             for n in ft if not torch.equal(ft[n], base[n])]
     targets = {n: int(round(KEEP * f.size)) for n, f, _ in rows}
     return {n: m.reshape(ft[n].shape) for n, m in
-            slow_budget(rows, method, budget, targets).items()}, targets
+            slow_budget(rows, method, budget, targets, ties=ties).items()}, targets
 
 
-@pytest.mark.parametrize("method", ["delta", "magnitude", "random"])
+@pytest.mark.parametrize("method, ties", [
+    ("delta", "scrambled"), ("magnitude", "scrambled"), ("random", "scrambled"),
+    ("delta", "positions"), ("random", "positions"), ("delta", "values")])
 @pytest.mark.parametrize("budget", ["tensor", "global"])
-def test_budget_keeps_the_slow_twins_positions(pair, tmp_path, method, budget):
+def test_budget_keeps_the_slow_twins_positions(pair, tmp_path, method, budget, ties):
     d = tmp_path / "diff"
-    assert compress(pair, d, "--method", method, "--budget", budget) == 0
-    want, targets = twin(pair, method, budget)
+    assert compress(pair, d, "--method", method, "--budget", budget, "--ties", ties) == 0
+    want, targets = twin(pair, method, budget, ties)
     got = kept_masks(pair, d, tmp_path / "rebuilt")
     assert set(got) == set(want)
     for name in want:
         assert np.array_equal(got[name], want[name]), name
     index = kenstream.info(d)
     kept = sum(r["kept"] for r in index["tensors"] if r["name"] in want)
+    if method == "delta":  # the pair has ties in its cut bins: the modes differ on it
+        other = twin(pair, method, budget, "values" if ties == "positions" else "positions")
+        assert any(not np.array_equal(other[0][n], want[n]) for n in want)
+    if ties == "values":  # the whole cut bin: more, never less
+        assert kept == sum(int(m.sum()) for m in want.values()) >= sum(targets.values())
+        return
     assert kept == sum(targets.values())  # exact in all
     if budget == "tensor":
         for name in want:
@@ -108,6 +117,28 @@ def test_global_budget_is_not_taken_by_a_tensor_of_larger_scale(pair, tmp_path):
     assert all(share > 0.4 * KEEP for share in shares.values()), shares
     # the budget did move between rows: the heavy row of a.weight keeps more than k
     assert got["a.weight"][3].sum() > KEEP * 40 * 1.5
+
+
+@pytest.mark.parametrize("budget", ["tensor", "global"])
+def test_a_cut_bin_of_equal_changes_is_spread_over_rows(tmp_path, budget):
+    """Every value of a bf16 matrix changed by one step: the whole tensor is one bin.
+    ``positions`` keeps its first rows; the default spreads the keep over every row and
+    both halves of the columns."""
+    base = torch.full((64, 32), 1.0, dtype=torch.bfloat16)
+    ft = base + torch.tensor(2.0 ** -7, dtype=torch.bfloat16)
+    b, f = save_dir(tmp_path / "base", {"w": base}), save_dir(tmp_path / "ft", {"w": ft})
+    masks = {}
+    for ties in ("scrambled", "positions"):
+        d = tmp_path / ties
+        assert main(["compress", str(b), str(f), "-o", str(d), "--keep", "0.25", "-q",
+                     "--method", "delta", "--budget", budget, "--ties", ties]) == 0
+        assert main(["rebuild", str(b), str(d), "-o", str(tmp_path / f"m-{ties}"), "-q"]) == 0
+        rebuilt = load_torch(str(tmp_path / f"m-{ties}" / "model.safetensors"))["w"]
+        masks[ties] = (rebuilt == ft).numpy()
+    assert masks["positions"][:16].all() and not masks["positions"][16:].any()
+    per_row = masks["scrambled"].sum(axis=1)
+    assert int(per_row.sum()) == 512 and set(per_row.tolist()) == {8}
+    assert masks["scrambled"][:, :16].sum() == masks["scrambled"][:, 16:].sum() == 256
 
 
 def shards(diff) -> dict:
@@ -157,6 +188,29 @@ def test_resume_refuses_another_budget(pair, tmp_path, capsys, monkeypatch):
     assert compress(pair, d, *base, "--budget", "global", "--resume") == 0
     assert compress(pair, d, *base, "--resume") == 2  # finished, but not with this budget
     assert "selection setting budget is None here but 'global'" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_plan_of_other_cuts(pair, tmp_path, capsys, monkeypatch):
+    """The cuts decide which positions are kept: a plan whose cut counts differ, or one
+    written before they were recorded (three numbers), is not finished with these."""
+    d = tmp_path / "diff"
+    base = ["--method", "delta", "--budget", "global", "--shard-size", "1kB"]
+    interrupt_after(monkeypatch, executor_module, "write_shard", 1)
+    assert compress(pair, d, *base) == 130
+    monkeypatch.undo()
+    plan_path = d / "kenstream-diff.partial.json"
+    plan = json.loads(plan_path.read_text())
+    assert all(len(cut) == 4 for cut in plan["budget"].values())
+    for edit, needle in ((lambda cut: cut[:3], "[shift, bin, quota, count]"),
+                         (lambda cut: [*cut[:3], cut[3] + 1], "budget cuts differ")):
+        changed = dict(plan, budget={n: edit(c) for n, c in plan["budget"].items()})
+        plan_path.write_text(json.dumps(changed))
+        capsys.readouterr()
+        assert compress(pair, d, *base, "--resume") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) <= 2 and needle in err[0] and "partial.json" in err[0], err
+    plan_path.write_text(json.dumps(plan))
+    assert compress(pair, d, *base, "--resume") == 0
 
 
 def test_info_shows_the_budget_and_help_its_default(pair, tmp_path, capsys):

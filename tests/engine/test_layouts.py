@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kenstream
+from kenstream.cli import main
 from tests import slow_ken
 from tests.ckpt import save_dir
 from tests.expect import assert_same_model
@@ -227,7 +228,7 @@ def test_conv_kernels_keep_one_row_per_output_channel(tmp_path):
     assert index["tensors"]["block.conv.weight"]["rows"] == 8  # 3-D, named conv
 
 
-def test_a_published_folder_keeps_its_card_licence_and_code(tmp_path):
+def test_a_published_folder_keeps_its_card_licence_and_code(tmp_path, capsys):
     """What a hub folder holds beside its weights travels: the diff carries the licence,
     custom code and the processor config, and keeps the fine-tune's card apart from its
     own; the rebuilt folder has them all, a card saying where it came from, and shard
@@ -271,6 +272,11 @@ def test_a_published_folder_keeps_its_card_licence_and_code(tmp_path):
     assert 'library_name: "transformers"' in front and "kenstream" not in front.split(
         "library_name", 1)[1].split("\n", 1)[0]
     assert front.endswith("tags:\n- kenstream\n- pruned\n- ken-pruning"), front
+    # The card states the selection as info does (the keep as recorded, the budget).
+    assert main(["info", str(d)]) == 0
+    shown = next(ln for ln in capsys.readouterr().out.splitlines()
+                 if ln.startswith("selection:")).split("   coding:")[0]
+    assert f"- {shown}\n" in rebuilt and "budget=row" in shown, (shown, rebuilt)
     kenstream.compress(b, f, tmp_path / "d1", keep=1, quiet=True)
     kenstream.rebuild(b, tmp_path / "d1", tmp_path / "out1", quiet=True)
     lossless = (tmp_path / "out1" / "README.md").read_text().split("\n---\n", 1)[0]

@@ -8,7 +8,7 @@ import pytest
 
 from kenstream.errors import NonFiniteError
 from kenstream.kernels import scores
-from tests.slow_budget import normalised, score_bins, shift
+from tests.slow_budget import normalised, score_bins, shift, spread
 from tests.slow_rules import cast
 
 
@@ -45,21 +45,42 @@ def test_shift_and_normalised_histogram_are_the_twins():
 
 @pytest.mark.parametrize("shift_", [-300, 0, 41])
 @pytest.mark.parametrize("target", [0, 1, 17, 150, 520, 599, 600, 700])
-def test_cut_and_masks_keep_exactly_the_target_in_row_major_order(target, shift_):
+@pytest.mark.parametrize("spread_", [False, True])
+def test_cut_and_masks_keep_exactly_the_target(target, shift_, spread_):
+    """The cut bin's quota goes to its first positions, or spread evenly over it (the
+    twin's rule), block after block."""
     rng = np.random.default_rng(3)
     bins = rng.integers(8000, 8006, (20, 30)).astype(np.uint16)  # many ties
     bins[rng.random(bins.shape) < 0.15] = 0  # zero scores, below every other
     norm = normalised(bins.astype(np.int64), shift_)  # the twin's
     cut, quota = scores.cut_of(np.bincount(norm.ravel(), minlength=scores.NORM_BINS), target)
-    taken, masks = 0, []
-    for r0 in range(0, 20, 7):  # blocks of rows, the quota carried across them
-        mask, taken = scores.mask_of(bins[r0:r0 + 7], shift_, cut, quota, taken)
+    count = int((norm == cut).sum())
+    seen, masks = 0, []
+    for r0 in range(0, 20, 7):  # blocks of rows, the positions seen carried across them
+        mask, seen = scores.mask_of(bins[r0:r0 + 7], shift_, cut, quota, seen,
+                                    count if spread_ else None)
         masks.append(mask)
     mask = np.concatenate(masks).ravel()
-    order = np.lexsort((np.arange(norm.size), -norm.ravel()))  # sort, ties by position
-    want = np.zeros(norm.size, bool)
-    want[order[:min(target, norm.size)]] = True
+    want = norm.ravel() > cut
+    tied = np.flatnonzero(norm.ravel() == cut)
+    want[tied[spread(quota, count) if spread_ else slice(0, quota)]] = True
+    if target >= norm.size:
+        want[:] = True
+    assert int(mask.sum()) == min(target, norm.size)
     assert np.array_equal(mask, want)
+
+
+def test_spread_counts_past_int64_exactly():
+    """A quota times a count beyond 2**63 (a bin of 2**40 positions) takes the same
+    positions as Python's integers say."""
+    count, quota = 1 << 40, (1 << 39) + 12345
+    seen = count - 10
+    bins = np.full((1, 10), 9000, np.uint16)
+    cut = int(normalised(np.array([9000]), 0)[0])  # the twin's bin of raw 9000
+    mask, after = scores.mask_of(bins, 0, cut, quota, seen, count)
+    want = [(j + 1) * quota // count > j * quota // count for j in range(seen, count)]
+    assert after == count
+    assert mask.ravel().tolist() == want and 0 < sum(want) < 10
 
 
 def test_nan_rows_are_named():
