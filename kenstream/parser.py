@@ -156,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "tensor larger than it gets a shard of its own")
     p.add_argument("-j", "--threads", type=_threads, default=None,
                    help="blocks decoded at once (default: every core)")
-    p.add_argument("--force", action="store_true", help="rebuild even if the base differs")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild even if the base's files differ from the recorded ones (only "
+                        "needed for diffs without base digests: format 1, or made before "
+                        "kenstream recorded them; a base of other content is refused anyway)")
     p.add_argument("--resume", action="store_true",
                    help="finish an interrupted rebuild, keeping the shards already written")
     p.add_argument("--overwrite", action="store_true",
@@ -174,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "comes as an argument)")
     p.set_defaults(usage_error=p.error)
     p.add_argument("--finetuned", help="also compare every kept value with this fine-tune")
-    p.add_argument("--force", action="store_true", help="verify even if the base differs")
+    p.add_argument("--force", action="store_true",
+                   help="verify even if the base's files differ from the recorded ones (as "
+                        "rebuild --force)")
     p.add_argument("-j", "--threads", type=_threads, default=None,
                    help="blocks checked at once (default: every core)")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")

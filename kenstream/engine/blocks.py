@@ -12,12 +12,15 @@ import threading
 import numpy as np
 
 from .. import dtypes
-from ..errors import DiffError, KenstreamError
+from ..errors import DiffError, IdentityError, KenstreamError
 from ..format import spec, v2
+from ..format.records import digest_text
 from ..format.v1 import V1Tensor
 from ..format.v2_tensor import V2Tensor, check_frame_size
 from ..io.rows import TensorRows
+from ..kernels import digest
 from ..progress import say
+from ..text import printable
 
 
 class TensorBlocks:
@@ -51,11 +54,14 @@ class TensorBlocks:
         self.ranges = (self.codec.ranges if rec.version >= 2
                        else list(spec.row_blocks(self.rows, self.cols, block_elems)))
         self.base = None
+        self._digest = None
         if base is not None and rec.base_name is not None and rec.encoding != "dense":
             shape = tuple(base.info(rec.base_name).shape)
             _check_base_shape(diff, name, rec, shape)
             base_rows = shape[0] if rec.base_rows is not None else self.rows
             self.base = TensorRows(base, rec.base_name, base_rows, self.cols, rec.dtype)
+            if rec.base_digest is not None:
+                self._digest = _BaseCheck(self, [r for r in self.ranges if r[0] < rec.with_base])
 
     def shape(self, i: int) -> tuple:
         r0, r1 = self.ranges[i]
@@ -84,7 +90,10 @@ class TensorBlocks:
         if self.base is None:
             raise DiffError("needs the base to be decoded", tensor=self.name,
                             hint="pass the base checkpoint")
-        return self.base.read(r0, r1) if out is None else self.base.read_into(r0, r1, out)
+        rows = self.base.read(r0, r1) if out is None else self.base.read_into(r0, r1, out)
+        if self._digest is not None:
+            self._digest.seen(rows, r0, r1)
+        return rows
 
     def build(self, i: int, out: np.ndarray, base_rows: np.ndarray | None = None) -> None:
         """Write block ``i`` of the rebuilt tensor into ``out`` ([n, cols], storage dtype,
@@ -136,14 +145,22 @@ class TensorBlocks:
         return self.codec.kept_values(r0, r1)
 
     def _explained(self, exc: DiffError) -> DiffError:
-        """A decode error, located; when the base was let through by --force, say why it
-        most likely failed."""
+        """A decode error, located; when the base is not the recorded one (its digest, read
+        now in full, differs), that error instead; when the base was let through by
+        --force, say why it most likely failed."""
+        self.check_base()  # raises when the base is to blame
         exc = exc.located(file=self.diff.path, tensor=self.name)
         if self.diff.forced_base and self.rec.version >= 2:
             exc.hint = ("format 2 codes kept values against the base the diff was made from; "
                         "with --force the base must hold the same values")
             exc.args = (str(exc),)
         return exc
+
+    def check_base(self) -> None:
+        """Read and digest the base rows no block has read yet, and compare the record's
+        digest (a no-op without one): IdentityError when the base's content differs."""
+        if self._digest is not None:
+            self._digest.check_all()
 
     def release(self) -> None:
         """Drop every page of this tensor's diff entries and base tensor."""
@@ -159,6 +176,61 @@ class TensorBlocks:
                 self.prefetch(i + 1)
             self.build(i, out[r0:r1])
         return out.reshape(self.rec.shape)
+
+
+class _BaseCheck:
+    """The record's base digest (docs/format.md 6.7) against the base rows a
+    `TensorBlocks` reads: each frame's rows are digested as they are first read, by
+    whichever thread reads them, and once every frame with a base is in, the sum must be
+    the recorded one. Costs one pass of the digest kernel over rows already in memory."""
+
+    def __init__(self, blocks: TensorBlocks, ranges: list):
+        self.blocks = blocks
+        self.wanted = dict(ranges)  # first row -> last row of each frame with a base
+        self.done = {}
+        self.lock = threading.Lock()
+
+    def seen(self, rows, r0: int, r1: int) -> None:
+        if self.wanted.get(r0) != r1 or r0 in self.done:
+            return  # not a whole frame (a caller's own range), or digested already
+        d = digest.rows_digest(rows, r0)
+        with self.lock:
+            self.done.setdefault(r0, d)
+            finished = len(self.done) == len(self.wanted)
+        if finished:
+            self._compare()
+
+    def check_all(self) -> None:
+        """Digest the frames not read yet (after a decode error), then compare."""
+        for r0, r1 in self.wanted.items():
+            if r0 not in self.done:
+                self.blocks._base_range(r0, r1)  # reads and digests it
+        self._compare()
+
+    def _compare(self) -> None:
+        total = 0
+        for d in self.done.values():
+            total = digest.add(total, d)
+        rec = self.blocks.rec
+        if digest_text(total) != rec.base_digest:
+            base = self.blocks.base
+            recorded = self.blocks.diff.index.base.named
+            raise IdentityError(
+                f"base tensor {rec.base_name!r} is not the one this diff was made from: its "
+                "content differs (another revision, a damaged copy, or a dtype that does not "
+                "hold its values)", file=base.info.file, tensor=self.blocks.name,
+                hint=f"pass the base the diff was made from: {printable(recorded)}")
+
+
+def check_base_content(d, b) -> None:
+    """Every base tensor against its record's digest, read in full (for a base whose files
+    are not the recorded ones, where nothing else will read it). Cost: one read of the
+    base tensors the diff takes values from."""
+    for name, rec in d.records.items():
+        if rec.base_digest is not None:
+            blocks = TensorBlocks(name, d, b)
+            blocks.check_base()
+            blocks.release()
 
 
 def check_shapes(d, b) -> None:

@@ -42,7 +42,9 @@ def info(diff) -> dict:
             kept = rec.kept if rec.encoding != "unchanged" else 0
             pos, val = split_bytes(rec)
             ft_bytes = rec.params * rec.itemsize
-            rows.append({"name": name, "encoding": rec.encoding, "reason": rec.reason,
+            rows.append({"name": name, "base_name": rec.base_name,
+                         "base_digest": rec.base_digest, "encoding": rec.encoding,
+                         "reason": rec.reason,
                          "shape": list(rec.shape), "dtype": rec.dtype, "params": rec.params,
                          "kept": kept, "bytes": rec.nbytes, "positions_bytes": pos,
                          "values_bytes": val, "finetuned_bytes": ft_bytes,
@@ -66,7 +68,7 @@ def info(diff) -> dict:
         return {"path": str(d.path), "format_version": idx.format_version,
                 "coding": None if idx.coding is None else idx.coding.to_json(),
                 "selection": dict(idx.selection.to_json(), budget=idx.selection.budget),
-                "base": idx.base.source,
-                "finetuned": idx.finetuned.source if idx.finetuned else None,
+                "base": idx.base.named, "base_identity": idx.base.to_json(),
+                "finetuned": idx.finetuned.named if idx.finetuned else None,
                 "alignment": idx.alignment, "totals": totals, "layers": layers,
                 "tensors": rows}

@@ -22,7 +22,7 @@ from ..io.writer import (BufferRing, ShardSet, WriteBehind, entry_cost, header_b
 from ..progress import bar, say
 from ..settings import MODEL_SHARD_SIZE, parse_size
 from ..text import printable
-from .blocks import TensorBlocks, check_shapes, compile_first
+from .blocks import TensorBlocks, check_base_content, check_shapes, compile_first
 from .cards import FINETUNED_CARD, rebuilt_card
 from .executor import RebuildJob, Source, check_executor, executor_ready, run_shards
 
@@ -109,9 +109,8 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
             say("checking diff shard hashes", quiet)
             d.check_hashes(threads=workers)
             diffs = d.check_base(b, force=force)
-            if diffs:
-                say(f"warning: --force: base differs from the recorded one in {len(diffs)} "
-                    "file(s)", False)
+            if diffs:  # a warning under --force; else a note, which -q silences
+                say(d.base_note(diffs), quiet and d.content_checked)
             check_shapes(d, b)
             plan = RebuildPlan({n: s.to_json() for n, s in d.index.shards.items()}, limit,
                                list(shards.names), b.identity()["files"], bool(force))
@@ -171,8 +170,10 @@ def _check_finished(out: Path, d, b, shards: ShardSet, total_size: int, force: b
         if metadata.get("kenstream_diff_sha256") != diff_sha:
             raise OutputError("--resume: the finished model was rebuilt from another diff",
                               file=out / name, hint=hint)
-    d.check_base(b, force=force)
+    diffs = d.check_base(b, force=force)
     check_shapes(d, b)
+    if diffs and d.content_checked:  # this base's files are not those it was made over
+        check_base_content(d, b)
     return index
 
 

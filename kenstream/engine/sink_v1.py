@@ -13,18 +13,22 @@ import numpy as np
 
 from .. import dtypes
 from ..format import spec
-from ..format.records import TensorRecord, shard_metadata
+from ..format.records import TensorRecord, digest_text, shard_metadata
 from ..format.v1 import tail_entries
 from ..kernels.pack import pack_rows, row_counts
 
 
-def record(item, encoding, reason, shard, kept, row_kept, nbytes, *extra, version=1):
-    """The record of a written tensor; ``k`` only for a selected one."""
+def record(item, encoding, reason, shard, kept, row_kept, nbytes, *extra, version=1,
+           digest=None):
+    """The record of a written tensor; ``k`` only for a selected one; ``digest``: its base
+    rows' (format 2)."""
     selected = reason == "selected"
     return TensorRecord(item.base_name, encoding, reason, item.dtype, tuple(item.shape),
                         item.rows, item.cols, item.k if selected else None, kept, row_kept,
                         shard if nbytes or encoding != "unchanged" else None, nbytes, *extra,
-                        base_rows=item.base_rows if version >= 2 else None, version=version)
+                        base_rows=item.base_rows if version >= 2 else None,
+                        base_digest=None if digest is None else digest_text(digest),
+                        version=version)
 
 
 class V1Sink:
@@ -50,7 +54,8 @@ class V1Sink:
             self._pending.result()
         self._pending = self._pool.submit(fn, *args)
 
-    def unchanged(self, item) -> None:
+    def unchanged(self, item, digest=None) -> None:
+        """Format 1 records no digest."""
         self._hand_over(self._unchanged, item)
 
     def _unchanged(self, item):

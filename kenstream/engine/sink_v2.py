@@ -21,6 +21,8 @@ import numpy as np
 from ..format import spec
 from ..format.records import shard_metadata
 from ..format.v2 import Frame, encode_frame
+from ..kernels.digest import add as add_digest
+from ..kernels.digest import rows_digest
 from .sink_v1 import record
 
 
@@ -36,12 +38,14 @@ class _Tensor:
 
     def __init__(self, item):
         self.item = item
+        self.digest = 0  # of the base rows coded so far (kernels.digest)
         self.begin = None  # the shard's data offset of its first frame, once written
         self.table = []
         self.low, self.high = None, None  # smallest and largest kept count of a row
 
-    def add(self, r0, frame) -> None:
+    def add(self, r0, frame, digest: int) -> None:
         self.table.append((r0, frame.positions, frame.values, frame.kept))
+        self.digest = add_digest(self.digest, digest)
         if frame.counts.size:
             lo, hi = int(frame.counts.min()), int(frame.counts.max())
             self.low = lo if self.low is None else min(self.low, lo)
@@ -82,11 +86,12 @@ class V2Sink:
         out.append((run[0][0], run[-1][1]))
         return out
 
-    def unchanged(self, item) -> None:
+    def unchanged(self, item, digest: int) -> None:
+        """``digest``: of its base rows, read by the comparison that found it unchanged."""
         # Written at once, ahead of frames still queued: nothing of it goes in the file's
         # data, and the shard's records are written sorted by name.
         self.records[item.name] = record(item, "unchanged", "identical", self.shard, 0, None,
-                                         0, 0, 0, 0, version=2)
+                                         0, 0, 0, 0, version=2, digest=digest)
         self.progress.update(item.params)
 
     def stored(self, item, rows, base_rows) -> None:
@@ -101,7 +106,7 @@ class V2Sink:
             self._queue.append((self._begin, self._open))
         tensor = self._open
         if item.params == 0:  # no values: one empty frame, whatever the rows (2**58 x 0)
-            self._frame(tensor, 0, _done(Frame(b"", 0, 0, 0, np.zeros(0, np.int64))))
+            self._frame(tensor, 0, _done((Frame(b"", 0, 0, 0, np.zeros(0, np.int64)), 0)))
             self._end(tensor)
             return
         step = max(1, self.frame_elems // max(item.cols, 1))
@@ -134,13 +139,15 @@ class V2Sink:
         self.writer.begin(spec.entry_name(tensor.item.name, "frames"), "U8")
 
     def _code(self, item, rows, base_rows, r0, r1, mask):  # a pool thread
+        """(the frame of rows r0..r1, the digest of their base rows)."""
         ft = rows.raw(r0, r1)
         base = None if base_rows is None else base_rows.read(r0, r1)
         frame = encode_frame(ft, base, mask, item.dtype, self.level)
+        digest = 0 if base is None else rows_digest(base, r0)
         rows.release(r0, r1)
         if base_rows is not None:
             base_rows.release(r0, r1)
-        return frame
+        return frame, digest
 
     def _drain(self, keep: int) -> None:
         """Write finished frames, in order, until at most ``keep`` are in flight, and the
@@ -153,9 +160,9 @@ class V2Sink:
                 continue
             tensor, r0, future = entry
             self._frames -= 1
-            frame = future.result()
+            frame, digest = future.result()
             self.writer.write(np.frombuffer(frame.data, np.uint8))
-            tensor.add(r0, frame)
+            tensor.add(r0, frame, digest)
             rows = frame.counts.size
             self.progress.update(rows * tensor.item.cols)
 
@@ -170,7 +177,9 @@ class V2Sink:
         row_kept = tensor.low if tensor.low == tensor.high else None
         self.records[item.name] = record(item, "coded", item.reason, self.shard, kept,
                                          row_kept, writer.data_bytes - tensor.begin,
-                                         len(tensor.table), pos, val, version=2)
+                                         len(tensor.table), pos, val, version=2,
+                                         digest=None if item.base_name is None
+                                         else tensor.digest)
 
     def finish(self) -> dict:
         """Write what is queued and the header; returns name -> TensorRecord."""

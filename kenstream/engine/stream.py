@@ -16,6 +16,7 @@ from ..errors import KenstreamError
 from ..format import spec
 from ..format.layout import header_reserve
 from ..io.rows import TensorRows, identical
+from ..kernels.digest import Digest
 from .budget import Cutter
 from .plan import base_rows, cast_overflow_error, selection_error, tensor_salt
 from .sink_v1 import V1Sink
@@ -58,8 +59,10 @@ def _tensor(sink, item, following, ft, base, settings, block_elems, cut=None) ->
         sink.stored(item, rows, None)
         return
     brows = base_rows(base, item)
-    if item.base_rows is None and identical(rows, brows, block_elems=block_elems):
-        sink.unchanged(item)
+    digest = Digest()  # format 2 records the base rows' digest (docs/format.md 6.7)
+    if item.base_rows is None and identical(rows, brows, block_elems=block_elems,
+                                            seen=digest.add if sink.version >= 2 else None):
+        sink.unchanged(item, digest.value)
         return
     if item.action == "store":
         sink.stored(item, rows, brows)

@@ -21,7 +21,7 @@ from ..io.diff_reader import DiffReader
 from ..io.rows import TensorRows
 from ..kernels.compare import (DIFFERS, KEPT_DIFFERS, RESET_DIFFERS, compare_block,
                                 first_rows)
-from ..progress import bar
+from ..progress import bar, say
 from ..text import natural_key
 from .blocks import TensorBlocks, ThreadBuffers, check_shapes, compile_first
 from .executor import Source, VerifyJob, check_executor, executor_ready, run_shards
@@ -47,7 +47,9 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None
                            threads=kernels.get_threads(),
                            groups=len(groups := _groups(d.records))):
         d.check_hashes(threads=kernels.get_threads())
-        d.check_base(b, force=force)
+        diffs = d.check_base(b, force=force)
+        if diffs:  # a warning under --force; else a note, which -q silences
+            say(d.base_note(diffs), quiet and d.content_checked)
         check_shapes(d, b)
         ft = Checkpoint.open(str(finetuned)) if finetuned is not None else None
         try:

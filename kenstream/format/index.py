@@ -24,6 +24,13 @@ class Identity:
     revision: str | None
     files: dict
 
+    @property
+    def named(self) -> str:
+        """The input as people name it: ``org/name@revision`` for the hub, else its source."""
+        if self.kind == "hub" and self.repo_id:
+            return self.repo_id + (f"@{self.revision}" if self.revision else "")
+        return self.source or "(unrecorded)"
+
     def to_json(self) -> dict:
         return {"source": self.source, "kind": self.kind, "repo_id": self.repo_id,
                 "revision": self.revision, "files": dict(self.files)}

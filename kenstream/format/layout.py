@@ -103,9 +103,12 @@ def worst_record(item, shard: str, bound: int, version: int = 1) -> TensorRecord
     """A record at least as long, once serialised, as any this item can produce."""
     big = max(bound, item.rows * item.cols, 1000)
     extra = (big, big, big) if version >= 2 else (None, None, None)
+    digest = "f" * 16 if version >= 2 and item.base_name is not None else None
     return TensorRecord(item.base_name, "unchanged", "non-float", item.dtype, tuple(item.shape),
                         item.rows, item.cols, max(item.k or 0, 1000), big,
-                        max(item.cols, 1000), shard, big, *extra, version=version)
+                        max(item.cols, 1000), shard, big, *extra,
+                        base_rows=item.base_rows if version >= 2 else None,
+                        base_digest=digest, version=version)
 
 
 def coded_bound(item) -> int:

@@ -48,6 +48,9 @@ class TensorRecord:
     positions_bytes: int | None = None
     values_bytes: int | None = None
     base_rows: int | None = None
+    base_digest: str | None = None
+    """The digest of the base rows the tensor takes (16 hex digits, docs/format.md 6.7),
+    where the writer recorded one."""
     version: int = 1
 
     @property
@@ -74,6 +77,8 @@ class TensorRecord:
                        values_bytes=self.values_bytes)
             if self.base_rows is not None:
                 out["base_rows"] = self.base_rows
+            if self.base_digest is not None:
+                out["base_digest"] = self.base_digest
         return out
 
     @property
@@ -135,8 +140,23 @@ class TensorRecord:
                                           and base_name is not None and enc == "coded"):
             raise DiffError(f"base_rows {short(base_rows)} is not a count of at most {rows} "
                             "rows of a coded tensor with a base")
+        digest = rec.get("base_digest") if version >= 2 else None
+        if digest is not None and not (is_digest(digest) and base_name is not None):
+            raise DiffError(f"base_digest {short(digest)} is not 16 hex digits of a tensor "
+                            "with a base")
         return cls(base_name, enc, reason, code, tuple(shape), rows, cols, k, kept, row_kept,
-                   shard, nbytes, *extra, base_rows, version=version)
+                   shard, nbytes, *extra, base_rows, digest, version=version)
+
+
+def is_digest(value) -> bool:
+    """Whether ``value`` is a digest as records store it: 16 lowercase hex digits."""
+    return isinstance(value, str) and len(value) == 16 and all(
+        c in "0123456789abcdef" for c in value)
+
+
+def digest_text(value: int) -> str:
+    """A digest (`kernels.digest`) as records store it."""
+    return f"{value:016x}"
 
 
 def _v2_fields(rec: dict, enc: str, rows: int, nbytes: int) -> tuple:

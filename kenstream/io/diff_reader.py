@@ -19,6 +19,7 @@ from ..format import spec
 from ..format.layout import OPTIONAL_ROLES, expected_entries
 from ..format.index import DiffIndex
 from ..format.records import TensorRecord, parse_shard_metadata
+from ..text import printable
 from .fingerprint import sha256_file
 from .jsonfile import read_json_file
 from .outputs import HOUSEKEEPING
@@ -171,15 +172,25 @@ class DiffReader:
         if progress is not None:
             progress(name)
 
+    @property
+    def content_checked(self) -> bool:
+        """Whether every record that takes values from the base carries its digest
+        (docs/format.md 6.7), so that each base tensor's content is checked as it is read."""
+        return self.index.format_version >= 2 and all(
+            r.base_digest is not None for r in self.records.values() if r.base_name is not None)
+
     def check_base(self, base, *, force: bool = False) -> list:
         """Compare the base's file fingerprints with the recorded ones.
 
-        Returns a list of differences; raises IdentityError unless ``force``.
+        Returns a list of differences; raises IdentityError unless ``force`` or the diff
+        checks the base's content (`content_checked`: the same tensors in other files,
+        another layout or dtype, are then the right base, and a wrong one is refused
+        tensor by tensor as it is read).
         """
         recorded = self.index.base.files
         actual = base.identity().get("files") or {}
         diffs = sorted(n for n in set(recorded) | set(actual) if recorded.get(n) != actual.get(n))
-        if diffs and not force:
+        if diffs and not force and not self.content_checked:
             first = diffs[0]
             if first not in actual:
                 what = "is missing: the base this diff was made from has it"
@@ -188,9 +199,20 @@ class DiffReader:
             else:
                 what = "differs from the base this diff was made from (fingerprint)"
             more = f"; {len(diffs)} files differ" if len(diffs) > 1 else ""
-            raise IdentityError(f"{what}{more}", file=Path(base.root) / first)
-        self.forced_base = bool(diffs)
+            raise IdentityError(f"{what}{more} ({printable(self.index.base.named)})",
+                                file=Path(base.root) / first)
+        self.forced_base = bool(diffs) and not self.content_checked
         return diffs
+
+    def base_note(self, diffs: list) -> str:
+        """What to tell the user about a base whose files differ (``check_base``'s list)."""
+        if self.content_checked:
+            return (f"note: the base's files differ from the recorded ones in {len(diffs)} "
+                    "file(s) (another layout, dtype or copy); every base tensor is checked "
+                    "against the diff's digest as it is read")
+        return (f"warning: --force: base differs from the recorded one in {len(diffs)} "
+                "file(s); this diff records no base digests, so a different base is not "
+                "detected where positions were reset or tensors are unchanged")
 
     def entries(self, name: str) -> dict:
         """role -> read-only array of tensor ``name`` (empty for unchanged tensors), each

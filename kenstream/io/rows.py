@@ -77,11 +77,12 @@ class TensorRows:
 
 
 def identical(a: TensorRows, b: TensorRows, first_block: int = 1 << 16,
-              block_elems: int = 1 << 23) -> bool:
+              block_elems: int = 1 << 23, seen=None) -> bool:
     """Whether ``a`` and ``b`` (b read as a's dtype) hold the same bits, compared in
     growing blocks: a changed tensor almost always differs in its first rows, so only a
     few pages are read. Pages are released as they are compared. Tensors without bytes
-    are identical at once (their rows, however many, hold nothing)."""
+    are identical at once (their rows, however many, hold nothing). ``seen(block, r0)``,
+    when given, is called with each block of ``b`` found equal (a digest's `add`)."""
     if a.rows * a.cols == 0:
         return True
     r0, step = 0, max(1, first_block // max(a.row_bytes, 1))
@@ -90,6 +91,8 @@ def identical(a: TensorRows, b: TensorRows, first_block: int = 1 << 16,
         x = np.ascontiguousarray(a.read(r0, r1)).view(np.uint8)
         y = np.ascontiguousarray(b.read(r0, r1)).view(np.uint8)
         same = np.array_equal(x, y)
+        if same and seen is not None:
+            seen(y.reshape(r1 - r0, -1), r0)
         a.release(r0, r1)
         b.release(r0, r1)
         if not same:

@@ -147,3 +147,30 @@ def frame_values(section: bytes, kept: int, code: str, base_kept: list[int]) -> 
         d = (z >> 1) ^ (-(z & 1))
         out.append(_unkey((_key(p, w, is_float) + d) % (1 << w), w, is_float))
     return out
+
+
+M64 = (1 << 64) - 1
+GAMMA = 0x9E3779B97F4A7C15
+
+
+def _mix64(z: int) -> int:
+    z = (z + GAMMA) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def base_digest(rows: np.ndarray, row0: int = 0) -> str:
+    """The digest of 6.7 of ``rows`` ([n, cols], in the fine-tune's dtype), rows ``row0``
+    on of their tensor, as a record stores it: word by word in plain Python."""
+    n = rows.shape[0]
+    raw = np.ascontiguousarray(rows).view(np.uint8).reshape(n, -1).tobytes()
+    width = len(raw) // n if n else 0
+    words = -(-width // 8)
+    total = 0
+    for r in range(n):
+        row = raw[r * width:(r + 1) * width] + bytes(8 * words - width)
+        for j in range(words):
+            (word,) = struct.unpack_from("<Q", row, 8 * j)
+            total += _mix64(word ^ (((row0 + r) * words + j) * GAMMA & M64))
+    return f"{total & M64:016x}"

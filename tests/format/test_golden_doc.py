@@ -54,6 +54,11 @@ def test_the_documented_version_2_example(tmp_path, monkeypatch):
     mask = reference_v2.frame_mask(positions, r1 - r0, 4)
     got = reference_v2.frame_values(values, kept, "F32", BASE["w"].view(np.uint32)[mask].tolist())
     assert np.array_equal(np.array(got, np.uint32).view(np.float32), FINETUNED["w"][mask])
+    # The base digests (6.7), recomputed from the stated base by the plain reader.
+    tensors = index["tensors"]
+    assert tensors["w"]["base_digest"] == reference_v2.base_digest(BASE["w"])
+    assert tensors["same"]["base_digest"] == reference_v2.base_digest(BASE["same"][None])
+    assert "base_digest" not in tensors["new"]
     (_, _, positions, values, kept), = reference_v2.frames(tmp_path / "diff", "new")
     assert positions == b"" and values[0] == 2  # every position kept, byte planes
     got = reference_v2.frame_values(values, kept, "F32", [])
