@@ -275,6 +275,29 @@ def test_rebuild_resume_never_writes_through_links(diff, capsys, tmp_path, monke
     assert all(v.read_text() == "precious" for v in victims)
 
 
+@pytest.mark.parametrize("extra", [[], ["--resume"], ["--overwrite"]])
+def test_an_output_that_is_a_link_is_refused_before_anything_is_written(diff, capsys,
+                                                                       tmp_path, extra):
+    """`-o LINK` would put the marker, lock and plan behind the link and then fail at the
+    first file written without following links: refused up front, naming the folder to
+    pass. A link above the output is no link out of it, and works."""
+    b, f, d = diff
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    for argv in (["rebuild", b, d, "-o", link], compress_argv(b, f, link),
+                 compress_argv(b, f, link)[:-2] + ["--size", "50%"]):
+        code, err = cli(capsys, argv + extra, [b, f, d])
+        assert code == 2
+        assert_one_error(err, str(link), "symbolic link", f"pass the folder it points to, "
+                                                          f"{target.resolve()}")
+        assert list(target.iterdir()) == [] and link.is_symlink()
+    code, err = cli(capsys, ["rebuild", b, d, "-o", link / "rebuilt"], [b, f, d])
+    assert code == 0, err
+    assert (target / "rebuilt" / "model.safetensors").is_file()
+
+
 # -- 6. one writer at a time ------------------------------------------------------------------
 
 _HELD = """

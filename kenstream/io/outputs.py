@@ -42,6 +42,20 @@ _COMPLETION_FILES = ("kenstream-diff.json", "model.safetensors.index.json", "mod
 _FOREIGN = "was not written by kenstream (it has no .kenstream-output marker)"
 
 
+def refuse_link(out) -> None:
+    """Refuse an output that is itself a symbolic link, before anything is created: files
+    are written into an output folder without following links (:mod:`.safefs`), so a run
+    into a link would leave its bookkeeping behind it and then fail. A link among the
+    folders above ``out`` is fine."""
+    out = Path(out)
+    if not out.is_symlink():
+        return
+    hint = (f"pass the folder it points to, {out.resolve()}" if out.is_dir()
+            else "choose another -o directory")
+    raise OutputError("is a symbolic link, and kenstream does not write through links",
+                      file=out, hint=hint)
+
+
 def _input_paths(inputs):
     for ckpt in inputs:
         if ckpt is None:
@@ -96,13 +110,14 @@ def claim_output(out, *, inputs, resume: bool, overwrite: bool, plan: str, index
                  files):
     """Make ``out`` ready for a run that writes ``files`` and hold its lock; yields a Claim.
 
-    Refuses an output equal to or inside an input, or holding an input; a non-empty
-    directory without kenstream's marker; a marked one unless resuming (an unfinished run:
-    ``plan`` present) or overwriting (the listed files are deleted). A fresh directory gets
-    the marker before anything else. Nothing is created or deleted in a folder that is
-    refused.
+    Refuses an output that is a link (`refuse_link`), is or is inside an input, or holds
+    one; a non-empty directory without kenstream's marker; a marked one unless resuming
+    (an unfinished run: ``plan`` present) or overwriting (the listed files are deleted). A
+    fresh directory gets the marker before anything else. Nothing is created or deleted
+    in a folder that is refused.
     """
     out = Path(out)
+    refuse_link(out)
     target = out.resolve()
     for path in _input_paths(inputs):
         if target == path or is_within(target, path) or is_within(path, target):
