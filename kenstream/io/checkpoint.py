@@ -17,6 +17,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 from kenstream.errors import CheckpointError, CorruptFileError, SourceNotFoundError
+from kenstream.format import spec
 from kenstream.io.extras import extra_files
 from kenstream.io.fingerprint import fingerprint
 from kenstream.io.jsonfile import read_json_file
@@ -71,6 +72,25 @@ def pick_weight_file(filenames) -> str | None:
             return standard
     _refuse_unindexed_shards(names, ".bin")
     return None
+
+
+def _no_weights(folder: Path) -> SourceNotFoundError:
+    """The error for a folder without weights, saying what it is where that is known: a
+    kenstream diff, or a hub cache's folder of a model."""
+    for name in (spec.INDEX_NAME, spec.PARTIAL_NAME):
+        if (folder / name).is_file():
+            return SourceNotFoundError(
+                f"holds {name}: it is a kenstream diff, not a model", file=folder,
+                hint="pass a model folder here: rebuild and verify take BASE DIFF, compress "
+                     "takes BASE FINETUNED")
+    from kenstream.io import hub  # huggingface_hub loads only for a hub cache's folder
+
+    if hub.is_cache_folder(folder):
+        return SourceNotFoundError("is a hub cache's folder of a model, not a model folder",
+                                   file=folder, hint=hub.cache_folder_hint(folder))
+    return SourceNotFoundError(
+        "found no model.safetensors, *.safetensors, *.safetensors.index.json, "
+        "pytorch_model.bin or pytorch_model.bin.index.json here", file=folder)
 
 
 def read_weight_map(index_path) -> dict[str, str]:
@@ -175,9 +195,7 @@ class Checkpoint:
             except CheckpointError as exc:
                 raise exc.located(file=path) from None
             if chosen is None:
-                raise SourceNotFoundError(
-                    "found no model.safetensors, *.safetensors, *.safetensors.index.json, "
-                    "pytorch_model.bin or pytorch_model.bin.index.json here", file=path)
+                raise _no_weights(path)
             path = path / chosen
         if path.name.endswith(".index.json"):
             return cls._open_index(path, **meta)
