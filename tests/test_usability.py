@@ -357,9 +357,20 @@ def test_dir_of_the_package_shows_its_api():
     """The API is imported lazily (no kernels compiled for --help); dir() listed none of it,
     so tab completion showed nothing."""
     for name in ("compress", "compress_to_size", "rebuild", "load", "verify", "info",
-                 "select_mask", "render", "__version__"):
+                 "select_mask", "render", "KenstreamError", "__version__"):
         assert name in dir(kenstream), name
         assert name in kenstream.__all__ or name == "__version__"
+
+
+def test_the_base_of_every_error_is_exported(pair, tmp_path):
+    """API users catch what the CLI reports in one line as ``kenstream.KenstreamError``
+    (it had to be imported from kenstream.errors)."""
+    from kenstream.errors import KenstreamError
+
+    assert kenstream.KenstreamError is KenstreamError
+    b, f = pair
+    with pytest.raises(kenstream.KenstreamError):
+        kenstream.compress(b, tmp_path / "nowhere", tmp_path / "out", keep=0.5, quiet=True)
 
 
 def test_status_lines_count_and_round_as_people_read(tmp_path, capsys):
