@@ -17,6 +17,7 @@ _LAZY = {
     "verify": "kenstream.engine.verify",
     "info": "kenstream.engine.info",
     "render": "kenstream.viz",
+    "KenstreamError": "kenstream.errors",
 }
 
 

@@ -2,7 +2,7 @@
 parser it reads ``argv`` with is :mod:`.parser`).
 
 Known failures print one line, ``error: ...``, and exit with the error's code (2 for bad
-input, 1 for a failed verification); ``--debug`` shows the traceback instead.
+input, 1 for a failed verification); ``--debug`` shows the traceback above that line.
 """
 
 from __future__ import annotations
@@ -195,6 +195,15 @@ def _interrupted(command, exc) -> tuple[str, int]:
     return f"error: {what}", getattr(exc, "exit_code", 130)
 
 
+def _show_traceback(debug: bool) -> None:
+    """With ``--debug``, the traceback of the error being handled, above its one line: it
+    is still the user's error (exit 2), not an internal one (exit 3)."""
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -219,8 +228,7 @@ def main(argv=None) -> int:
         try:
             return _run(args, argv)
         except KenstreamError as exc:
-            if debug:
-                raise
+            _show_traceback(debug)
             print(f"error: {printable(exc)}", file=sys.stderr)
             return exc.exit_code
         except BrokenPipeError:
@@ -230,8 +238,7 @@ def main(argv=None) -> int:
             os.dup2(devnull, sys.stdout.fileno())
             return 141
         except OSError as exc:
-            if debug:
-                raise
+            _show_traceback(debug)
             # An OSError that no layer turned into a KenstreamError: still one line.
             err = OutputError.from_os(exc, "I/O", file=exc.filename)
             print(f"error: {printable(err)}", file=sys.stderr)

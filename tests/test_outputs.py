@@ -229,6 +229,34 @@ def test_a_refused_resume_leaves_a_killed_runs_temporary_file(pair, capsys, monk
     assert snapshot(out) == before
 
 
+def test_rerun_into_an_interrupted_run_says_resume_finishes_it(diff, capsys, tmp_path,
+                                                               monkeypatch):
+    """The same command again, into the folder an interrupted compress or rebuild left,
+    said 'exists and is not empty (pass --overwrite to replace it, or --resume)': it names
+    the interrupted run, and --resume then finishes it. A finished one is as it was."""
+    b, f, d = diff
+    runs = (("compress", compress_argv(b, f, tmp_path / "d2", "--shard-size", "300B"),
+             executor_module, "write_shard", "kenstream-diff.partial.json"),
+            ("rebuild", ["rebuild", b, d, "-o", tmp_path / "m2", "--shard-size", "300B"],
+             rebuild_module, "_write_group", "kenstream-rebuild.partial.json"))
+    for run, argv, module, name, plan in runs:
+        out = argv[argv.index("-o") + 1]
+        interrupt_after(monkeypatch, module, name, 1)
+        assert cli(capsys, argv, [b, f, d])[0] == 130
+        monkeypatch.undo()
+        before = snapshot(out)
+        code, err = cli(capsys, argv, [b, f, d])
+        assert code == 2 and snapshot(out) == before
+        assert_one_error(err, f"{out}: holds an interrupted {run} (its plan {plan} is here) "
+                              "(rerun with --resume to finish it, or --overwrite to start "
+                              "again)")
+        code, err = cli(capsys, argv + ["--resume"], [b, f, d])
+        assert code == 0, err
+        code, err = cli(capsys, argv, [b, f, d])
+        assert code == 2
+        assert_one_error(err, f"{out}: exists and is not empty (pass --overwrite")
+
+
 # -- 5. temporary files are created, never opened through a link ------------------------------
 
 def test_resume_never_writes_through_links_at_temporary_names(pair, capsys, tmp_path,
@@ -273,6 +301,29 @@ def test_rebuild_resume_never_writes_through_links(diff, capsys, tmp_path, monke
     code, err = cli(capsys, argv + ["--resume"], [b, f, d])
     assert code == 0, err
     assert all(v.read_text() == "precious" for v in victims)
+
+
+@pytest.mark.parametrize("extra", [[], ["--resume"], ["--overwrite"]])
+def test_an_output_that_is_a_link_is_refused_before_anything_is_written(diff, capsys,
+                                                                       tmp_path, extra):
+    """`-o LINK` would put the marker, lock and plan behind the link and then fail at the
+    first file written without following links: refused up front, naming the folder to
+    pass. A link above the output is no link out of it, and works."""
+    b, f, d = diff
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    for argv in (["rebuild", b, d, "-o", link], compress_argv(b, f, link),
+                 compress_argv(b, f, link)[:-2] + ["--size", "50%"]):
+        code, err = cli(capsys, argv + extra, [b, f, d])
+        assert code == 2
+        assert_one_error(err, str(link), "symbolic link", f"pass the folder it points to, "
+                                                          f"{target.resolve()}")
+        assert list(target.iterdir()) == [] and link.is_symlink()
+    code, err = cli(capsys, ["rebuild", b, d, "-o", link / "rebuilt"], [b, f, d])
+    assert code == 0, err
+    assert (target / "rebuilt" / "model.safetensors").is_file()
 
 
 # -- 6. one writer at a time ------------------------------------------------------------------

@@ -529,13 +529,24 @@ def test_missing_input(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_debug_shows_the_exception(pair):
+def test_debug_shows_the_traceback_above_the_one_line(pair, capsys, tmp_path):
+    """--debug adds the traceback; a user's error still ends in its one line and exit 2,
+    in `main` and through the real entry point (it was "internal error", exit 3)."""
     b, f, out = pair
     _truncate_in_data(f / "model.safetensors")
-    from kenstream.errors import CorruptFileError
-
-    with pytest.raises(CorruptFileError):
-        main([str(a) for a in compress_argv(b, f, out, "--debug", "-q")])
+    code = main([str(a) for a in compress_argv(b, f, out, "--debug", "-q")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" in err and "CorruptFileError" in err
+    assert_one_error(err.strip("\n").split("\n")[-1], f / "model.safetensors")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "kenstream", "rebuild", b, tmp_path / "nope",
+                           "-o", tmp_path / "out2", "--debug"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" in proc.stderr and "internal error" not in proc.stderr
+    assert_one_error(proc.stderr.strip("\n").split("\n")[-1], tmp_path / "nope")
+    assert not (tmp_path / "out2").exists()
 
 
 # -- damaged or foreign diffs -----------------------------------------------------------------

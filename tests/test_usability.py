@@ -334,13 +334,43 @@ def test_swapped_paths_are_named_as_such(pair, tmp_path, capsys):
         kenstream.verify(b, d, quiet=True)
 
 
+def test_a_diff_where_a_model_goes_is_named_as_a_diff(pair, tmp_path, capsys):
+    """A diff folder given as BASE (or as the fine-tune) said only 'found no
+    model.safetensors ...': it is named as a kenstream diff, as a model where the diff goes
+    is named as a model."""
+    b, f = pair
+    d = tmp_path / "diff"
+    assert main(["compress", str(b), str(f), "-o", str(d), "--keep", "0.3", "-q"]) == 0
+    out = tmp_path / "out"
+    for argv in (["rebuild", d, d, "-o", out], ["verify", d, d],
+                 ["compress", d, f, "-o", out, "--keep", "0.3"],
+                 ["compress", b, d, "-o", out, "--keep", "0.3"]):
+        assert main([str(a) for a in argv] + ["-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {d}: holds kenstream-diff.json: it is a kenstream diff, not a "
+                       "model (pass a model folder here: rebuild and verify take BASE DIFF, "
+                       "compress takes BASE FINETUNED)"], err
+        assert not out.exists()
+
+
 def test_dir_of_the_package_shows_its_api():
     """The API is imported lazily (no kernels compiled for --help); dir() listed none of it,
     so tab completion showed nothing."""
     for name in ("compress", "compress_to_size", "rebuild", "load", "verify", "info",
-                 "select_mask", "render", "__version__"):
+                 "select_mask", "render", "KenstreamError", "__version__"):
         assert name in dir(kenstream), name
         assert name in kenstream.__all__ or name == "__version__"
+
+
+def test_the_base_of_every_error_is_exported(pair, tmp_path):
+    """API users catch what the CLI reports in one line as ``kenstream.KenstreamError``
+    (it had to be imported from kenstream.errors)."""
+    from kenstream.errors import KenstreamError
+
+    assert kenstream.KenstreamError is KenstreamError
+    b, f = pair
+    with pytest.raises(kenstream.KenstreamError):
+        kenstream.compress(b, tmp_path / "nowhere", tmp_path / "out", keep=0.5, quiet=True)
 
 
 def test_status_lines_count_and_round_as_people_read(tmp_path, capsys):

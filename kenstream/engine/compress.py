@@ -215,7 +215,7 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
                             threads=kernels.get_threads(), groups=len(shards.names)), \
                 claim_output(out, inputs=[b, f], resume=resume, overwrite=overwrite,
                              plan=spec.PARTIAL_NAME, index=spec.INDEX_NAME,
-                             files=files) as claim:
+                             files=files, run="compress") as claim:
             if claim.state == "complete":
                 index = _check_finished(plan, out / spec.INDEX_NAME)
                 # Its shards are whole; the companions rebuild copies out of it (config,

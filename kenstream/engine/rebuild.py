@@ -96,7 +96,7 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
                             groups=len(shards.names)), \
                 claim_output(out, inputs=[b, _DiffInput(d.path)], resume=resume,
                              overwrite=overwrite, plan=PARTIAL_NAME, index=INDEX_NAME,
-                             files=files) as claim:
+                             files=files, run="rebuild") as claim:
             if claim.state == "complete":
                 index = _check_finished(out, d, b, shards, total_size, force)
                 # Loaders need the config and tokenizer beside the weights: lost or edited

@@ -22,7 +22,7 @@ from ..errors import KenstreamError, OutputError, SelectionError
 from ..format import spec
 from ..io.checkpoint import Checkpoint
 from ..io.jsonfile import read_json_file, write_json_atomic
-from ..io.outputs import HOUSEKEEPING, SEARCH_NAME, read_marker, remove_listed
+from ..io.outputs import HOUSEKEEPING, SEARCH_NAME, read_marker, refuse_link, remove_listed
 from ..progress import say
 from ..settings import parse_size
 from ..text import short
@@ -88,6 +88,7 @@ def compress_to_size(base, finetuned, out, size, *, quiet=False, overwrite=False
     that was interrupted, from the record its passes keep in ``out`` (``SEARCH_NAME``).
     """
     out = Path(out)
+    refuse_link(out)  # before the search reads its record there, or clears a failed one
     whole, floats = finetuned_bytes(finetuned)
     target = parse_request(size, whole)
     search = Search(target)

@@ -17,6 +17,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 from kenstream.errors import CheckpointError, CorruptFileError, SourceNotFoundError
+from kenstream.format import spec
 from kenstream.io.extras import extra_files
 from kenstream.io.fingerprint import fingerprint
 from kenstream.io.jsonfile import read_json_file
@@ -24,6 +25,24 @@ from kenstream.io.safetensors_file import SafetensorsFile, TensorInfo, _Duplicat
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+_SHARD = re.compile(r"(?P<stem>.+)-\d+-of-(?P<total>\d+)(?P<suffix>\.safetensors|\.bin)")
+"""A shard's name, ``model-00001-of-00003.safetensors``; its index is
+``model.safetensors.index.json``."""
+
+
+def _refuse_unindexed_shards(names, suffix: str) -> None:
+    """Refuse shards of a model split in several (``-of-00003``) found without their
+    index: every shard is needed, and the index joins them, so neither one shard nor a
+    choice among them is the model."""
+    shards = sorted(n for n in names if (m := _SHARD.fullmatch(n)) and m["suffix"] == suffix
+                    and int(m["total"]) > 1)
+    if shards:
+        index = _SHARD.fullmatch(shards[0])["stem"] + suffix + ".index.json"
+        listed = ", ".join(shards[:3]) + (", ..." if len(shards) > 3 else "")
+        raise CheckpointError(
+            f"{index} is missing: {listed} {'is a shard' if len(shards) == 1 else 'are shards'}"
+            " of a model that needs all its shards and that index to join them",
+            hint=f"copy or download {index} into this folder")
 
 
 def pick_weight_file(filenames) -> str | None:
@@ -32,7 +51,8 @@ def pick_weight_file(filenames) -> str | None:
     Precedence: ``model.safetensors``, ``model.safetensors.index.json``, the only
     ``*.safetensors.index.json``, the only ``*.safetensors``, ``pytorch_model.bin``,
     ``pytorch_model.bin.index.json``. Several unnamed candidates of one kind and no
-    standard name is ambiguous: ``CheckpointError`` (no file set; callers locate it).
+    standard name is ambiguous, and shards without their index are no model:
+    ``CheckpointError`` (no file set; callers locate it).
     """
     names = set(filenames)
     for standard in ("model.safetensors", "model.safetensors.index.json"):
@@ -40,6 +60,7 @@ def pick_weight_file(filenames) -> str | None:
             return standard
     for suffix in (".safetensors.index.json", ".safetensors"):
         found = sorted(n for n in names if n.endswith(suffix))
+        _refuse_unindexed_shards(found, suffix)
         if len(found) == 1:
             return found[0]
         if found:
@@ -49,7 +70,27 @@ def pick_weight_file(filenames) -> str | None:
     for standard in ("pytorch_model.bin", "pytorch_model.bin.index.json"):
         if standard in names:
             return standard
+    _refuse_unindexed_shards(names, ".bin")
     return None
+
+
+def _no_weights(folder: Path) -> SourceNotFoundError:
+    """The error for a folder without weights, saying what it is where that is known: a
+    kenstream diff, or a hub cache's folder of a model."""
+    for name in (spec.INDEX_NAME, spec.PARTIAL_NAME):
+        if (folder / name).is_file():
+            return SourceNotFoundError(
+                f"holds {name}: it is a kenstream diff, not a model", file=folder,
+                hint="pass a model folder here: rebuild and verify take BASE DIFF, compress "
+                     "takes BASE FINETUNED")
+    from kenstream.io import hub  # huggingface_hub loads only for a hub cache's folder
+
+    if hub.is_cache_folder(folder):
+        return SourceNotFoundError("is a hub cache's folder of a model, not a model folder",
+                                   file=folder, hint=hub.cache_folder_hint(folder))
+    return SourceNotFoundError(
+        "found no model.safetensors, *.safetensors, *.safetensors.index.json, "
+        "pytorch_model.bin or pytorch_model.bin.index.json here", file=folder)
 
 
 def read_weight_map(index_path) -> dict[str, str]:
@@ -154,9 +195,7 @@ class Checkpoint:
             except CheckpointError as exc:
                 raise exc.located(file=path) from None
             if chosen is None:
-                raise SourceNotFoundError(
-                    "found no model.safetensors, *.safetensors, *.safetensors.index.json, "
-                    "pytorch_model.bin or pytorch_model.bin.index.json here", file=path)
+                raise _no_weights(path)
             path = path / chosen
         if path.name.endswith(".index.json"):
             return cls._open_index(path, **meta)

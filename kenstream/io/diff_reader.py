@@ -47,7 +47,10 @@ class DiffReader:
         if not self.path.exists():
             raise DiffError("does not exist", file=self.path, hint="check the diff's path")
         if not self.path.is_dir():
-            raise DiffError("is not a diff directory", file=self.path)
+            holder = self.path.parent
+            raise DiffError("is not a diff directory", file=self.path,
+                            hint=f"pass the folder that holds {spec.INDEX_NAME}"
+                            + (f": {holder}" if (holder / spec.INDEX_NAME).is_file() else ""))
         if not index_path.exists():
             self._refuse_unindexed()
         try:

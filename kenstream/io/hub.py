@@ -74,6 +74,29 @@ def cache_dir_from_env() -> Path:
     return Path(os.path.expandvars(os.path.expanduser(env)))
 
 
+def is_cache_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a model's folder in a hub cache, ``models--org--name`` (which
+    holds ``snapshots/``, ``refs/``, ``blobs/``), not one of its snapshots."""
+    return folder.name.startswith("models--") and (folder / "snapshots").is_dir()
+
+
+def cache_folder_hint(folder: Path) -> str:
+    """What to pass instead of the cache folder ``folder`` of ``models--org--name``: the
+    reference ``org/name`` (with ``HF_HUB_CACHE`` where ``folder`` is not in the cache the
+    environment names), or its snapshot folder (``refs/main``'s, or the only one)."""
+    repo_id = folder.name[len("models--"):].replace("--", "/")
+    try:
+        main = (folder / "refs" / "main").read_text(errors="replace").strip()
+    except OSError:
+        main = None
+    snapshots = sorted(p.name for p in (folder / "snapshots").iterdir() if p.is_dir())
+    chosen = main if main in snapshots else snapshots[0] if len(snapshots) == 1 else "<hash>"
+    ref = repo_id
+    if folder.parent.resolve() != cache_dir_from_env().resolve():
+        ref += f" with HF_HUB_CACHE={folder.parent}"
+    return f"pass {ref}, or its snapshot folder {folder / 'snapshots' / chosen}"
+
+
 def weights_complete(folder: Path) -> bool:
     """Whether ``folder`` holds the weight file it would be opened from, and every shard.
 

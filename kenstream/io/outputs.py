@@ -42,6 +42,20 @@ _COMPLETION_FILES = ("kenstream-diff.json", "model.safetensors.index.json", "mod
 _FOREIGN = "was not written by kenstream (it has no .kenstream-output marker)"
 
 
+def refuse_link(out) -> None:
+    """Refuse an output that is itself a symbolic link, before anything is created: files
+    are written into an output folder without following links (:mod:`.safefs`), so a run
+    into a link would leave its bookkeeping behind it and then fail. A link among the
+    folders above ``out`` is fine."""
+    out = Path(out)
+    if not out.is_symlink():
+        return
+    hint = (f"pass the folder it points to, {out.resolve()}" if out.is_dir()
+            else "choose another -o directory")
+    raise OutputError("is a symbolic link, and kenstream does not write through links",
+                      file=out, hint=hint)
+
+
 def _input_paths(inputs):
     for ckpt in inputs:
         if ckpt is None:
@@ -93,16 +107,17 @@ class Claim:
 
 @contextmanager
 def claim_output(out, *, inputs, resume: bool, overwrite: bool, plan: str, index: str,
-                 files):
+                 files, run: str = "run"):
     """Make ``out`` ready for a run that writes ``files`` and hold its lock; yields a Claim.
 
-    Refuses an output equal to or inside an input, or holding an input; a non-empty
-    directory without kenstream's marker; a marked one unless resuming (an unfinished run:
-    ``plan`` present) or overwriting (the listed files are deleted). A fresh directory gets
-    the marker before anything else. Nothing is created or deleted in a folder that is
-    refused.
+    Refuses an output that is a link (`refuse_link`), is or is inside an input, or holds
+    one; a non-empty directory without kenstream's marker; a marked one unless resuming
+    (an unfinished run: ``plan`` present) or overwriting (the listed files are deleted). A
+    fresh directory gets the marker before anything else. Nothing is created or deleted
+    in a folder that is refused. ``run`` names the command in a refusal ("rebuild").
     """
     out = Path(out)
+    refuse_link(out)
     target = out.resolve()
     for path in _input_paths(inputs):
         if target == path or is_within(target, path) or is_within(path, target):
@@ -120,7 +135,7 @@ def claim_output(out, *, inputs, resume: bool, overwrite: bool, plan: str, index
         entries, marker = _survey(out)  # again: the folder may have changed before the lock
         _refuse_foreign(out, entries, marker, resume=resume, overwrite=overwrite)
         _refuse_clash(out, marker, files)
-        state = _state(out, entries, marker, resume, overwrite, plan, index)
+        state = _state(out, entries, marker, resume, overwrite, plan, index, run)
         if state == "fresh":
             write_marker(out, files)
             marker = sorted(set(files))
@@ -200,7 +215,7 @@ def _refuse_clash(out: Path, marker, files) -> None:
                               hint="move that file away, or choose another directory")
 
 
-def _state(out: Path, entries, marker, resume, overwrite, plan, index) -> str:
+def _state(out: Path, entries, marker, resume, overwrite, plan, index, run) -> str:
     if not entries:
         return "fresh"
     if resume:
@@ -214,6 +229,10 @@ def _state(out: Path, entries, marker, resume, overwrite, plan, index) -> str:
             return "fresh"
         raise OutputError("nothing to resume here (no unfinished kenstream run)", file=out,
                           hint="drop --resume, or pass --overwrite to replace it")
+    if not overwrite and plan in entries:
+        raise OutputError(f"holds an interrupted {run} (its plan {plan} is here)", file=out,
+                          hint="rerun with --resume to finish it, or --overwrite to start "
+                               "again")
     if not overwrite:
         raise OutputError("exists and is not empty", file=out,
                           hint="pass --overwrite to replace it, or --resume")

@@ -12,6 +12,7 @@ from safetensors.torch import save_file as torch_save_file
 
 from kenstream.errors import CheckpointError, CorruptFileError, SourceNotFoundError
 from kenstream.io import Checkpoint, fingerprint, sha256_file
+from tests.test_reliability import assert_one_error, cli
 
 
 def _check_all(ckpt, state, same_bits):
@@ -117,6 +118,33 @@ def test_index_missing_shard(tmp_path, write_model, io_helpers):
     root, index_path, _ = _sharded(tmp_path, write_model, io_helpers)
     (root / "model-00002-of-00002.safetensors").unlink()
     _expect_index_error(index_path, "'model-00002-of-00002.safetensors', which is missing")
+
+
+def test_shards_without_their_index_name_the_index(tmp_path, write_model, io_helpers,
+                                                   capsys):
+    """Shards found without their index were 'several *.safetensors files ...; pass the one
+    to use', and a lone shard was taken for the whole model: the missing index is named,
+    and that every shard is needed."""
+    root, index_path, _ = _sharded(tmp_path, write_model, io_helpers)
+    index_path.unlink()
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    for i in (1, 2):
+        torch.save({f"w{i}": torch.ones(2)}, bins / f"pytorch_model-0000{i}-of-00002.bin")
+    for folder, index in ((root, "model.safetensors.index.json"),
+                          (bins, "pytorch_model.bin.index.json")):
+        with pytest.raises(CheckpointError, match=f"{index} is missing: .* are shards of a "
+                                                  "model that needs all its shards") as caught:
+            Checkpoint.open(folder)
+        assert caught.value.file == str(folder)
+    (root / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="is a shard of a model"):
+        Checkpoint.open(root)
+    out = tmp_path / "out"
+    code, err = cli(capsys, ["compress", root, root, "-o", out, "--keep", "0.5"], [root])
+    assert code == 2 and not out.exists()
+    assert_one_error(err, str(root), "model.safetensors.index.json is missing",
+                     "copy or download model.safetensors.index.json into this folder")
 
 
 def test_index_lists_tensor_missing_from_shard(tmp_path, write_model, io_helpers):

@@ -29,6 +29,24 @@ def test_a_file_is_not_a_diff_directory(tmp_path, capsys):
     assert_one_error(err, "is not a diff directory")
 
 
+def test_a_file_of_a_diff_names_its_folder(diff, tmp_path, capsys):
+    """The diff's index or a shard given where the diff goes: the line says to pass the
+    folder that holds kenstream-diff.json, and names it (it said only 'is not a diff
+    directory')."""
+    b, f, d = diff
+    out = tmp_path / "out"
+    for path in (d / "kenstream-diff.json", _shard(d)):
+        for argv in (["info", path], ["verify", b, path], ["rebuild", b, path, "-o", out]):
+            code, err = cli(capsys, argv, [b, f, d])
+            assert code == 2 and not out.exists()
+            assert_one_error(err, f"{path}: is not a diff directory (pass the folder that "
+                                  f"holds kenstream-diff.json: {d})")
+    code, err = cli(capsys, ["info", b / "model.safetensors"], [b])
+    assert code == 2
+    assert_one_error(err, "is not a diff directory (pass the folder that holds "
+                          "kenstream-diff.json)")
+
+
 def test_an_empty_folder_and_a_folder_of_other_files_are_no_diffs(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

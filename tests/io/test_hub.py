@@ -133,6 +133,28 @@ def test_a_mistyped_local_path_is_not_taken_for_a_hub_model(tmp_path, monkeypatc
     assert caught.value.file == "p1/bse" and no_network == []
 
 
+def test_a_cache_folder_given_as_a_model_names_what_to_pass(offline_cache, tmp_path,
+                                                            monkeypatch):
+    """``models--org--name`` given as a model said only 'found no model.safetensors ...':
+    it is named as a hub cache's folder, with the reference and the snapshot to pass (and
+    HF_HUB_CACHE where the folder is in another cache); the reference then opens it."""
+    folder = offline_cache.cache / "models--org--tiny"
+    snapshot = folder / "snapshots" / COMMIT
+    (folder / "snapshots" / ("f" * 40)).mkdir()  # another revision: refs/main chooses
+    with pytest.raises(SourceNotFoundError) as caught:
+        Checkpoint.open(folder)
+    assert str(caught.value) == (f"{folder}: is a hub cache's folder of a model, not a model "
+                                 f"folder (pass org/tiny, or its snapshot folder {snapshot})")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
+    with pytest.raises(SourceNotFoundError,
+                       match=f"pass org/tiny with HF_HUB_CACHE={offline_cache.cache}, or"):
+        Checkpoint.open(folder)
+    monkeypatch.setenv("HF_HUB_CACHE", str(offline_cache.cache))
+    with Checkpoint.open("org/tiny") as ckpt:
+        assert ckpt.root == snapshot
+    assert offline_cache.attempts == []
+
+
 def test_incomplete_cached_shards_are_not_used_offline(offline_cache, tmp_path):
     shard = _safetensors_bytes(tmp_path, {"w": __import__("torch").ones(2)})
     index = {"weight_map": {"w": "model-00001-of-00002.safetensors",
