@@ -138,12 +138,20 @@ def test_links_out_of_the_input_folder_are_not_copied(pair, capsys, tmp_path):
     assert mode & 0o077 == 0, oct(mode)  # a 0600 source does not become world-readable
     assert "hunter2" not in "".join(p.read_text(errors="replace") for p in out.iterdir()
                                     if p.is_file())
-    # the same at rebuild, from a diff folder whose config links out
+    # at rebuild, a config linking out of the diff folder: the index does not list it (the
+    # diff was made without one), so it is not copied; a diff that lists no files (made
+    # before the list) is scanned, and the link skipped with a warning
     (out / "config.json").symlink_to(secret)
     rebuilt = tmp_path / "rebuilt"
     code, err = cli(capsys, ["rebuild", b, out, "-o", rebuilt], [b, f])
+    assert code == 0 and err == "", err
+    assert not (rebuilt / "config.json").exists()
+    index = json.loads((out / "kenstream-diff.json").read_text())
+    del index["files"]
+    (out / "kenstream-diff.json").write_text(json.dumps(index))
+    code, err = cli(capsys, ["rebuild", b, out, "-o", tmp_path / "rebuilt-2"], [b, f])
     assert code == 0, err
-    assert "config.json" in err and not (rebuilt / "config.json").exists()
+    assert "config.json" in err and not (tmp_path / "rebuilt-2" / "config.json").exists()
 
 
 def test_a_config_that_cannot_be_copied_stops_compress_before_any_shard(pair, capsys,

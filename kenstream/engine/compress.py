@@ -7,13 +7,14 @@ shard, then the config files, the card and, last, the index.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .. import __version__, kernels
 from ..errors import CheckpointError, DiffError, OutputError, SelectionError
 from ..format import spec, v2
 from ..format.fields import is_int
-from ..format.index import Coding, DiffIndex, Identity, Selection, Totals
+from ..format.index import Coding, DiffIndex, Identity, Selection, ShardInfo, Totals
 from ..format.plans import CompressPlan
 from ..format.records import parse_shard_metadata
 from ..io.checkpoint import Checkpoint
@@ -255,7 +256,10 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
                                             executor=executor, handles=(f, b),
                                             resume=claim.state == "resume",
                                             ray_address=ray_address, quiet=quiet)
-            index = build_index(plan, alignment, items, records, table)
+            carried = [rename.get(n, n) for n in extras]
+            index = build_index(plan, alignment, items, records, table,
+                                {n: ShardInfo(os.stat(out / n).st_size, sha256_file(out / n))
+                                 for n in carried} if version >= 2 else None)
             shards.write_index(spec.INDEX_NAME, index.to_json())
             partial.unlink(missing_ok=True)
     return index.to_json()
@@ -359,9 +363,10 @@ def _plan_report(alignment, items) -> str:
     return "; ".join(parts)
 
 
-def build_index(plan: CompressPlan, alignment, items, records, table) -> DiffIndex:
+def build_index(plan: CompressPlan, alignment, items, records, table, files=None) -> DiffIndex:
     """The index of a finished diff: every shard's size and hash (``table``, shard name ->
-    ShardInfo, from the tasks that wrote them), every record, totals."""
+    ShardInfo, from the tasks that wrote them), every record, totals, and (format 2) the
+    companion files it carries (``files``, name -> ShardInfo)."""
     version = plan.format_version
     tensors = {i.name: records[i.name] for i in items}
     selected = [r for r in tensors.values() if r.selected]
@@ -379,4 +384,4 @@ def build_index(plan: CompressPlan, alignment, items, records, table) -> DiffInd
                      Identity.from_json(plan.base, "base"),
                      Identity.from_json(plan.finetuned, "finetuned"), alignment.summary(),
                      table, tensors, totals,
-                     None if plan.coding is None else Coding.from_json(plan.coding))
+                     None if plan.coding is None else Coding.from_json(plan.coding), files)

@@ -12,7 +12,7 @@ from ..format.plans import RebuildPlan
 from ..io import direct, safetensors_file
 from ..io.checkpoint import Checkpoint
 from ..io.diff_reader import DiffReader
-from ..io.extras import copy_files, copy_stale, extra_files
+from ..io.extras import copy_files, copy_stale
 from ..io.fingerprint import sha256_file
 from ..io.jsonfile import read_json_file, read_plan, write_json_atomic, write_text_atomic
 from ..io.outputs import claim_output
@@ -88,7 +88,7 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
     with DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
         records = d.records
         shards = _plan_files(out, records, limit, header_limit)
-        extras = [n for n in extra_files(d.path) if n not in ("README.md", FINETUNED_CARD)]
+        extras = [n for n in d.companions() if n not in ("README.md", FINETUNED_CARD)]
         files = [*shards.names, INDEX_NAME, PARTIAL_NAME, "README.md", *extras]
         total_size = sum(r.params * r.itemsize for r in records.values())
         workers = kernels.get_threads() if threads is None else kernels.thread_count(threads)

@@ -47,6 +47,7 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None
                            threads=kernels.get_threads(),
                            groups=len(groups := _groups(d.records))):
         d.check_hashes(threads=kernels.get_threads())
+        d.companions()  # the files a rebuild copies are there, as listed
         diffs = d.check_base(b, force=force)
         if diffs:  # a warning under --force; else a note, which -q silences
             say(d.base_note(diffs), quiet and d.content_checked)

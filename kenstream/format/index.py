@@ -96,11 +96,32 @@ class ShardInfo:
         return {"size": self.size, "sha256": self.sha256}
 
     @classmethod
-    def from_json(cls, obj, name: str) -> "ShardInfo":
+    def from_json(cls, obj, name: str, what: str = "shard") -> "ShardInfo":
         if not (isinstance(obj, dict) and is_int(obj.get("size"))
                 and 0 <= obj["size"] <= spec.MAX_COUNT and isinstance(obj.get("sha256"), str)):
-            raise DiffError(f"shard {short(name)} has no size and sha256")
+            raise DiffError(f"{what} {short(name)} has no size and sha256")
         return cls(obj["size"], obj["sha256"])
+
+
+def is_companion_name(name) -> bool:
+    """A file name the index may list in ``files`` (docs/format.md 6.2): a relative POSIX
+    path inside the diff, with nothing a path could climb or escape with."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        return False
+    parts = name.split("/")
+    return all(p not in ("", ".", "..") for p in parts)
+
+
+def _files(obj) -> dict | None:
+    """The index's ``files`` (name -> ShardInfo), or None for a diff written before it."""
+    if obj is None:
+        return None
+    files = {}
+    for name, meta in json_object(obj, "index field 'files'").items():
+        if not is_companion_name(name):
+            raise DiffError(f"file name {short(name)} is not a relative path inside the diff")
+        files[name] = ShardInfo.from_json(meta, name, "file")
+    return files
 
 
 TOTAL_KEYS = ("params", "selected", "kept", "reset", "finetuned_bytes", "diff_bytes")
@@ -171,6 +192,8 @@ class DiffIndex:
     tensors: dict
     totals: Totals
     coding: Coding | None = None
+    files: dict | None = None
+    """The companion files the diff carries (name -> ShardInfo), where it lists them."""
 
     def to_json(self) -> dict:
         out = {
@@ -186,6 +209,8 @@ class DiffIndex:
         }
         if self.coding is not None:
             out["coding"] = self.coding.to_json()
+        if self.files is not None:
+            out["files"] = {n: f.to_json() for n, f in self.files.items()}
         return out
 
     @classmethod
@@ -230,4 +255,5 @@ class DiffIndex:
                    None if finetuned is None else Identity.from_json(finetuned, "finetuned"),
                    alignment if isinstance(alignment, dict) else {}, shards, tensors,
                    Totals.from_json(obj.get("totals"), version),
-                   Coding.from_json(obj.get("coding")) if version >= 2 else None)
+                   Coding.from_json(obj.get("coding")) if version >= 2 else None,
+                   _files(obj.get("files")) if version >= 2 else None)

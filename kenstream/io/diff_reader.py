@@ -20,6 +20,7 @@ from ..format.layout import OPTIONAL_ROLES, expected_entries
 from ..format.index import DiffIndex
 from ..format.records import TensorRecord, parse_shard_metadata
 from ..text import printable
+from .extras import extra_files
 from .fingerprint import sha256_file
 from .jsonfile import read_json_file
 from .outputs import HOUSEKEEPING
@@ -78,6 +79,28 @@ class DiffReader:
                             hint="a model where the diff goes: are the paths swapped? "
                                  "rebuild and verify take BASE DIFF")
         raise DiffError(f"has no {spec.INDEX_NAME}; not a kenstream diff", file=self.path)
+
+    def companions(self) -> list[str]:
+        """The companion files (config, tokenizer, the fine-tune's card) a rebuilt model
+        gets from this diff: those its index lists, each checked to be a regular file of
+        the listed size and sha256 (DiffError naming it otherwise: lost or damaged in
+        transit), or, for a diff written before the index listed them, those the folder
+        holds. Cost: reads the listed files (a few MB)."""
+        listed = self.index.files
+        if listed is None:
+            return extra_files(self.path)
+        hint = "copy the whole diff folder again"
+        for name, want in listed.items():
+            path = self.path / name
+            try:
+                digest, size = sha256_file(path), os.stat(path).st_size
+            except (KenstreamError, OSError):
+                raise DiffError("is listed in the diff's index but missing or not a regular "
+                                "file", file=path, hint=hint) from None
+            if (size, digest) != (want.size, want.sha256):
+                raise DiffError(f"differs from the file the diff's index lists ({size} bytes, "
+                                f"{want.size} listed; or another sha256)", file=path, hint=hint)
+        return sorted(listed)
 
     def check_files(self) -> None:
         """Every shard the index lists is a regular file of the indexed size (no hashing:

@@ -29,10 +29,10 @@ def fingerprint(path) -> str:
     size, so for them it is exact. Cost: at most ~2 MiB read, O(1) seeks.
 
     Detects: any change of size, of the header or of the first MiB, of the tail, of any
-    byte inside a sample window; a different model or revision (their weights differ
-    everywhere). Does NOT detect: a change confined to bytes outside the windows, e.g.
-    a few weights edited in place in the middle of a large file. Use
-    :func:`sha256_file` where that matters.
+    byte inside a sample window. Does NOT detect: a change confined to bytes outside the
+    windows, as a revision that retrains a few tensors, or a few weights edited in place,
+    can make. Use :func:`sha256_file` where that matters; a diff's readers check the
+    base's content by the records' digests (docs/format.md 6.7).
     """
     path = Path(path)
     with _open(path) as f:
