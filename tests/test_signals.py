@@ -174,3 +174,34 @@ def save(folder, state):
     from tests.ckpt import save_dir
 
     return save_dir(folder, state)
+
+
+_LOST_IN_IMPORT = """
+import sys
+import kenstream.__main__ as launcher
+
+
+class Lost:
+    def __del__(self):  # what a Ctrl-C in an import lock's weakref callback looks like
+        raise KeyboardInterrupt
+
+
+class Finder:
+    def find_spec(self, name, path=None, target=None):
+        if name == "kenstream.cli":
+            Lost()  # dropped at once: Python reports the raise as ignored, and goes on
+        return None
+
+
+sys.meta_path.insert(0, Finder())
+sys.argv = ["kenstream", "info", sys.argv[1]]
+launcher.run()
+"""
+
+
+def test_an_interrupt_python_ignores_while_the_command_line_loads_ends_the_run(diff):
+    """The interrupt is not raised where it lands, but it is not lost either: the run
+    ends as interrupted, in one line, instead of a printed traceback and a finished run."""
+    proc = subprocess.run([sys.executable, "-c", _LOST_IN_IMPORT, str(diff[2])], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, "error: interrupted\n", "")
