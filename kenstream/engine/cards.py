@@ -48,9 +48,17 @@ def _base_model(identity: dict) -> tuple[str, str | None]:
     return str(identity.get("source")), None
 
 
-def _yaml(base_model: str, license: str | None, extra: str = "", *,
+def _hub_id(identity: dict) -> str | None:
+    """The base's hub repo id, for a card's ``base_model``; None for a local base."""
+    return identity.get("repo_id") if identity.get("kind") == "hub" else None
+
+
+def _yaml(base_model: str | None, license: str | None, extra: str = "", *,
           library: str | None = "kenstream", tags=("kenstream", "ken-pruning")) -> str:
-    lines = ["---", f"base_model: {json.dumps(printable(base_model))}"]
+    """Front matter; ``base_model`` only for a hub base (the hub links it as a model id:
+    a local path there would point at some other repository, or none)."""
+    lines = ["---", *([f"base_model: {json.dumps(printable(base_model))}"]
+                      if base_model is not None else [])]
     if license:
         lines.append(f"license: {json.dumps(printable(license))}")
     if library:
@@ -68,7 +76,8 @@ def diff_card(base_identity: dict, command, license: str | None = None,
     cmd = " ".join(printable(a) for a in command) if command else "(Python API)"
     at = f"@{revision}" if revision else ""
     return (
-        _yaml(base_model, license, f"\nbase_model_revision: {json.dumps(revision)}"
+        _yaml(_hub_id(base_identity), license,
+              f"\nbase_model_revision: {json.dumps(revision)}"
               if revision else "")
         + "# kenstream diff\n\n"
         "A fine-tune stored as an entropy-coded sparse diff against its base model (kept\n"
@@ -91,7 +100,7 @@ def rebuilt_card(index: dict, diff_sha256: str, original: str | None) -> str:
     pruned = ["pruned", *(["ken-pruning"] if sel.get("method") == "ken" else [])] \
         if isinstance(reset, int) and reset > 0 else []
     text = (
-        _yaml(base_model, card_license(original),
+        _yaml(_hub_id(index.get("base") or {}), card_license(original),
               f"\nbase_model_revision: {json.dumps(revision)}" if revision else "",
               library=_front_field(original, "library_name"), tags=["kenstream", *pruned])
         + "# A fine-tune rebuilt by kenstream\n\n"

@@ -255,7 +255,9 @@ def test_a_published_folder_keeps_its_card_licence_and_code(tmp_path, capsys):
         assert (d / name).read_text() == extras[name], name
     assert (d / "README.finetuned.md").read_text() == extras["README.md"]
     card = (d / "README.md").read_text()
-    assert card.startswith("---\nbase_model: ") and 'license: "apache-2.0"' in card
+    # A local base is no hub model id: the front matter does not name it as one.
+    assert card.startswith("---\nlicense: ") and 'license: "apache-2.0"' in card
+    assert "base_model" not in card.split("\n---\n", 1)[0]
     assert not (d / "training_data.bin").exists()
     kenstream.rebuild(b, d, out, quiet=True)
     for name in ("LICENSE", "modeling_toy.py", "configuration_toy.py", "processor_config.json",
