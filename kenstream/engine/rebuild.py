@@ -40,7 +40,7 @@ def load(base, diff, *, force: bool = False, verify_hashes: bool = True,
     Each tensor is a fresh CPU tensor in the fine-tune's dtype, ready for
     ``model.load_state_dict(dict(kenstream.load(base, diff)))`` or per-tensor copies.
     """
-    with DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
+    with DiffReader(diff) as d, Checkpoint.open(d.base_ref(base, quiet=True)) as b:
         if verify_hashes:
             d.check_hashes()
         d.check_base(b, force=force)
@@ -85,7 +85,7 @@ def rebuild(base, diff, out, *, shard_size=MODEL_SHARD_SIZE, force=False, overwr
     check_executor(executor)
     limit = parse_size(shard_size)
     out = Path(out)
-    with DiffReader(diff) as d, Checkpoint.open(str(base)) as b:
+    with DiffReader(diff) as d, Checkpoint.open(d.base_ref(base, quiet)) as b:
         records = d.records
         shards = _plan_files(out, records, limit, header_limit)
         extras = [n for n in d.companions() if n not in ("README.md", FINETUNED_CARD)]

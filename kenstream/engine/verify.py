@@ -42,7 +42,8 @@ def verify(diff, base, finetuned=None, *, force=False, quiet=False, threads=None
     every input once; memory a few row blocks a thread.
     """
     check_executor(executor)
-    with kernels.threads(threads), DiffReader(diff) as d, Checkpoint.open(str(base)) as b, \
+    with kernels.threads(threads), DiffReader(diff) as d, \
+            Checkpoint.open(d.base_ref(base, quiet)) as b, \
             executor_ready(executor, ray_address=ray_address, quiet=quiet,
                            threads=kernels.get_threads(),
                            groups=len(groups := _groups(d.records))):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -197,6 +198,23 @@ class DiffReader:
             stored[tensor] = (name, rec)
         if progress is not None:
             progress(name)
+
+    def base_ref(self, base, quiet: bool = False) -> str:
+        """The base to open for ``base`` as given: the recorded hub revision when ``base``
+        names the recorded hub repository without one (its main may have moved since the
+        diff was made, and the diff needs the revision it was made from), said in a note;
+        else ``base`` itself. A local path is never changed."""
+        text, recorded = str(base), self.index.base
+        if recorded.kind != "hub" or not recorded.revision or Path(text).exists():
+            return text
+        from . import hub  # huggingface_hub loads only for hub references
+
+        if not hub.looks_like_ref(text) or hub.parse_ref(text) != (recorded.repo_id, None):
+            return text
+        if not quiet:
+            print(f"note: {printable(text)} has no revision: using {printable(recorded.named)}, "
+                  "the one the diff was made from", file=sys.stderr)
+        return f"{recorded.repo_id}@{recorded.revision}"
 
     @property
     def content_checked(self) -> bool:

@@ -35,3 +35,32 @@ def test_compress_and_rebuild_from_an_offline_cache(tmp_path, monkeypatch, no_ne
     assert_same_model(out, expected_model(base, ft, "bert.", keep=0.4))
     assert json.loads((out / "config.json").read_text())["labels"] == 3
     assert no_network == []
+
+
+def test_a_hub_base_whose_main_moved_is_taken_at_the_recorded_revision(tmp_path, monkeypatch,
+                                                                       capsys, no_network):
+    """The diff was made from org/base at COMMIT; main has moved on to other weights since.
+    `rebuild org/base` takes the recorded revision (and says so); `org/base@main` asks for
+    the new weights, which the base digests refuse, naming the revision to use."""
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    base, ft = toy_pair(torch.float32)
+    add_to_cache(cache, "org/base", {"model.safetensors": _safetensors_bytes(tmp_path, base)})
+    add_to_cache(cache, "org/ft", {"model.safetensors": _safetensors_bytes(tmp_path, ft)})
+    diff = tmp_path / "diff"
+    assert main(["compress", "org/base", "org/ft", "-o", str(diff), "--keep", "0.4", "-q"]) == 0
+    moved = {n: t + 1 if t.is_floating_point() else t for n, t in base.items()}
+    add_to_cache(cache, "org/base", {"model.safetensors": _safetensors_bytes(tmp_path, moved)},
+                 commit="f" * 40)
+    capsys.readouterr()
+    assert main(["rebuild", "org/base", str(diff), "-o", str(tmp_path / "out")]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
+    assert notes == [f"note: org/base has no revision: using org/base@{COMMIT}, the one the "
+                     "diff was made from"], notes
+    assert_same_model(tmp_path / "out", expected_model(base, ft, keep=0.4))
+    assert main(["rebuild", "org/base@main", str(diff), "-o", str(tmp_path / "o2"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "not the one this diff was made from" in err and f"org/base@{COMMIT}" in err, err
+    assert no_network == []
