@@ -21,7 +21,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.diff_reader import DiffReader
 from ..io.extras import copy_files, copy_stale
 from ..io.fingerprint import sha256_file
-from ..io.jsonfile import read_json_file, read_plan, write_json_atomic, write_text_atomic
+from ..io.jsonfile import read_plan, write_json_atomic, write_text_atomic
 from ..io.outputs import SEARCH_NAME, claim_output
 from ..io.safetensors_file import SafetensorsFile
 from ..progress import bar, say
@@ -119,32 +119,27 @@ def _check_same(previous: CompressPlan, plan: CompressPlan, path: Path, theirs: 
 
 def _check_finished(plan: CompressPlan, index_path: Path) -> dict:
     """The index of a finished diff that ``--resume`` met, after checking that this run
-    asked for what it holds (a resume with other settings must not report success)."""
-    obj = read_json_file(index_path)
-    try:
-        index = DiffIndex.from_json(obj)
-    except DiffError as exc:
-        raise OutputError(f"--resume: {exc.message}", file=index_path,
-                          hint="to replace it, run the command with --overwrite instead of "
-                               "--resume") from None
-    finished = CompressPlan(index.selection.to_json(), index.shard_size, index.base.to_json(),
-                            None if index.finetuned is None else index.finetuned.to_json(),
-                            {}, index.command, index.format_version, None,
-                            None if index.coding is None else index.coding.to_json())
-    keys = {"settings", "shard_size", "format_version", "coding", "base"}
-    if finished.finetuned is not None:
-        keys.add("finetuned")
-    _check_same(finished, plan, index_path, "the finished diff",
-                "to replace it, run the command with --overwrite instead of --resume, or "
-                "choose another -o", keys)
+    asked for what it holds (a resume with other settings must not report success) and
+    that its shards are all there. The index is read and checked once, by the reader."""
+    hint = "to replace it, run the command with --overwrite instead of --resume"
     try:
         with DiffReader(index_path.parent) as d:
+            index = d.index
+            finished = CompressPlan(
+                index.selection.to_json(), index.shard_size, index.base.to_json(),
+                None if index.finetuned is None else index.finetuned.to_json(), {},
+                index.command, index.format_version, None,
+                None if index.coding is None else index.coding.to_json())
+            keys = {"settings", "shard_size", "format_version", "coding", "base"}
+            if finished.finetuned is not None:
+                keys.add("finetuned")
+            _check_same(finished, plan, index_path, "the finished diff",
+                        hint + ", or choose another -o", keys)
             d.check_files()  # a finished diff that lost a shard is not done
     except DiffError as exc:
-        raise OutputError(f"--resume: {exc.message}", file=exc.file,
-                          hint="to write it again, run the command with --overwrite instead "
-                               "of --resume") from None
-    return obj
+        raise OutputError(f"--resume: {exc.message}", file=exc.file or index_path,
+                          hint=hint) from None
+    return index.to_json()
 
 
 def _full_hashes(ckpt) -> dict:
