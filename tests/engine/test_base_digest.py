@@ -186,3 +186,16 @@ def test_resume_of_a_finished_model_reads_a_base_in_other_files(pair, tmp_path, 
     assert main(["rebuild", str(sharded), str(d), "-o", str(out), "--resume", "-q"]) == 0
     assert main(["rebuild", str(wrong), str(d), "-o", str(out), "--resume", "-q"]) == 2
     assert "tensor 'frozen'" in capsys.readouterr().err
+
+
+def test_a_copy_in_a_dtype_that_loses_the_bases_values_is_refused(pair, tmp_path, capsys):
+    """A float16 copy of a float32 base converts back to other values: not the base."""
+    b, f, base, ft = pair
+    d = tmp_path / "d"
+    kenstream.compress(b, f, d, keep=0.5, quiet=True)
+    f16 = save_dir(tmp_path / "f16", {n: t.half() if t.is_floating_point() else t
+                                      for n, t in base.items()})
+    capsys.readouterr()
+    assert main(["rebuild", str(f16), str(d), "-o", str(tmp_path / "out"), "-q"]) == 2
+    assert_one_error(capsys.readouterr().err, "not the one this diff was made from",
+                     "f16/model.safetensors")
