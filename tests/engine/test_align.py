@@ -32,3 +32,31 @@ def test_exact_names_win_and_only_one_prefix_is_used():
 def test_nothing_in_common():
     a = align(["a", "b"], ["c"])
     assert a.pairs == {} and a.new == ["a", "b"] and a.dropped == ["c"]
+
+
+def test_the_prefix_pairs_only_names_that_carry_it():
+    """Once ``a.`` wins the vote (two pairs to one), a name without it is not cut by its
+    length: ``b.x`` stays new rather than taking ``x``, which ``a.x`` already has."""
+    a = align(["a.x", "a.y", "b.x"], ["x", "y"])
+    assert a.pairs == {"a.x": "x", "a.y": "y"}
+    assert a.finetuned_prefix == "a." and a.new == ["b.x"] and a.dropped == []
+
+
+def test_tie_heads_pairs_one_head_with_the_one_embedding():
+    """A head the base ties (no head of its own) pairs with its single embedding; only
+    the first such head does; a base with two embeddings, or a head of its own, is left
+    as it is."""
+    from kenstream.engine.align import tie_heads
+
+    base = ["model.embed_tokens.weight", "model.norm.weight"]
+    ft = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+          "extra.lm_head.weight"]
+    a = tie_heads(align(ft, base), base)
+    assert a.pairs["lm_head.weight"] == "model.embed_tokens.weight"
+    assert a.tied == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert a.new == ["extra.lm_head.weight"]
+    assert a.summary()["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    for other in (base + ["lm_head.weight"], base + ["wte.weight"]):
+        a = tie_heads(align(ft[:3], other), other)
+        assert a.tied == {} and "tied" not in a.summary()
+        assert ("lm_head.weight" in a.new) == ("lm_head.weight" not in other)

@@ -13,6 +13,7 @@ import torch
 from kenstream.cli import main
 from kenstream.engine import size as size_mod
 from kenstream.engine.size import compress_to_size
+from kenstream.errors import OutputError
 from kenstream.io.outputs import SEARCH_NAME
 from tests.ckpt import save_dir
 
@@ -415,3 +416,265 @@ def test_a_search_on_short_rows_runs_no_diff_twice_before_its_bracket(pair, tmp_
     body = sizes[:-1] if sizes[-1] in sizes[:-1] and sizes[-1] == max(under) else sizes
     assert len(body) == len(set(body)), sizes
     assert on_disk(d) == sizes[-1] <= 25_000
+
+
+def test_finetuned_bytes_counts_all_tensors_and_the_float_ones_apart(tmp_path):
+    """``--size N%`` is a share of every tensor's bytes; the first guess scales the float
+    tensors' bytes only: 4x8 F32 (128) + 3 BF16 (6) are float, 5 I64 (40) are not."""
+    from kenstream.engine.size import finetuned_bytes
+
+    f = save_dir(tmp_path / "ft", {"w": torch.zeros(4, 8), "ids": torch.arange(5),
+                                   "b": torch.zeros(3, dtype=torch.bfloat16)})
+    assert finetuned_bytes(f) == (174, 134)
+
+
+VALID_RECORD = {"format": "kenstream-size", "requested": 60_000, "passes": [[0.5, 70_000]],
+                "model": [1, 2, 3, 4], "steps": [64, 160], "running": 0.3}
+
+
+@pytest.mark.parametrize("edit", [
+    {"format": "kenstream-diff"}, {"requested": "60000"}, {"requested": None},
+    {"steps": [64, True]}, {"steps": [0, 160]}, {"steps": "64"},
+    {"model": [1, 2, 3]}, {"model": [1, 2, 3, True]}, {"model": [1, 2, 3, 4.0]},
+    {"running": 1.5}, {"running": True}, {"passes": "[]"}, {"passes": [[0.5]]},
+    {"passes": [[0.0, 70_000]]}, {"passes": [[0.5, 7e4]]}, {"passes": [[True, 70_000]]},
+])
+def test_size_resume_refuses_a_damaged_record(pair, tmp_path, edit):
+    """A ``.kenstream-size`` record that this version would not write (a field of the
+    wrong type, a keep outside (0, 1], a model of other than 4 counts, a step of 0) is
+    refused as damaged, and the folder is left as it is."""
+    out = tmp_path / "diff"
+    out.mkdir()
+    (out / SEARCH_NAME).write_text(json.dumps(dict(VALID_RECORD, **edit)))
+    before = tree(out)
+    with pytest.raises(OutputError, match="the --size record is damaged"):
+        compress_to_size(pair[0], pair[1], out, "60kB", quiet=True, resume=True)
+    assert tree(out) == before
+
+
+def test_size_resume_refuses_a_record_that_is_not_an_object(pair, tmp_path):
+    out = tmp_path / "diff"
+    out.mkdir()
+    (out / SEARCH_NAME).write_text(json.dumps([VALID_RECORD]))
+    with pytest.raises(OutputError, match="the --size record is damaged"):
+        compress_to_size(pair[0], pair[1], out, "60kB", quiet=True, resume=True)
+
+
+def test_every_pass_after_the_first_decides_with_the_first_pass_split(pair, tmp_path,
+                                                                      monkeypatch):
+    """The second pass's keep comes from the first pass's size split (its index's values
+    and positions bytes, kept and selected counts), and a row budget's skips from the
+    selected rows' lengths (rows of 64 and 160 in ``pair``): both are taken from the first
+    pass and handed, unchanged, to every later pass's record and to the finished one."""
+    indexes, records = [], []
+    real = size_mod.compress
+
+    def spy(*args, **kwargs):
+        records.append(kwargs["search"])
+        indexes.append(real(*args, **kwargs))
+        return indexes[-1]
+
+    monkeypatch.setattr(size_mod, "compress", spy)
+    compress_to_size(pair[0], pair[1], tmp_path / "diff", "60kB", quiet=True)
+    assert len(indexes) >= 2
+    totals = indexes[0]["totals"]
+    split = [totals[k] for k in ("values_bytes", "positions_bytes", "kept", "selected")]
+    assert records[0]["model"] is None and records[0]["steps"] is None
+    for rec in records[1:]:
+        assert rec["model"] == split and rec["steps"] == [64, 160]
+    final = json.loads((tmp_path / "diff" / SEARCH_NAME).read_text())
+    assert final["model"] == split and final["steps"] == [64, 160]
+
+
+def test_size_resume_says_which_pass_it_takes_up(pair, whole_search, tmp_path, monkeypatch,
+                                                 capsys):
+    """Without -q a resumed search says the pass it finishes (the second, at the second
+    keep of the uninterrupted search); resuming the finished search resumes no pass."""
+    ref_keeps = whole_search[1]
+    interrupted(pair, monkeypatch, tmp_path, 2, "inside")
+    capsys.readouterr()
+    b, f = pair[:2]
+    argv = ["compress", str(b), str(f), "-o", "diff", *SEARCH, "--resume"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert f"--size: resuming pass 2 (keep {ref_keeps[1]:.6g})" in err, err
+    assert main(argv) == 0
+    assert not [line for line in capsys.readouterr().err.splitlines()
+                if "resuming pass" in line]
+
+
+def test_size_resume_refuses_a_folder_of_other_files(pair, tmp_path):
+    """--resume into a folder that holds no search record but the user's own files is
+    refused, and leaves them."""
+    out = tmp_path / "diff"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="holds no --size search to resume"):
+        compress_to_size(pair[0], pair[1], out, "60kB", quiet=True, resume=True)
+    assert tree(out) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+
+
+def test_a_lossless_search_resumes(pair, tmp_path, monkeypatch):
+    """A request over the lossless diff is met by one pass at keep 1, which its record
+    holds; resuming that finished search accepts the record and checks, not rewrites."""
+    out = tmp_path / "diff"
+    index = compress_to_size(pair[0], pair[1], out, "10MB", quiet=True)
+    assert index["size"]["lossless"] and index["size"]["keep"] == 1.0
+    assert json.loads((out / SEARCH_NAME).read_text())["passes"][0][0] == 1.0
+    before = tree(out)
+    resumes = []
+    real = size_mod.compress
+    monkeypatch.setattr(size_mod, "compress",
+                        lambda *a, **kw: resumes.append(kw["resume"]) or real(*a, **kw))
+    again = compress_to_size(pair[0], pair[1], out, "10MB", quiet=True, resume=True)
+    assert resumes == [True] and again["size"] == index["size"] and tree(out) == before
+
+
+
+def test_decide_at_the_floors_of_a_search_without_steps():
+    """Tensor and global budgets (no steps): a pass at the smallest keep still over the
+    request ends the search with the floor's refusal; one at that keep under the request
+    (but short of the window) goes on up; a pass at the floor's keep that selected nothing
+    at all (kept 0 of its values) falls back on the proportional guess."""
+    from kenstream.engine.size_search import MIN_KEEP, decide, _next_keep
+    from kenstream.errors import SelectionError
+
+    with pytest.raises(SelectionError, match=r"below the smallest diff these settings make: "
+                                             r"1,200 bytes at keep 1e-06"):
+        decide([(MIN_KEEP, 1200)], 1000, 10_000, "1kB")
+    kind, keep = decide([(MIN_KEEP, 500)], 1000, 10_000, "1kB")
+    assert kind == "run" and keep == pytest.approx(MIN_KEEP * 990 / 500)
+    assert _next_keep([(0.2, 500)], 1000, [0, 0, 0, 1000]) == pytest.approx(0.2 * 990 / 500)
+
+
+def test_decide_with_a_bracket_is_no_floor():
+    """Row budget: the last pass is over the request but an earlier one, at a keep of one
+    value a row, is under it. The floor's refusal is for every pass over the request:
+    here the search goes on inside the bracket."""
+    from kenstream.engine.size_search import decide
+
+    kind, keep = decide([(0.004, 900), (0.3, 5000)], 1000, 10_000, "1kB", None, [100])
+    assert kind == "run" and 0.004 < keep < 0.3
+
+
+def test_decide_out_of_passes_with_none_under_the_request_refuses():
+    """MAX_PASSES passes, every diff over the request and none at the smallest keep: the
+    search has nothing to settle for and says so."""
+    from kenstream.engine.size_search import MAX_PASSES, decide
+    from kenstream.errors import SelectionError
+
+    passes = [(0.9 - 0.1 * i, 2000 - 10 * i) for i in range(MAX_PASSES)]
+    with pytest.raises(SelectionError, match=r"--size 1kB: no keep tried in 8 passes made a "
+                                             r"diff of at most 1,000 bytes"):
+        decide(passes, 1000, 10_000, "1kB")
+
+
+def test_next_keep_after_two_passes_on_one_side_is_their_secant():
+    """Two passes over the request (3,000 bytes at keep 0.5, 2,000 at 0.4; aim 990): the
+    line through them reaches 990 bytes at 0.4 - 1010 / 10000 = 0.299. Two passes of one
+    size or one keep have no line: the proportional guess 0.4 * 990 / 2000 = 0.198."""
+    from kenstream.engine.size_search import _next_keep
+
+    assert _next_keep([(0.5, 3000), (0.4, 2000)], 1000) == pytest.approx(0.299)
+    assert _next_keep([(0.5, 2000), (0.4, 2000)], 1000) == pytest.approx(0.198)
+    assert _next_keep([(0.4, 3000), (0.4, 2000)], 1000) == pytest.approx(0.198)
+
+
+def test_the_model_of_a_pass_that_kept_every_value():
+    """A first pass at keep 1 (a request under the lossless diff, of more than two thirds
+    of the float bytes) selected every value: its positions cost nothing (no choice was
+    made), and the model is the fixed 200 bytes plus 0.9 a value: 990 at keep 0.8778."""
+    from kenstream.engine.size_search import _next_keep
+
+    assert _next_keep([(1.0, 1100)], 1000, [900, 0, 1000, 1000]) == \
+        pytest.approx((990 - 200) / 900)
+
+
+def test_next_keep_past_every_pass_when_the_line_points_nowhere():
+    """Two passes whose line meets the aim at a keep of 0 or less (the diff grew as the
+    keep fell, or fell as it grew): the next keep moves past every pass on the side of the
+    request, a quarter of the last keep down (all over) or four times it up (all under)."""
+    from kenstream.engine.size_search import _next_keep
+
+    assert _next_keep([(0.2, 1200), (0.1, 1100)], 1000) == pytest.approx(0.025)
+    assert _next_keep([(0.1, 600), (0.2, 500)], 1000) == pytest.approx(0.8)
+
+
+def test_unmeasured_bisects_past_measured_signatures_on_either_side():
+    """Rows of 3 and 4 values: ``k`` is (1, 2) up to keep 0.5, (2, 2) to 0.625, (2, 3) to
+    0.8333, (3, 3) to 0.875, then (3, 4). A keep of a measured signature inside the bracket
+    moves by bisection to the narrow unmeasured step beyond a wide measured one, whichever
+    end of the bracket that wide step belongs to."""
+    from kenstream.engine.size_search import _signature, _unmeasured
+
+    steps = [3, 4]
+    # (2, 3) at 0.63 under, (3, 4) at 0.9 over: 0.765 and 0.8325 are (2, 3), 0.86625 is new.
+    found = _unmeasured(0.7, [(0.63, 900), (0.9, 1200)], 1000, steps)
+    assert found == pytest.approx(0.86625) and _signature(found, steps) == (3, 3)
+    # (1, 2) at 0.49 under, (2, 3) at 0.83 over: 0.66 is (2, 3), 0.575 is new.
+    found = _unmeasured(0.8, [(0.49, 900), (0.83, 1200)], 1000, steps)
+    assert found == pytest.approx(0.575) and _signature(found, steps) == (2, 2)
+
+
+def test_the_window_includes_both_its_ends():
+    """The search ends at a diff within [0.98, 1] x the request, both ends included."""
+    from kenstream.engine.size_search import decide
+
+    assert decide([(0.5, 980)], 1000, 10_000, "1kB") == ("done", 0.5, False)
+    assert decide([(0.5, 1000)], 1000, 10_000, "1kB") == ("done", 0.5, False)
+    assert decide([(0.5, 979)], 1000, 10_000, "1kB")[0] == "run"
+
+
+def test_next_keep_inside_a_bracket():
+    """With passes under and over the request the next keep is the secant between the
+    nearest of each (not the last two passes): 0.1 + 90 x 0.2 / 400 = 0.145 between
+    (0.1, 900) and (0.3, 1300), whatever pass came last. A secant within 5% of the
+    bracket's width from one end bisects instead: 0.1073 from (0.1, 975) gives 0.2."""
+    from kenstream.engine.size_search import _next_keep
+
+    assert _next_keep([(0.1, 900), (0.3, 1300), (0.5, 2000)], 1000) == pytest.approx(0.145)
+    assert _next_keep([(0.1, 975), (0.3, 1385)], 1000) == pytest.approx(0.2)
+
+
+def test_a_model_under_the_aim_even_at_keep_1_says_keep_1():
+    """A first pass whose model reaches only 650 bytes at keep 1 (450 fixed, 0.2 a value
+    of 1,000, positions free at keep 1) for an aim of 990: the next keep is 1, not the
+    proportional 0.5 x 990 / 600."""
+    from kenstream.engine.size_search import _next_keep
+
+    assert _next_keep([(0.5, 600)], 1000, [100, 50, 500, 1000]) == 1.0
+
+
+def test_size_request_of_a_share_that_is_no_number_is_refused():
+    from kenstream.engine.size import parse_request
+    from kenstream.errors import SelectionError
+
+    with pytest.raises(SelectionError, match=r"--size 'abc%' is not a share in \(0%, 100%\]"):
+        parse_request("abc%", 1000)
+
+
+def test_a_tensor_budget_search_has_no_steps_and_format_1_no_model(pair, tmp_path):
+    """Row lengths are the steps of a row budget only: a tensor budget's record has none.
+    A format 1 index does not split values from positions: its search has no model."""
+    compress_to_size(pair[0], pair[1], tmp_path / "t", "60kB", quiet=True, budget="tensor",
+                     method="delta")
+    record = json.loads((tmp_path / "t" / SEARCH_NAME).read_text())
+    assert record["steps"] is None and record["model"] is not None
+    compress_to_size(pair[0], pair[1], tmp_path / "v1", "60kB", quiet=True, format_version=1)
+    record = json.loads((tmp_path / "v1" / SEARCH_NAME).read_text())
+    assert record["model"] is None and record["steps"] == [64, 160]
+
+
+def test_size_resume_starts_again_from_a_record_it_would_not_have_made(
+        pair, whole_search, tmp_path, monkeypatch):
+    """A record whose running keep is not the one its passes lead to (written by another
+    version, or edited) is not built on, even with the pass's plan there: the search
+    starts over, into the same bytes."""
+    ref, ref_keeps = whole_search
+    interrupted(pair, monkeypatch, tmp_path, 2, "inside")
+    path = tmp_path / "diff" / SEARCH_NAME
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(record, running=0.123)))
+    again = resumed(pair, monkeypatch)
+    assert [k for k, _ in again] == ref_keeps and not any(r for _, r in again)
+    assert tree(tmp_path / "diff") == ref

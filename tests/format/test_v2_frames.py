@@ -88,6 +88,37 @@ def test_sparse_masks_use_column_gaps_and_dense_ones_the_bitmask():
     assert encode_frame(ft, base, dense, "F32").data[0] == 1
 
 
+def test_column_gaps_only_below_one_kept_position_in_32():
+    """format.md 6: gaps are used only when fewer than one position in 32 is kept. A run
+    of kept positions codes smaller as gaps (all 0) than as a bitmask; at exactly 1 in 32
+    (128 of 8 x 512) the bitmask is written all the same; at 127 the gaps are."""
+    rng = np.random.default_rng(2)
+    ft, base = pair("F32", rng, rows=8, cols=512)
+    for kept, kind in ((128, 1), (127, 2)):
+        mask = np.zeros(ft.size, bool)
+        mask[:kept] = True
+        assert encode_frame(ft, base, mask.reshape(ft.shape), "F32").data[0] == kind, kept
+
+
+def test_column_gaps_that_tie_with_the_bitmask_are_not_used():
+    """Gaps are used only when they are smaller (format.md 6): 15 positions of a 4 x 256
+    frame whose gaps code to exactly as many bytes as the bitmask section keep the
+    bitmask."""
+    import zstandard
+
+    from kenstream.format.v2 import DEFAULT_LEVEL
+
+    flat = np.array([13, 88, 114, 198, 236, 351, 453, 516, 533, 550, 566, 620, 735, 821, 829])
+    gaps = np.diff(flat, prepend=0).astype("<u4")
+    gaps[1:] -= 1
+    tied = 1 + len(zstandard.ZstdCompressor(level=DEFAULT_LEVEL).compress(gaps.tobytes()))
+    mask = np.zeros(4 * 256, bool)
+    mask[flat] = True
+    ft = np.arange(4 * 256, dtype=np.float32).reshape(4, 256)
+    frame = encode_frame(ft, None, mask.reshape(4, 256), "F32")
+    assert frame.data[0] == 1 and frame.positions == tied
+
+
 def test_lengths_and_raw_bits_follow_the_definition():
     """encode_lengths against a plain-Python reading of docs/format.md 6.5, for every
     width, for counts that do and do not fill the writer's last 64-bit chunk, into a

@@ -195,6 +195,20 @@ def test_a_scale_is_refused_outside_its_range_and_for_other_dtypes():
         _values(_with_scale(bf, 1.5), base_kept=bf_base.reshape(-1))
 
 
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_a_scale_at_either_end_of_its_range_is_read(factor):
+    """6.5: ``s`` is in [0.5, 2], both ends included. A fine-tune of exactly half or
+    twice its base is written with that scale, and read back bit for bit."""
+    rng = np.random.default_rng(15)
+    base = (rng.standard_normal((ROWS, COLS)) * 0.02).astype(np.float32)
+    ft = base * np.float32(factor)
+    frame = encode_frame(ft, base, None, "F32")
+    assert struct.unpack_from("<f", frame.data, 4)[0] == factor
+    dec = FrameDecoder(frame.data, ROWS, COLS, "F32", frame.kept, 0)
+    assert np.array_equal(dec.values(base.reshape(-1).view(np.uint32)),
+                          ft.reshape(-1).view(np.uint32))
+
+
 def _nibbles(data: bytes):
     """(start, zstd bytes, decoded lengths symbols) of a delta frame's nibbles section."""
     lnib = struct.unpack_from("<I", data, 12)[0]

@@ -228,3 +228,90 @@ def test_an_index_record_edited_apart_from_its_shard_copy_is_refused(tmp_path, c
     assert code == 2
     assert_one_error(err, "tensor 'b.weight'", "record differs from the copy")
     assert not (out / "model.safetensors").exists()
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    """A diff of three changed matrices in shards of ~10 kB (one or two a shard) and an
+    unchanged vector, which no shard holds."""
+    import kenstream
+
+    g = torch.Generator().manual_seed(9)
+    base = {f"l{i}.weight": torch.randn(32, 64, generator=g) * 0.02 for i in range(3)}
+    base["same"] = torch.randn(8, generator=g)
+    ft = {n: t + torch.randn(t.shape, generator=g) * 1e-3 for n, t in base.items()}
+    ft["same"] = base["same"].clone()
+    b, f = save_dir(tmp_path / "b", base), save_dir(tmp_path / "f", ft)
+    kenstream.compress(b, f, tmp_path / "d", keep=0.5, shard_size="10kB", quiet=True)
+    return tmp_path / "d"
+
+
+def _damage_a_shard_without(d, tensor):
+    """Flip the last byte of a shard that does not hold ``tensor``; returns its name."""
+    index = json.loads((d / "kenstream-diff.json").read_text())
+    mine = index["tensors"][tensor]["shard"]
+    other = next(n for n in index["shards"] if n != mine)
+    raw = bytearray((d / other).read_bytes())
+    raw[-1] ^= 1
+    (d / other).write_bytes(bytes(raw))
+    return other
+
+
+def test_checking_some_tensors_reads_only_the_shards_that_hold_them(sharded):
+    """check_hashes(tensors=...) reads the shards holding those tensors and compares only
+    their records: a damaged shard elsewhere is not read (and its records not missed);
+    the full check finds it."""
+    other = _damage_a_shard_without(sharded, "l0.weight")
+    with DiffReader(sharded) as reader:
+        assert reader.records["same"].shard is None
+        reader.check_hashes(tensors=["l0.weight"])
+        with pytest.raises(DiffError, match="sha256 does not match") as exc:
+            reader.check_hashes()
+    assert other in str(exc.value)
+
+
+def test_checking_an_unchanged_tensor_reads_every_shard(sharded):
+    """A tensor that no shard holds (unchanged) limits nothing: every shard is checked."""
+    _damage_a_shard_without(sharded, "l0.weight")
+    with DiffReader(sharded) as reader, \
+            pytest.raises(DiffError, match="sha256 does not match"):
+        reader.check_hashes(tensors=["l0.weight", "same"])
+
+
+def test_an_index_that_gained_an_unchanged_tensor_is_refused(sharded):
+    """Every record, an unchanged one's too, has its copy in a shard: one added to the
+    index alone (a tensor said unchanged that the diff never had) is refused."""
+    _edit_index(sharded, lambda tensors: tensors.update({"ghost": dict(tensors["same"])}))
+    with DiffReader(sharded) as reader, \
+            pytest.raises(DiffError, match="record is in no shard's metadata"):
+        reader.check_hashes()
+
+
+def test_check_base_names_the_first_file_and_counts_only_several(tmp_path):
+    """A base whose weight files differ from the recorded ones: the refusal names the
+    first, and adds how many differ only when that is more than one; with force the
+    differing files are returned, sorted."""
+    import kenstream
+    from kenstream.errors import IdentityError
+    from kenstream.io.checkpoint import Checkpoint
+
+    g = torch.Generator().manual_seed(10)
+    base = {"a": torch.randn(8, 8, generator=g), "b": torch.randn(8, 8, generator=g)}
+    ft = {n: t + 1e-3 for n, t in base.items()}
+    b, f = save_dir(tmp_path / "b", base, shards=2), save_dir(tmp_path / "f", ft)
+    kenstream.compress(b, f, tmp_path / "d", keep=0.5, quiet=True)
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    save_dir(b, {"a": base["a"], "b": base["b"] * 2}, shards=2)
+    with DiffReader(tmp_path / "d") as reader, Checkpoint.open(str(b)) as ck:
+        with pytest.raises(IdentityError) as exc:
+            reader.check_base(ck)
+        assert "differs from the base this diff was made from (fingerprint) (" \
+            in str(exc.value), str(exc.value)
+        assert names[1] in str(exc.value)
+        assert reader.check_base(ck, force=True) == names[1:]
+    save_dir(b, {"a": base["a"] * 2, "b": base["b"] * 2}, shards=2)
+    with DiffReader(tmp_path / "d") as reader, Checkpoint.open(str(b)) as ck:
+        with pytest.raises(IdentityError, match="; 2 files differ") as exc:
+            reader.check_base(ck)
+        assert names[0] in str(exc.value)
+        assert reader.check_base(ck, force=True) == names

@@ -127,3 +127,64 @@ def test_removing_listed_files_removes_the_folders_they_emptied(tmp_path):
     remove_listed(out, ["a/b/c.json", "a/d.json", "kept/x.json", "top.json"])
     assert sorted(p.name for p in out.iterdir()) == ["kept"]
     assert [p.name for p in (out / "kept").iterdir()] == ["mine.txt"]
+
+
+def test_a_companion_of_exactly_the_limit_travels(tmp_path, monkeypatch):
+    """MAX_EXTRA_BYTES is the largest companion copied (lowered here to 10): 10 bytes
+    travel, 11 are named in a warning and stay."""
+    from kenstream.io import extras
+
+    monkeypatch.setattr(extras, "MAX_EXTRA_BYTES", 10)
+    _write(tmp_path, {"a.json": "x" * 10, "b.json": "y" * 11})
+    names, said = _found(tmp_path)
+    assert names == ["a.json"]
+    assert said == [f"{tmp_path / 'b.json'}: 11 bytes, too large for a file beside the "
+                    "weights; not copied"]
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_copying_and_checking_companions_leaves_no_descriptor_open(tmp_path):
+    """copy_files and stale_copies open a folder descriptor per file (to write and read
+    inside ``out`` without following links) and close each: a model of many companions
+    must not run the process out of descriptors."""
+    from kenstream.io.extras import stale_copies
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    names = [f"sub/f{i}.json" for i in range(20)]
+    _write(src, {n: n for n in names})
+    out.mkdir()
+    before = _open_fds()
+    copy_files(src, names, out)
+    assert _open_fds() == before
+    assert stale_copies(src, names, out) == []
+    assert _open_fds() == before
+
+
+def test_a_copy_that_differs_past_the_first_mebibyte_is_stale(tmp_path):
+    """The byte comparison reads every chunk: two 3 MiB files alike but for their last
+    byte differ."""
+    from kenstream.io.extras import stale_copies
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    data = bytes(3 << 20)
+    _write(src, {"big.json": data})
+    _write(out, {"big.json": data[:-1] + b"\x01"})
+    assert stale_copies(src, ["big.json"], out) == ["big.json"]
+    _write(out, {"big.json": data})
+    assert stale_copies(src, ["big.json"], out) == []
+
+
+def test_a_missing_module_folder_and_a_pipe_are_named_and_not_copied(tmp_path):
+    """A module folder that modules.json names but the folder lacks, and an entry that is
+    neither a file nor a folder (a FIFO, which a copy would block on), are each named in a
+    warning that says why, and left out."""
+    _write(tmp_path, {"modules.json": _modules("1_Pooling", "2_Dense"),
+                      "1_Pooling/config.json": "{}"})
+    os.mkfifo(tmp_path / "1_Pooling" / "pipe.json")
+    names, said = _found(tmp_path)
+    assert names == ["1_Pooling/config.json", "modules.json"]
+    assert said == [f"{tmp_path / '1_Pooling' / 'pipe.json'}: not a regular file; not copied",
+                    f"{tmp_path / '2_Dense'}: named in modules.json but missing; not copied"]
