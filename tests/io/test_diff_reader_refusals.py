@@ -288,9 +288,10 @@ def test_an_index_that_gained_an_unchanged_tensor_is_refused(sharded):
 
 
 def test_check_base_names_the_first_file_and_counts_only_several(tmp_path):
-    """A base whose weight files differ from the recorded ones: the refusal names the
-    first, and adds how many differ only when that is more than one; with force the
-    differing files are returned, sorted."""
+    """A base whose weight files differ from the recorded ones, for a diff without base
+    digests (format 1): the refusal names the first, and adds how many differ only when
+    that is more than one; with force the differing files are returned, sorted. A diff
+    with digests returns them without force (the content is checked as it is read)."""
     import kenstream
     from kenstream.errors import IdentityError
     from kenstream.io.checkpoint import Checkpoint
@@ -299,9 +300,12 @@ def test_check_base_names_the_first_file_and_counts_only_several(tmp_path):
     base = {"a": torch.randn(8, 8, generator=g), "b": torch.randn(8, 8, generator=g)}
     ft = {n: t + 1e-3 for n, t in base.items()}
     b, f = save_dir(tmp_path / "b", base, shards=2), save_dir(tmp_path / "f", ft)
-    kenstream.compress(b, f, tmp_path / "d", keep=0.5, quiet=True)
+    kenstream.compress(b, f, tmp_path / "d", keep=0.5, quiet=True, format_version=1)
+    kenstream.compress(b, f, tmp_path / "d2", keep=0.5, quiet=True)
     names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     save_dir(b, {"a": base["a"], "b": base["b"] * 2}, shards=2)
+    with DiffReader(tmp_path / "d2") as reader, Checkpoint.open(str(b)) as ck:
+        assert reader.content_checked and reader.check_base(ck) == names[1:]
     with DiffReader(tmp_path / "d") as reader, Checkpoint.open(str(b)) as ck:
         with pytest.raises(IdentityError) as exc:
             reader.check_base(ck)
