@@ -18,6 +18,7 @@ from ..format.layout import EMPTY_HEADER, encoded_sizes, header_cost
 from ..io import safetensors_file
 from ..io.rows import TensorRows
 from ..io.writer import ShardSet, header_budget
+from ..text import counted
 
 # Float dtypes the selection kernels read; F8 tensors are compared and stored whole.
 SELECTABLE = ("F64", "F32", "F16", "BF16")
@@ -214,11 +215,14 @@ def _setting_warnings(items, settings) -> list:
     if settings.keep is not None:
         single = [i for i in selected if i.k == 1 and i.cols > 1]
         if single:
-            over = [i for i in single if settings.keep * i.cols < 0.5]
+            # round() takes 0.5 to 0 (half to even), so from keep * cols <= 0.5 up the
+            # floor of one value keeps more than the keep asked
+            over = [i for i in single if settings.keep * i.cols <= 0.5]
             extra = (f"; {len(over)} of them keep more than the {settings.keep:g} asked"
                      if over else "")
-            out.append(f"--keep {settings.keep:g} keeps one value a row in {len(single)} "
-                       f"tensors (e.g. {single[0].name}, rows of {single[0].cols:,})" + extra)
+            out.append(f"--keep {settings.keep:g} keeps one value a row in "
+                       f"{counted(len(single), 'tensor')} (e.g. {single[0].name}, rows of "
+                       f"{single[0].cols:,})" + extra)
     return out
 
 

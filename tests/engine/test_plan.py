@@ -113,5 +113,17 @@ def test_rows_of_one_value_are_not_warned_about_keeping_one(tmp_path):
     assert items["col"].k == 1 and items["col"].reason == "selected"
     assert said == []
     _, said = plan(tmp_path / "both", base, ft, keep=0.01)
-    assert said == ["--keep 0.01 keeps one value a row in 1 tensors (e.g. w, rows of 40); "
+    assert said == ["--keep 0.01 keeps one value a row in 1 tensor (e.g. w, rows of 40); "
                     "1 of them keep more than the 0.01 asked"]
+
+
+def test_half_a_value_asked_is_more_than_asked(tmp_path):
+    """--keep 0.25 of rows of 2 asks half a value a row; round() takes 0.5 to 0, so the
+    floor of one value keeps more than asked, as --keep 0.2 (0.4 a row) does."""
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(3, 2, generator=g)}
+    ft = {"w": base["w"] + 1e-3}
+    for keep in (0.25, 0.2):
+        _, said = plan(tmp_path / str(keep), base, ft, keep=keep)
+        assert said == [f"--keep {keep} keeps one value a row in 1 tensor (e.g. w, rows of 2); "
+                        f"1 of them keep more than the {keep} asked"], said

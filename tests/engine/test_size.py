@@ -275,7 +275,7 @@ def test_size_warns_about_the_keep_it_chose_not_a_keep_asked(pair, tmp_path, cap
     chosen = captured.out.split("chose keep ")[1].split()[0]
     warns = [line for line in captured.err.splitlines() if line.startswith("warning")]
     assert warns == [f"warning: the keep --size chose, {chosen}, keeps one value a row in 1 "
-                     "tensors (e.g. emb, rows of 64)"], warns
+                     "tensor (e.g. emb, rows of 64)"], warns
 
 
 def test_size_reports_the_plan_once_and_every_pass(pair, tmp_path, capsys):
