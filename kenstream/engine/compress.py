@@ -7,7 +7,6 @@ shard, then the config files, the card and, last, the index.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .. import __version__, kernels
@@ -20,7 +19,7 @@ from ..format.records import parse_shard_metadata
 from ..io.checkpoint import Checkpoint
 from ..io.diff_reader import DiffReader
 from ..io.extras import copy_files, copy_stale
-from ..io.fingerprint import sha256_file
+from ..io.fingerprint import sha256_file, sized_sha256
 from ..io.jsonfile import read_plan, write_json_atomic, write_text_atomic
 from ..io.outputs import SEARCH_NAME, claim_output
 from ..io.safetensors_file import SafetensorsFile
@@ -253,8 +252,8 @@ def compress(base, finetuned, out, *, k=None, keep=None, ties=DEFAULT_TIES, meth
                                             ray_address=ray_address, quiet=quiet)
             carried = [rename.get(n, n) for n in extras]
             index = build_index(plan, alignment, items, records, table,
-                                {n: ShardInfo(os.stat(out / n).st_size, sha256_file(out / n))
-                                 for n in carried} if version >= 2 else None)
+                                {n: ShardInfo(*sized_sha256(out / n)) for n in carried}
+                                if version >= 2 else None)
             shards.write_index(spec.INDEX_NAME, index.to_json())
             partial.unlink(missing_ok=True)
     return index.to_json()

@@ -15,7 +15,6 @@ which groups finish, so the outputs are byte-identical.
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -27,7 +26,7 @@ from ..format.index import ShardInfo
 from ..format.records import TensorRecord
 from ..io.checkpoint import Checkpoint
 from ..io.diff_reader import DiffReader
-from ..io.fingerprint import sha256_file
+from ..io.fingerprint import sized_sha256
 from ..io.writer import BufferRing, ShardSet, header_bytes
 from ..settings import Settings
 from .stream import write_shard
@@ -184,8 +183,9 @@ def _shard_result(path, records: dict) -> dict:
     """A written diff shard as a task returns it: its records (JSON), size and sha256. The
     file is hashed where it was written, while its pages are still cached there, and on a
     cluster by each worker at once, not read back in turn by the driver."""
+    size, sha256 = sized_sha256(path)
     return {"records": {name: rec.to_json() for name, rec in records.items()},
-            "size": os.stat(path).st_size, "sha256": sha256_file(path)}
+            "size": size, "sha256": sha256}
 
 
 @dataclass(frozen=True)

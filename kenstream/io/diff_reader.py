@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,9 +19,10 @@ from ..format import spec
 from ..format.layout import OPTIONAL_ROLES, expected_entries
 from ..format.index import DiffIndex
 from ..format.records import TensorRecord, parse_shard_metadata
+from ..progress import say
 from ..text import printable
 from .extras import extra_files
-from .fingerprint import sha256_file
+from .fingerprint import sha256_file, sized_sha256
 from .jsonfile import read_json_file
 from .outputs import HOUSEKEEPING
 from .safetensors_file import SafetensorsFile
@@ -94,7 +94,7 @@ class DiffReader:
         for name, want in listed.items():
             path = self.path / name
             try:
-                digest, size = sha256_file(path), os.stat(path).st_size
+                size, digest = sized_sha256(path)
             except (KenstreamError, OSError):
                 raise DiffError("is listed in the diff's index but missing or not a regular "
                                 "file", file=path, hint=hint) from None
@@ -211,9 +211,8 @@ class DiffReader:
 
         if not hub.looks_like_ref(text) or hub.parse_ref(text) != (recorded.repo_id, None):
             return text
-        if not quiet:
-            print(f"note: {printable(text)} has no revision: using {printable(recorded.named)}, "
-                  "the one the diff was made from", file=sys.stderr)
+        say(f"note: {printable(text)} has no revision: using {printable(recorded.named)}, the "
+            "one the diff was made from", quiet)
         return f"{recorded.repo_id}@{recorded.revision}"
 
     @property

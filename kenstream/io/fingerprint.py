@@ -54,10 +54,18 @@ def sha256_file(path) -> str:
 
     Only a regular file is read, and only as many bytes as it had when opened: a FIFO or a
     device (``/dev/zero``) is refused rather than read forever."""
+    return sized_sha256(path)[1]
+
+
+def sized_sha256(path) -> tuple[int, str]:
+    """(size, hex sha256) of ``path``, both of the one file opened (as `sha256_file`), so
+    a file replaced between a stat and the read cannot pair one's size with another's
+    hash."""
     digest = hashlib.sha256()
     with _open(path) as f:
-        _feed(digest, f, os.fstat(f.fileno()).st_size)
-    return digest.hexdigest()
+        size = os.fstat(f.fileno()).st_size
+        _feed(digest, f, size)
+    return size, digest.hexdigest()
 
 
 def _open(path):

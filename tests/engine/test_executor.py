@@ -100,7 +100,7 @@ def test_a_diff_shard_is_hashed_while_the_next_one_is_written(pair, tmp_path, mo
     from kenstream.engine import executor
 
     started, seen, calls = threading.Event(), [], []
-    hash_file, write = executor.sha256_file, executor.write_shard
+    hash_file, write = executor.sized_sha256, executor.write_shard
 
     def hashed(path):
         if not seen:
@@ -113,7 +113,7 @@ def test_a_diff_shard_is_hashed_while_the_next_one_is_written(pair, tmp_path, mo
             started.set()
         return write(*args, **kwargs)
 
-    monkeypatch.setattr(executor, "sha256_file", hashed)
+    monkeypatch.setattr(executor, "sized_sha256", hashed)
     monkeypatch.setattr(executor, "write_shard", written)
     _multi_shard(pair, tmp_path)()
     assert len(calls) >= 2 and seen == [True]
@@ -131,7 +131,7 @@ def test_a_failed_deferred_hash_stops_the_run_before_the_index(pair, tmp_path, m
     def broken(path):
         raise OutputError.from_os(OSError(5, "Input/output error"), "read", file=str(path))
 
-    monkeypatch.setattr(executor, "sha256_file", broken)
+    monkeypatch.setattr(executor, "sized_sha256", broken)
     with pytest.raises(OutputError, match="Input/output error"):
         _multi_shard(pair, tmp_path)()
     assert not (tmp_path / "diff" / "kenstream-diff.json").exists()

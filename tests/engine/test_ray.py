@@ -114,9 +114,11 @@ def test_compress_rebuild_verify_under_ray_are_byte_identical(cluster, pair, loc
     ref_cwd, ref_diff, ref_rebuilt = local
     monkeypatch.setattr(sys.modules["kenstream.engine.compress"], "bar", Recorder)
     hashed = []  # files the driver hashes: the diff shards are hashed by the tasks
-    for module in ("kenstream.engine.compress", "kenstream.engine.executor"):
-        real = sys.modules[module].sha256_file
-        monkeypatch.setattr(sys.modules[module], "sha256_file",
+    for module, name in (("kenstream.engine.compress", "sha256_file"),
+                         ("kenstream.engine.compress", "sized_sha256"),
+                         ("kenstream.engine.executor", "sized_sha256")):
+        real = getattr(sys.modules[module], name)
+        monkeypatch.setattr(sys.modules[module], name,
                             lambda path, real=real: hashed.append(Path(path).name) or real(path))
     code, _, err = cli(compress_argv(pair, "--executor", "ray"), tmp_path, monkeypatch, capsys)
     assert code == 0, err
